@@ -1,0 +1,42 @@
+"""`mtakd` command line: distill, spans, evaluate, report, generate, demo, objectives.
+
+Each subcommand lives next to what it runs and registers itself through ``add_parser(subparsers)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import distill, evaluate, report
+
+    parser = argparse.ArgumentParser(prog="mtakd", description="Distil causal LMs with MTA on strong base objectives.")
+    parser.add_argument("--version", action="version", version=f"mtakd {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (distill, evaluate, report):
+        module.add_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from .errors import USER_ERRORS
+
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        print(f"mtakd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

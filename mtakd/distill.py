@@ -1,0 +1,242 @@
+"""`mtakd distill` (and `mtakd spans`, `mtakd objectives`): from a config to a saved student."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+from pathlib import Path
+
+from .config import ConfigError, RunConfig, load_config
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "mtakd_run.json"  # resolved config + layer map + versions, in the run dir and the student dir
+STUDENT_DIR = "student"
+
+
+# ------------------------------------------------------------------------------------ resolution
+def resolve(cfg: RunConfig, teacher_config=None) -> dict:
+    """What the config resolves to (layer counts, selected student blocks, MTA key layers) without
+    loading weights. Unknown counts (e.g. an offline hub id) are reported as null."""
+    from .models import even_layers, load_config as load_model_config
+    from .mta.layers import resolve_key_layers
+
+    tc = teacher_config or load_model_config(cfg.teacher)
+    n_t = tc.num_hidden_layers if tc is not None else None
+    ft = cfg.student.from_teacher
+    selected, n_s = None, None
+    if ft is not None:
+        n_s = ft.num_layers or len(ft.layers)
+        selected = ft.layers or (even_layers(n_t, n_s) if n_t else None)
+    else:
+        sc = load_model_config(cfg.student)
+        n_s = sc.num_hidden_layers if sc is not None else None
+    out = {"teacher_layers": n_t, "student_layers": n_s, "student_selected_from_teacher": selected}
+    if cfg.objective.mta_enabled:
+        try:
+            keys = resolve_key_layers(cfg.objective.mta, n_s, n_t)
+            out["mta_key_layers"] = [vars(k) for k in keys]
+        except ConfigError as e:
+            if n_s and n_t:
+                raise
+            out["mta_key_layers"] = f"unresolved: {e}"
+    return out
+
+
+def versions() -> dict:
+    import accelerate
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "mtakd": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__, "python": platform.python_version(),
+    }
+
+
+def _prepare_output_dir(cfg: RunConfig, resume, overwrite: bool) -> Path:
+    out = Path(cfg.training.output_dir)
+    run_file = out / RUN_FILE
+    if resume:
+        if not run_file.exists():
+            raise ConfigError(f"--resume: {out} holds no mtakd run ({RUN_FILE} missing)")
+        previous = json.loads(run_file.read_text())
+        mine = cfg.model_dump(mode="json")
+        changed = [k for k in ("teacher", "student", "data", "objective") if previous.get(k) != mine[k]]
+        if changed:
+            raise ConfigError(f"--resume: the config differs from the run in {out} in section(s) {changed}")
+        return out
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"output directory {out} already holds a run or other files; pass --overwrite to replace it, "
+                "--resume to continue it, or set training.output_dir"
+            )
+        if not run_file.exists():
+            raise FileExistsError(f"--overwrite refuses to delete {out}: it is not an mtakd run directory")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------ building
+def build_models(cfg: RunConfig):
+    """(teacher, student, tokenizer): the student loaded, or selected from the teacher's blocks."""
+    from .models import check_compatible, even_layers, load_model, load_tokenizer, select_student
+
+    tok = load_tokenizer(cfg.teacher)
+    teacher = load_model(cfg.teacher)
+    ft = cfg.student.from_teacher
+    if ft is not None:
+        layers = ft.layers or even_layers(teacher.config.num_hidden_layers, ft.num_layers)
+        student = select_student(teacher, layers)
+        if cfg.student.dtype not in ("auto", "float32") or teacher.dtype != student.dtype:
+            import torch
+
+            student.to(getattr(torch, cfg.student.dtype) if cfg.student.dtype != "auto" else teacher.dtype)
+        s_tok = tok
+    else:
+        student, s_tok = load_model(cfg.student), load_tokenizer(cfg.student)
+    check_compatible(teacher, student, tok, s_tok)
+    if cfg.student.lora is not None:
+        student = _apply_lora(student, cfg.student.lora)
+    return teacher, student, tok
+
+
+def _apply_lora(student, lora):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(
+        student,
+        LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                   task_type="CAUSAL_LM"),
+    )
+
+
+def build_datasets(cfg: RunConfig, tokenizer, progress: bool = True):
+    from .data import DataStats, ListDataset, build_examples, load_records
+
+    scope = cfg.objective.mta.span_scope if cfg.objective.mta_enabled else None
+    out = []
+    for split in (cfg.data.train, cfg.data.validation):
+        if not split:
+            out.append((None, None))
+            continue
+        stats = DataStats()
+        records = [r for src in split for r in load_records(src, stats=stats)]
+        if cfg.data.max_samples:
+            records = records[: cfg.data.max_samples]
+        examples = build_examples(records, tokenizer, cfg.data, span_scope=scope, stats=stats, progress=progress)
+        out.append((ListDataset(examples), stats))
+    (train, train_stats), (val, val_stats) = out
+    log.info("train data: %s", train_stats.summary())
+    if val_stats:
+        log.info("validation data: %s", val_stats.summary())
+    return train, val, train_stats
+
+
+# --------------------------------------------------------------------------------------- running
+def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool = False) -> Path:
+    """Train a student as configured; returns the directory of the saved student."""
+    from transformers import set_seed
+
+    from .data import Collator
+    from .models import save_student
+    from .mta import PROJECTORS, MTALoss, resolve_key_layers
+    from .objectives import build_objective
+    from .trainer import DistillTrainer
+
+    out = _prepare_output_dir(cfg, resume, overwrite)
+    set_seed(cfg.training.seed)
+    teacher, student, tok = build_models(cfg)
+    objective = build_objective(cfg.objective)
+    mta = None
+    if cfg.objective.mta_enabled:
+        keys = resolve_key_layers(cfg.objective.mta, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+        if keys:
+            mta = MTALoss(cfg.objective.mta, keys)
+            student.add_module(PROJECTORS, mta.build_projectors(student.config.hidden_size, teacher.config.hidden_size))
+    train, val, stats = build_datasets(cfg, tok)
+    run_info = {**cfg.model_dump(mode="json"), "resolved": resolve(cfg, teacher.config), "versions": versions(),
+                "data_stats": vars(stats)}
+    (out / RUN_FILE).write_text(json.dumps(run_info, indent=2))
+    if not (objective.needs_teacher or mta):
+        teacher = None  # e.g. SFT: free the memory
+    args = cfg.training.to_training_arguments(
+        has_eval=val is not None, gradient_checkpointing=cfg.student.gradient_checkpointing
+    )
+    trainer = DistillTrainer(
+        model=student, args=args, train_dataset=train, eval_dataset=val,
+        data_collator=Collator(tok.pad_token_id), processing_class=tok, teacher=teacher, objective=objective,
+        mta=mta, projector_lr=cfg.objective.mta.projector_lr if mta else 0.0,
+        on_nonfinite=cfg.training.on_nonfinite,
+    )
+    trainer.train(resume_from_checkpoint=resume if isinstance(resume, str) and resume != "latest" else bool(resume) or None)
+    final = save_student(trainer.model, tok, out / STUDENT_DIR, extra_modules=(PROJECTORS,))
+    (final / RUN_FILE).write_text(json.dumps(run_info, indent=2))
+    if mta:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in getattr(student, PROJECTORS).state_dict().items()},
+                  str(out / "mta_projectors.safetensors"))
+    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    log.info("student saved to %s", final)
+    return final
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _cmd_distill(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(json.dumps({**cfg.model_dump(mode="json"), "resolved": resolve(cfg)}, indent=2))
+        return 0
+    final = distill(cfg, resume=args.resume, overwrite=args.overwrite)
+    print(f"student saved to {final}")
+    return 0
+
+
+def _cmd_spans(args) -> int:
+    from .data import load_records
+    from .spans import SpanParser
+
+    cfg = load_config(args.config, args.overrides)
+    texts = sorted({t for src in cfg.data.train + cfg.data.validation for r in load_records(src)
+                    for t in (r.instruction, r.input, r.output) if t})
+    parser = SpanParser(cfg.data.spacy_model, cache_dir=cfg.data.span_cache_dir)
+    units = parser.parse(texts)
+    words = sum(len(u.words) for u in units)
+    print(f"{words} words, {sum(len(u.phrases) for u in units)} phrases in {parser.stats}")
+    return 0
+
+
+def _cmd_objectives(args) -> int:
+    from .objectives import OBJECTIVES
+
+    for name, cls in sorted(OBJECTIVES.items()):
+        doc = (cls.__doc__ or "").strip().splitlines() or [""]
+        mod_doc = (__import__(cls.__module__, fromlist=["_"]).__doc__ or "").strip().splitlines() or [""]
+        print(f"{name:8s} {doc[0] or mod_doc[0]}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("distill", help="distil a teacher into a student (config + key.sub=value overrides)")
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, values in YAML syntax")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON, load no weights")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from the latest checkpoint of training.output_dir (or the one given)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in training.output_dir")
+    p.set_defaults(func=_cmd_distill)
+
+    s = sub.add_parser("spans", help="parse the config's data into words/phrases once and cache them")
+    s.add_argument("--config", required=True)
+    s.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    s.set_defaults(func=_cmd_spans)
+
+    o = sub.add_parser("objectives", help="list the registered base objectives")
+    o.set_defaults(func=_cmd_objectives)

