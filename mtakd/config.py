@@ -154,7 +154,7 @@ class MTAConfig(_Strict):
 
     @model_validator(mode="after")
     def _counts(self):
-        if self.key_layers is None and self.num_word_layers > self.num_key_layers:
+        if self.key_layers is None and 0 < self.num_key_layers < self.num_word_layers:
             raise ValueError(
                 f"mta.num_word_layers ({self.num_word_layers}) cannot exceed mta.num_key_layers ({self.num_key_layers})"
             )
@@ -267,9 +267,15 @@ class RunConfig(_Strict):
 def _parse_value(raw: str) -> Any:
     """A CLI override value is YAML: `3`, `1e-4`, `true`, `[6, 9]`, `{student: 6, ...}`, `null`."""
     try:
-        return yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot read override value {raw!r}: {e}") from e
+    if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

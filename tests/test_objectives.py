@@ -126,6 +126,13 @@ def test_akl_head_includes_the_token_that_reaches_mu():
     # with mu 0.3 token 1 leaves the head (0.4 ≥ 0.3 before it): g_head = 0, pure reverse KL
     obj = OBJECTIVES["akl"](ObjectiveConfig(base="akl", akl_mu=0.3))
     assert obj.divergence(q.log(), p.log()).item() == pytest.approx(rkl, rel=1e-12)
+    # exact boundary: teacher (0.5, 0.25, 0.25), mu 0.5 — token 0 reaches 0.5, so token 1 is tail
+    p = torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64)
+    q = torch.tensor([[0.5, 0.35, 0.15]], dtype=torch.float64)  # gaps (0, 0.1, 0.1): g_head = 0
+    assert torch.equal(p.log().exp().cumsum(-1), torch.tensor([[0.5, 0.75, 1.0]], dtype=torch.float64))
+    obj = OBJECTIVES["akl"](ObjectiveConfig(base="akl", akl_mu=0.5))
+    rkl = (q * (q / p).log()).sum().item()
+    assert obj.divergence(q.log(), p.log()).item() == pytest.approx(rkl, rel=1e-12)
 
 
 @pytest.mark.parametrize("name", DIVERGENCES)

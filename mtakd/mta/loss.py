@@ -20,6 +20,12 @@ from .layers import KeyLayer
 PROJECTORS = "mta_projectors"  # attribute of the student holding the ModuleList of W_l
 
 
+def _stack(states: tuple[torch.Tensor, ...], layers: list[int]) -> torch.Tensor:
+    """The chosen layers' states ``[L,B,T,d]``, upcast from half precision for the geometry."""
+    x = torch.stack([states[l] for l in layers])
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class MTALoss:
     def __init__(self, cfg: MTAConfig, key_layers: list[KeyLayer]):
         if not key_layers:
@@ -62,10 +68,10 @@ class MTALoss:
     ) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         mask = attention_mask.bool()
-        hs = torch.stack([student_hidden[k.student] for k in self.key_layers]).float()  # [L,B,T,d_S]
+        hs = _stack(student_hidden, [k.student for k in self.key_layers])  # [L,B,T,d_S]
         members = self._layer_spans(spans)  # [L,B,K,T]
         with torch.no_grad():
-            ht = torch.stack([teacher_hidden[k.teacher] for k in self.key_layers]).float()  # [L,B,T,d_T]
+            ht = _stack(teacher_hidden, [k.teacher for k in self.key_layers])  # [L,B,T,d_T]
             source = hs.detach() if cfg.weights == "student" else ht
             w = importance_weights(source, mask, uniform=cfg.weights == "uniform")  # [L,B,T]
         out = {}
@@ -78,7 +84,7 @@ class MTALoss:
             ).mean(-1)
             out["dsa"] = per_layer.mean()  # mean over key layers
         if cfg.lambda_hid > 0:
-            weight = torch.stack([p.weight for p in projectors]).float()  # [L,d_T,d_S]
+            weight = torch.stack([p.weight for p in projectors]).to(hs.dtype)  # [L,d_T,d_S]
             proj = torch.einsum("lbts,lds->lbtd", hs, weight)
             out["hid"] = hid_per_sequence(proj, ht, w, members.any(-2)).mean(-1).sum()  # Σ over key layers
         return out

@@ -25,7 +25,7 @@ class AdaptiveKL(TokenDivergence):
         p, q = t_logp.exp().detach(), s_logp.exp().detach()
         p_sorted, order = p.sort(dim=-1, descending=True, stable=True)
         cum = p_sorted.cumsum(-1)
-        head = torch.cat([torch.ones_like(cum[:, :1], dtype=torch.bool), cum[:, :-1] <= self.cfg.akl_mu], -1)
+        head = torch.cat([torch.ones_like(cum[:, :1], dtype=torch.bool), cum[:, :-1] < self.cfg.akl_mu], -1)
         gap = (p - q).abs().gather(-1, order)
         g_head, g_tail = (gap * head).sum(-1), (gap * ~head).sum(-1)
         total = (g_head + g_tail).clamp_min(torch.finfo(gap.dtype).tiny)
