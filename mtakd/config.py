@@ -168,7 +168,8 @@ class ObjectiveConfig(_Strict):
     skew_alpha: float = Field(0.1, ge=0, le=1, description="DistiLLM skew α for skl/srkl")
     gjsd_beta: float = Field(0.5, gt=0, lt=1, description="β of the generalised JSD (TRL GKD)")
     akl_mu: float = Field(0.5, gt=0, lt=1, description="head/tail split of adaptive KL (Wu et al. 2024)")
-    options: dict[str, Any] = Field(default_factory=dict, description="extra options of the chosen base objective")
+    options: dict[str, Any] = Field(default_factory=dict, validate_default=True,
+                                    description="extra options of the chosen base objective (see docs/objectives.md)")
     mta: MTAConfig | None = None
 
     @field_validator("base")
@@ -179,6 +180,25 @@ class ObjectiveConfig(_Strict):
         if v not in OBJECTIVES:
             raise ValueError(f"unknown base objective {v!r}; allowed: {', '.join(sorted(OBJECTIVES))}")
         return v
+
+    @field_validator("options")
+    @classmethod
+    def _base_options(cls, v, info):
+        """Validated against the base's ``Options`` model (defaults filled in), when it declares one."""
+        from .objectives import OBJECTIVES
+
+        schema = getattr(OBJECTIVES.get(info.data.get("base")), "Options", None)
+        if schema is None:
+            return v
+        try:
+            return schema.model_validate(v).model_dump()
+        except ValidationError as e:
+            problems = []
+            for err in e.errors():
+                key = ".".join(str(p) for p in err["loc"])
+                msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+                problems.append(f"options.{key}: {msg} (got {err.get('input')!r})")
+            raise ValueError(f"base {info.data.get('base')!r}: " + "; ".join(problems)) from None
 
     @property
     def mta_enabled(self) -> bool:
@@ -220,6 +240,7 @@ class TrainingConfig(_Strict):
         return [v] if isinstance(v, str) else v
 
     def to_training_arguments(self, has_eval: bool = False, **overrides):
+        import torch
         from transformers import TrainingArguments
 
         kw = self.model_dump(exclude={"extra_args", "on_nonfinite"})
@@ -228,6 +249,7 @@ class TrainingConfig(_Strict):
             save_strategy="steps",
             eval_strategy="steps" if (has_eval and self.eval_steps) else "no",
             disable_tqdm=False,
+            dataloader_pin_memory=torch.cuda.is_available(),
         )
         kw.update(self.extra_args)
         kw.update(overrides)

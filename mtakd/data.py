@@ -40,6 +40,7 @@ class Record:
     input: str
     output: str
     where: str  # "file:line" for messages
+    student_output: str | None = None  # a student-generated response (DistiLLM-2 pairs; `mtakd generate --field`)
 
 
 @dataclass
@@ -77,7 +78,10 @@ def _record(obj, where: str, require_output: bool) -> Record | None:
             raise DataError(f"{where}: field {n!r} must be a string, got {type(v).__name__}")
     if require_output and not values["output"].strip():
         return None
-    return Record(values["instruction"], values["input"] or "", values["output"] or "", where)
+    student = obj.get("student_output")
+    if student is not None and not isinstance(student, str):
+        raise DataError(f"{where}: field 'student_output' must be a string, got {type(student).__name__}")
+    return Record(values["instruction"], values["input"] or "", values["output"] or "", where, student)
 
 
 def load_records(source: str, *, require_output: bool = True, stats: DataStats | None = None) -> list[Record]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import shutil
 from pathlib import Path
@@ -58,7 +59,9 @@ def versions() -> dict:
     }
 
 
-def _prepare_output_dir(cfg: RunConfig, resume, overwrite: bool) -> Path:
+def _check_output_dir(cfg: RunConfig, resume, overwrite: bool) -> tuple[Path, str | None]:
+    """(output dir, checkpoint to resume from): refuses a directory holding another run unless --overwrite,
+    and a --resume that has no run, a different config or no complete checkpoint. Changes nothing on disk."""
     out = Path(cfg.training.output_dir)
     run_file = out / RUN_FILE
     if resume:
@@ -69,7 +72,17 @@ def _prepare_output_dir(cfg: RunConfig, resume, overwrite: bool) -> Path:
         changed = [k for k in ("teacher", "student", "data", "objective") if previous.get(k) != mine[k]]
         if changed:
             raise ConfigError(f"--resume: the config differs from the run in {out} in section(s) {changed}")
-        return out
+        if isinstance(resume, str) and resume != "latest":
+            checkpoint = resume
+            if not (Path(checkpoint) / "trainer_state.json").is_file():
+                raise ConfigError(f"--resume {checkpoint}: not a complete checkpoint directory (no trainer_state.json)")
+        else:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(str(out))  # complete checkpoints only: tmp-checkpoint-* are ignored
+            if checkpoint is None:
+                raise ConfigError(f"--resume: {out} holds no complete checkpoint-N directory to resume from")
+        return out, checkpoint
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(
@@ -78,9 +91,34 @@ def _prepare_output_dir(cfg: RunConfig, resume, overwrite: bool) -> Path:
             )
         if not run_file.exists():
             raise FileExistsError(f"--overwrite refuses to delete {out}: it is not an mtakd run directory")
+    return out, None
+
+
+def _prepare_output_dir(cfg: RunConfig, resume, overwrite: bool) -> Path:
+    """Check the output dir (see :func:`_check_output_dir`), then empty it for a new run (``--overwrite``) or
+    clear the partial checkpoints a killed run left (``--resume``). Main process only."""
+    out, _ = _check_output_dir(cfg, resume, overwrite)
+    if resume:
+        for partial in out.glob("tmp-checkpoint-*"):
+            shutil.rmtree(partial, ignore_errors=True)
+        return out
+    if out.exists() and any(out.iterdir()):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _cpu_processes() -> None:
+    """Several processes (torchrun, ``accelerate launch --multi_gpu``) on a machine without GPUs: DDP on CPU
+    over gloo. accelerate and TrainingArguments read ACCELERATE_USE_CPU."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
+        return
+    accel = getattr(torch, "accelerator", None)
+    has_device = accel.is_available() if accel is not None else torch.cuda.is_available()
+    if not has_device:
+        os.environ["ACCELERATE_USE_CPU"] = "true"
 
 
 # ------------------------------------------------------------------------------------ building
@@ -117,9 +155,12 @@ def _apply_lora(student, lora):
     )
 
 
-def build_datasets(cfg: RunConfig, tokenizer, progress: bool = True):
-    from .data import DataStats, ListDataset, build_examples, load_records
+def build_datasets(cfg: RunConfig, tokenizer, progress: bool = True, objective=None):
+    """(train, validation, train stats); the base objective tokenises the records (e.g. DistiLLM-2's pairs)."""
+    from .data import DataStats, ListDataset, load_records
+    from .objectives import build_objective
 
+    objective = objective if objective is not None else build_objective(cfg.objective)
     scope = cfg.objective.mta.span_scope if cfg.objective.mta_enabled else None
     out = []
     for split in (cfg.data.train, cfg.data.validation):
@@ -130,7 +171,8 @@ def build_datasets(cfg: RunConfig, tokenizer, progress: bool = True):
         records = [r for src in split for r in load_records(src, stats=stats)]
         if cfg.data.max_samples:
             records = records[: cfg.data.max_samples]
-        examples = build_examples(records, tokenizer, cfg.data, span_scope=scope, stats=stats, progress=progress)
+        examples = objective.build_examples(records, tokenizer, cfg.data, span_scope=scope, stats=stats,
+                                            progress=progress)
         out.append((ListDataset(examples), stats))
     (train, train_stats), (val, val_stats) = out
     log.info("train data: %s", train_stats.summary())
@@ -144,13 +186,15 @@ def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool
     """Train a student as configured; returns the directory of the saved student."""
     from transformers import set_seed
 
-    from .data import Collator
-    from .models import save_student
     from .mta import PROJECTORS, MTALoss, resolve_key_layers
     from .objectives import build_objective
     from .trainer import DistillTrainer
 
-    out = _prepare_output_dir(cfg, resume, overwrite)
+    from accelerate import PartialState
+
+    _cpu_processes()
+    state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))
+    out, checkpoint = _check_output_dir(cfg, resume, overwrite)  # every process, before anything is built
     set_seed(cfg.training.seed)
     teacher, student, tok = build_models(cfg)
     objective = build_objective(cfg.objective)
@@ -159,33 +203,95 @@ def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool
         keys = resolve_key_layers(cfg.objective.mta, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
         if keys:
             mta = MTALoss(cfg.objective.mta, keys)
-            student.add_module(PROJECTORS, mta.build_projectors(student.config.hidden_size, teacher.config.hidden_size))
-    train, val, stats = build_datasets(cfg, tok)
+            if cfg.objective.mta.lambda_hid > 0:  # only L_Hid uses (and trains) the projectors
+                student.add_module(PROJECTORS, mta.build_projectors(student.config.hidden_size, teacher.config.hidden_size))
+    objective.setup(cfg, tok, student, teacher)
+    train, val, stats = build_datasets(cfg, tok, objective=objective)
     run_info = {**cfg.model_dump(mode="json"), "resolved": resolve(cfg, teacher.config), "versions": versions(),
                 "data_stats": vars(stats)}
-    (out / RUN_FILE).write_text(json.dumps(run_info, indent=2))
+    if state.is_main_process:  # models and data are usable: only now replace an old run (--overwrite)
+        _prepare_output_dir(cfg, resume, overwrite)
+        (out / RUN_FILE).write_text(json.dumps(run_info, indent=2))
+    state.wait_for_everyone()
     if not (objective.needs_teacher or mta):
         teacher = None  # e.g. SFT: free the memory
+    # DDP: the projectors are used in compute_loss, outside the student's forward, which DDP's unused-parameter
+    # search would mark ready twice; every trainable parameter is used in every step, so the search is off
+    ddp = {} if "ddp_find_unused_parameters" in cfg.training.extra_args else {"ddp_find_unused_parameters": False}
     args = cfg.training.to_training_arguments(
-        has_eval=val is not None, gradient_checkpointing=cfg.student.gradient_checkpointing
+        has_eval=val is not None, **ddp,
+        **({"activation_checkpointing": True} if cfg.student.gradient_checkpointing else {}),
     )
     trainer = DistillTrainer(
         model=student, args=args, train_dataset=train, eval_dataset=val,
-        data_collator=Collator(tok.pad_token_id), processing_class=tok, teacher=teacher, objective=objective,
+        data_collator=objective.collator(tok.pad_token_id), processing_class=tok, teacher=teacher, objective=objective,
         mta=mta, projector_lr=cfg.objective.mta.projector_lr if mta else 0.0,
         on_nonfinite=cfg.training.on_nonfinite,
     )
-    trainer.train(resume_from_checkpoint=resume if isinstance(resume, str) and resume != "latest" else bool(resume) or None)
-    final = save_student(trainer.model, tok, out / STUDENT_DIR, extra_modules=(PROJECTORS,))
-    (final / RUN_FILE).write_text(json.dumps(run_info, indent=2))
-    if mta:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in getattr(student, PROJECTORS).state_dict().items()},
-                  str(out / "mta_projectors.safetensors"))
-    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-    log.info("student saved to %s", final)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    final = _export_student(trainer, tok, out, with_projectors=hasattr(student, PROJECTORS))
+    if trainer.accelerator.is_main_process:
+        (final / RUN_FILE).write_text(json.dumps(run_info, indent=2))
+        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        log.info("student saved to %s", final)
+    trainer.accelerator.wait_for_everyone()
     return final
+
+
+def _export_student(trainer, tok, out: Path, with_projectors: bool) -> Path:
+    """The student as a plain HF directory (no projectors) and the projectors in ``mta_projectors.safetensors``.
+
+    With sharded weights (DeepSpeed ZeRO-3, FSDP) the full state dict is gathered by the Trainer's own
+    ``save_model`` (every process takes part; ZeRO-3 needs ``stage3_gather_16bit_weights_on_model_save`` and
+    FSDP a FULL_STATE_DICT, as in configs/accelerate/) and the projector tensors are moved out of the files.
+    A LoRA student is then saved as its adapter (merge it with peft afterwards)."""
+    from safetensors.torch import save_file
+
+    from .models import save_student
+    from .mta import PROJECTORS
+
+    final = out / STUDENT_DIR
+    acc = trainer.accelerator
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    sharded = trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
+    if sharded:
+        trainer.save_model(str(final))  # collective
+        if acc.is_main_process:
+            projectors = _split_projectors(final, PROJECTORS)
+            if with_projectors:
+                save_file(projectors, str(out / "mta_projectors.safetensors"))
+            tok.save_pretrained(final)
+    elif acc.is_main_process:
+        model = trainer.model
+        save_student(model, tok, final, extra_modules=(PROJECTORS,))
+        if with_projectors:
+            save_file({k: v.detach().cpu().contiguous() for k, v in getattr(model, PROJECTORS).state_dict().items()},
+                      str(out / "mta_projectors.safetensors"))
+    acc.wait_for_everyone()
+    return final
+
+
+def _split_projectors(model_dir: Path, prefix: str) -> dict:
+    """Remove ``<prefix>.*`` tensors from the safetensors files (and index) of ``model_dir``; return them."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    found = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            keys = list(fh.keys())
+            if not any(k.startswith(prefix + ".") for k in keys):
+                continue
+            kept = {k: fh.get_tensor(k) for k in keys if not k.startswith(prefix + ".")}
+            found.update({k[len(prefix) + 1:]: fh.get_tensor(k) for k in keys if k.startswith(prefix + ".")})
+            meta = fh.metadata() or {"format": "pt"}
+        save_file(kept, str(f), metadata=meta)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: v for k, v in data.get("weight_map", {}).items() if not k.startswith(prefix + ".")}
+        index.write_text(json.dumps(data, indent=2))
+    return found
 
 
 # ------------------------------------------------------------------------------------------ CLI

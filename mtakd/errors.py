@@ -11,4 +11,10 @@ def _span_error():
     return SpanError
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, ModelError, _span_error(), FileExistsError)
+class NonFiniteLossError(FloatingPointError):
+    """A NaN/inf loss stopped training (training.on_nonfinite=stop); the message names the step and component."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, DataError, ModelError, _span_error(), FileExistsError, NonFiniteLossError,
+)

@@ -377,10 +377,16 @@ def main_evaluate(args) -> int:
     tokenizer = load_tokenizer(src)
     model = load_model(src)
     log.info("loaded %s in %.1f s", src.describe(), time.perf_counter() - start)
+    name = src.describe()
+    if src.package and not src.gguf_file:
+        from .models import resolve_source
+
+        gguf = resolve_source(src)[1]
+        name += f"/{gguf}" if gguf else ""
     metrics = evaluate_model(
         model, tokenizer, sets, seeds=args.seeds, max_new_tokens=args.max_new_tokens,
         max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, greedy=args.greedy,
-        template=template, system_prompt=system_prompt, out_dir=args.out, model_name=src.describe(),
+        template=template, system_prompt=system_prompt, out_dir=args.out, model_name=name,
     )
     print(metrics_markdown(metrics))
     print(f"written to {args.out} ({metrics['time_s']:.0f} s of generation and scoring)")

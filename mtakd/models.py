@@ -93,7 +93,57 @@ def plain_copy(model: nn.Module, config=None) -> nn.Module:
 def local_dir(src: ModelSource) -> str:
     """A directory/hub id that transformers loads directly (GGUF files are materialised first)."""
     path, gguf = resolve_source(src)
-    return str(_materialise_gguf(path, gguf)) if gguf else path
+    if gguf:
+        return str(_materialise_gguf(path, gguf))
+    _check_local_dir(path, src)
+    return path
+
+
+def _looks_local(path: str) -> bool:
+    """A filesystem path rather than a hub id ("org/name" has one slash and no leading . / ~)."""
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") >= 2 or os.sep != "/" and os.sep in path
+
+
+def _check_local_dir(path: str | None, src: ModelSource) -> None:
+    if not path:
+        return
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelError(f"{src.describe()}: no config.json in this directory, so it is not a Hugging Face model "
+                             "directory (give the directory save_pretrained wrote, or a GGUF file with gguf_file)")
+    elif os.path.exists(path):
+        raise ModelError(f"{src.describe()}: expected a model directory or hub id, got a file (for GGUF use gguf_file)")
+    elif _looks_local(path):
+        raise ModelError(f"{src.describe()}: model directory not found")
+
+
+def check_causal_lm(config, src: ModelSource) -> None:
+    """Refuse checkpoints that are not causal language models: encoder-decoders, encoders (a BERT saved as
+    BertModel would otherwise load as a randomly headed BertLMHeadModel), and unknown architectures."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    archs = list(getattr(config, "architectures", None) or [])
+    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    problem = None
+    if getattr(config, "is_encoder_decoder", False):
+        problem = "it is an encoder-decoder model"
+    elif config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not (remote and src.trust_remote_code):
+        problem = f"transformers has no causal-LM class for model_type {config.model_type!r}"
+    elif archs and not remote and not any(a in causal for a in archs):
+        problem = f"it was saved as {', '.join(archs)}, not as a causal LM (e.g. {MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]})"
+    if problem:
+        raise ModelError(f"{src.describe()} is not a causal language model: {problem}")
+
+
+def _check_safetensors(path: str, src: ModelSource) -> None:
+    if not os.path.isdir(path) or any(Path(path).glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in Path(path).glob("*.bin")) + sorted(p.name for p in Path(path).glob("*.pt"))
+    hint = (f" (found {', '.join(pickles[:3])}: PyTorch pickles can run code when loaded; if you trust them, convert "
+            "once with AutoModelForCausalLM.from_pretrained(dir, use_safetensors=False).save_pretrained(new_dir))"
+            if pickles else "")
+    raise ModelError(f"{src.describe()}: no *.safetensors weights; mtakd loads safetensors only{hint}")
 
 
 def load_tokenizer(src: ModelSource):
@@ -121,12 +171,18 @@ def load_model(src: ModelSource):
         cfg = _with_overrides(
             AutoConfig.from_pretrained(where, revision=src.revision, trust_remote_code=src.trust_remote_code), src
         )
+        check_causal_lm(cfg, src)
         dtype = torch.float32 if src.dtype == "auto" else _DTYPES[src.dtype]
         return AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=src.trust_remote_code)
     try:
+        from transformers import AutoConfig
+
+        check_causal_lm(AutoConfig.from_pretrained(where, revision=src.revision,
+                                                   trust_remote_code=src.trust_remote_code), src)
+        _check_safetensors(where, src)
         model = AutoModelForCausalLM.from_pretrained(
             where, revision=src.revision, dtype=_DTYPES[src.dtype], trust_remote_code=src.trust_remote_code,
-            use_safetensors=None,
+            use_safetensors=True,
         )
     except ValueError as e:
         if "Unrecognized configuration class" in str(e) or "does not recognize this architecture" in str(e):

@@ -4,12 +4,17 @@ Trainer's own."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import os
+import shutil
 from collections import defaultdict
 
 import torch
 from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .mta.loss import PROJECTORS, MTALoss
 from .objectives import Objective
@@ -18,12 +23,22 @@ logger = logging.getLogger(__name__)
 SPAN_KEYS = ("word_spans", "phrase_spans")
 
 
-class NonFiniteLossError(FloatingPointError):
-    pass
+from .errors import NonFiniteLossError  # noqa: E402  (re-exported: the CLI reports it as a user-facing error)
 
 
 class DistillTrainer(Trainer):
-    """``L = L_base + λ_DSA·L_DSA + λ_Hid·L_Hid``; every component is logged separately."""
+    """``L = L_base + λ_DSA·L_DSA + λ_Hid·L_Hid``; every component is logged separately.
+
+    Reduction: ``compute_loss`` returns the mean over one micro-batch (token mean for the base objective,
+    sequence mean for MTA), so the Trainer divides it by the gradient-accumulation steps and DDP/DeepSpeed/
+    FSDP average gradients over processes: a step optimises the mean of its micro-batch means. That equals
+    the loss of the whole global batch exactly when micro-batches hold equally many response tokens (see
+    docs/scaling.md); it does not depend on batches being unchanged by ``Objective.prepare_inputs``.
+    """
+
+    # our loss is a per-micro-batch mean: the Trainer must divide it by the accumulation steps (transformers
+    # would otherwise assume a loss normalised by num_items_in_batch, since HF causal LMs accept loss kwargs)
+    loss_is_scaled_for_ga = False
 
     def __init__(self, *args, teacher=None, objective: Objective, mta: MTALoss | None = None,
                  projector_lr: float = 5e-4, on_nonfinite: str = "stop", **kwargs):
@@ -32,16 +47,17 @@ class DistillTrainer(Trainer):
         self.mta = mta
         self.projector_lr = projector_lr
         self.on_nonfinite = on_nonfinite
-        self.teacher = teacher
-        if teacher is not None:
-            teacher.eval().requires_grad_(False)
-            if not getattr(teacher, "hf_device_map", None):
-                teacher.to(self.args.device)
+        self.teacher = self._prepare_teacher(teacher) if teacher is not None else None
+        self._skip_update = False  # on_nonfinite=skip: the optimiser update of this step is dropped
         self._components = {True: defaultdict(list), False: defaultdict(list)}
+        for callback in objective.callbacks():  # e.g. an objective state saved with checkpoints
+            self.add_callback(callback)
 
     # ------------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = self.objective.prepare_inputs(self, model, inputs)
         spans = {k: inputs.pop(k) for k in SPAN_KEYS if k in inputs}
+        mta_rows = inputs.pop("mta_rows", None)  # MTA on the first n rows only (e.g. DistiLLM-2's pairs)
         need_hidden = self.mta is not None or self.objective.needs_hidden_states
         fwd = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
         s_out = model(**fwd, output_hidden_states=need_hidden)
@@ -49,16 +65,22 @@ class DistillTrainer(Trainer):
         if self.teacher is not None and (self.objective.needs_teacher or self.mta is not None):
             with torch.no_grad():
                 t_out = self.teacher(**fwd, output_hidden_states=need_hidden)
-        parts = self.objective(s_out, t_out, inputs)
+        models = {"student": model, "teacher": self.teacher} if self.objective.needs_models else {}
+        parts = self.objective(s_out, t_out, inputs, **models)
         loss = parts.pop("loss")
         logged = {"base": loss.detach(), **parts}
         if self.mta is not None:
-            projectors = getattr(self.accelerator.unwrap_model(model), PROJECTORS)
-            mta_parts = self.mta(s_out.hidden_states, t_out.hidden_states, inputs["attention_mask"], spans, projectors)
+            projectors = getattr(self.accelerator.unwrap_model(model), PROJECTORS, None)  # None when λ_Hid = 0
+            rows = slice(None) if mta_rows is None else slice(0, int(mta_rows))
+            mta_parts = self.mta(
+                tuple(h[rows] for h in s_out.hidden_states), tuple(h[rows] for h in t_out.hidden_states),
+                inputs["attention_mask"][rows], spans, projectors,
+            )
             loss = loss + self.mta.total(mta_parts)
             logged.update({k: v.detach() for k, v in mta_parts.items()})
-        if not self._is_finite(loss, logged):  # on_nonfinite=skip: a zero loss with zero gradients
+        if not self._is_finite(loss, logged):  # on_nonfinite=skip: zero gradients, and the update is dropped
             loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+            self._skip_update = self._skip_update or model.training
         store = self._components[model.training]
         for k, v in logged.items():
             store[k].append(float(v))
@@ -81,11 +103,35 @@ class DistillTrainer(Trainer):
         store = self._components[training]
         if training or "eval_loss" in logs:
             prefix = "" if training else "eval_"
-            for k, vals in store.items():
-                if vals:
-                    logs[f"{prefix}loss_{k}"] = round(sum(vals) / len(vals), 6)
+            means = self._mean_over_processes({k: sum(v) / len(v) for k, v in store.items() if v})
+            for k, v in means.items():
+                logs[f"{prefix}loss_{k}"] = round(v, 6)
             store.clear()
         super().log(logs, *args, **kwargs)
+
+    def _mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
+        """Components averaged over all processes (every rank logs at the same steps with the same keys)."""
+        if self.accelerator.num_processes <= 1 or not values:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        return dict(zip(keys, self.accelerator.reduce(t, reduction="mean").tolist()))
+
+    # ------------------------------------------------------------------------------- placement
+    def _prepare_teacher(self, teacher):
+        """The teacher is frozen (eval mode, no gradients) and never handed to the optimiser. Under DeepSpeed it
+        becomes an inference engine of its own, sharded with ZeRO-3 like the student and a full replica
+        otherwise (TRL's ``prepare_deepspeed`` convention for reference/teacher models); elsewhere accelerate
+        places it on each process's device with the run's autocast, without a DDP wrapper."""
+        teacher.eval().requires_grad_(False)
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed_teacher(teacher, self.accelerator)
+        if getattr(teacher, "hf_device_map", None):  # spread over devices with device_map: leave it there
+            return teacher
+        teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        if self.is_fsdp_enabled:  # accelerate leaves placement to FSDP, which only wraps the student
+            teacher.to(self.accelerator.device)
+        return teacher
 
     # ---------------------------------------------------------------------- projector param group
     def create_optimizer(self, *args, **kwargs):
@@ -100,4 +146,114 @@ class DistillTrainer(Trainer):
                 {"params": list(projectors.parameters()), "lr": self.projector_lr, "weight_decay": 0.0,
                  "mtakd_projectors": True}
             )
+        if not getattr(opt, "_mtakd_guarded", False):
+            opt.step = self._guarded_step(opt.step)
+            opt._mtakd_guarded = True
         return opt
+
+    def _guarded_step(self, step):
+        """``optimizer.step`` that drops the update of a step whose loss was not finite (on_nonfinite=skip), on
+        every process at once, so parameters and optimiser moments stay untouched (AdamW would otherwise
+        still move them with zero gradients). Not used by DeepSpeed, whose engine steps its own optimiser."""
+
+        def guarded(*args, **kwargs):
+            skip = self._skip_update
+            self._skip_update = False
+            if self.accelerator.num_processes > 1:
+                flag = torch.tensor([float(skip)], device=self.accelerator.device)
+                skip = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+            if skip:
+                logger.warning("step %d: optimiser update skipped (non-finite loss)", self.state.global_step + 1)
+                return None
+            return step(*args, **kwargs)
+
+        return guarded
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def _save_rng_state(self, output_dir: str) -> None:
+        """Every process's RNG state, and the objective's own state next to it (e.g. DistiLLM's replay buffer):
+        written inside the checkpoint being staged, so it is part of the atomic checkpoint."""
+        super()._save_rng_state(output_dir)
+        self.objective.save_state(output_dir, self.args.process_index)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is not None:
+            self.objective.load_state(checkpoint, self.args.process_index)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Checkpoints are written to ``tmp-checkpoint-N`` and renamed to ``checkpoint-N`` once complete, so a
+        kill during the save never leaves a ``checkpoint-N`` that ``--resume`` would trust (the Trainer writes
+        straight into ``checkpoint-N``). Everything else (what is saved, rotation) is the Trainer's own."""
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, f"tmp-{name}")
+        if self.args.should_save and os.path.isdir(staging):
+            shutil.rmtree(staging)  # left by a run killed while saving this step
+        self.accelerator.wait_for_everyone()
+        limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotate once the rename is done
+        real_output_dir = self._get_output_dir
+        self._get_output_dir = lambda trial=None: staging  # super() writes into staging/checkpoint-N
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._get_output_dir = real_output_dir
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank has written its part (RNG states, shards)
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.isdir(final):  # saving the same step again (e.g. resumed from an older checkpoint)
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)
+            _fsync_dir(run_dir)
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging):
+                self.state.best_model_checkpoint = final  # this step is the best: record where it now lives
+                self.state.save_to_json(os.path.join(final, TRAINER_STATE_NAME))
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def prepare_deepspeed_teacher(teacher, accelerator):
+    """A frozen teacher as a DeepSpeed inference engine, the way TRL prepares reference/teacher models
+    (``trl.models.utils.prepare_deepspeed``): with ZeRO-3 it is sharded like the student (bucket sizes tuned to
+    its hidden size); with ZeRO-0/1/2 each GPU holds a full replica (stage 0). No optimiser or scheduler."""
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    zero = config.setdefault("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    sizes = getattr(teacher.config, "hidden_sizes", None)
+    hidden = max(sizes) if sizes else getattr(teacher.config, "hidden_size", None)
+    if stage == 3 and hidden:
+        tuned = {"reduce_bucket_size": hidden * hidden, "stage3_param_persistence_threshold": 10 * hidden,
+                 "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden)}
+        for k, v in tuned.items():
+            if zero.get(k, "auto") == "auto":
+                zero[k] = v
+    if stage != 3:
+        zero["stage"] = 0
+    engine, *_ = deepspeed.initialize(model=teacher, config=_drop_auto(config))
+    engine.eval()
+    return engine
+
+
+def _drop_auto(config: dict) -> dict:
+    """DeepSpeed cannot read values left at "auto" (the Trainer fills them for the student's engine only)."""
+    return {k: _drop_auto(v) if isinstance(v, dict) else v for k, v in config.items() if v != "auto"}

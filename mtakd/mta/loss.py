@@ -84,8 +84,9 @@ class MTALoss:
             ).mean(-1)
             out["dsa"] = per_layer.mean()  # mean over key layers
         if cfg.lambda_hid > 0:
-            weight = torch.stack([p.weight for p in projectors]).to(hs.dtype)  # [L,d_T,d_S]
-            proj = torch.einsum("lbts,lds->lbtd", hs, weight)
+            # each W_l through its module's forward, never by reading .weight: DeepSpeed ZeRO-3 gathers a sharded
+            # weight only inside the forward of the module that owns it
+            proj = torch.stack([p(h.to(p.weight.dtype)).to(hs.dtype) for p, h in zip(projectors, hs)])  # [L,B,T,d_T]
             out["hid"] = hid_per_sequence(proj, ht, w, members.any(-2)).mean(-1).sum()  # Σ over key layers
         return out
 

@@ -45,18 +45,59 @@ class Objective:
     """A base distillation objective. ``__call__`` returns named scalar losses; ``"loss"`` is optimised.
 
     Class attributes tell the trainer what the objective needs, so nothing else is computed:
-    ``needs_teacher`` (teacher forward pass), ``needs_hidden_states`` (all layers' hidden states).
+    ``needs_teacher`` (teacher forward pass), ``needs_hidden_states`` (all layers' hidden states),
+    ``needs_models`` (``__call__`` also gets the ``student=`` and ``teacher=`` modules, e.g. for their LM heads).
+
+    Optional hooks, all no-ops here, for objectives that do more than score one batch (DistiLLM's
+    student-generated outputs, DistiLLM-2's response pairs): :meth:`setup` (once, with the run config,
+    tokenizer and models), :meth:`build_examples` / :meth:`collator` (dataset and batches),
+    :meth:`prepare_inputs` (top of every ``compute_loss``), :meth:`callbacks` (TrainerCallbacks) and
+    :meth:`save_state` / :meth:`load_state` (the objective's state inside every checkpoint).
+    ``Options``: a pydantic model validating ``objective.options`` (None: the base takes no options).
     """
 
     name: ClassVar[str] = ""
     needs_teacher: ClassVar[bool] = True
     needs_hidden_states: ClassVar[bool] = False
+    needs_models: ClassVar[bool] = False
+    Options: ClassVar[type | None] = None
 
     def __init__(self, cfg: "ObjectiveConfig"):
         self.cfg = cfg
+        self.opts = self.Options.model_validate(cfg.options) if self.Options is not None else None
 
     def __call__(self, student_out, teacher_out, batch: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------------------ optional hooks
+    def setup(self, run_cfg, tokenizer, student, teacher) -> None:
+        """Called once by ``distill()`` after the models are built (layer counts, tokenizer, data settings)."""
+
+    def build_examples(self, records, tokenizer, data_cfg, *, span_scope, stats, progress):
+        """Tokenised examples of one data split (default: :func:`mtakd.data.build_examples`)."""
+        from ..data import build_examples
+
+        return build_examples(records, tokenizer, data_cfg, span_scope=span_scope, stats=stats, progress=progress)
+
+    def collator(self, pad_token_id: int):
+        from ..data import Collator
+
+        return Collator(pad_token_id)
+
+    def prepare_inputs(self, trainer, model, inputs: dict) -> dict:
+        """Called at the top of ``compute_loss``; may replace the batch (e.g. by student-generated outputs)."""
+        return inputs
+
+    def callbacks(self) -> list:
+        """TrainerCallbacks the trainer registers (e.g. reacting to evaluations)."""
+        return []
+
+    def save_state(self, directory: str, rank: int = 0) -> None:
+        """Write the objective's training state (if any) into a checkpoint being saved, one file per process."""
+
+    def load_state(self, directory: str, rank: int = 0) -> bool:
+        """Restore what :meth:`save_state` wrote, when resuming from the checkpoint ``directory``."""
+        return False
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
