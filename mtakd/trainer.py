@@ -16,14 +16,12 @@ from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from .errors import NonFiniteLossError  # noqa: F401  (raised here; the CLI reports it as a user-facing error)
 from .mta.loss import PROJECTORS, MTALoss
 from .objectives import Objective
 
 logger = logging.getLogger(__name__)
 SPAN_KEYS = ("word_spans", "phrase_spans")
-
-
-from .errors import NonFiniteLossError  # noqa: E402  (re-exported: the CLI reports it as a user-facing error)
 
 
 class DistillTrainer(Trainer):
@@ -79,7 +77,8 @@ class DistillTrainer(Trainer):
             loss = loss + self.mta.total(mta_parts)
             logged.update({k: v.detach() for k, v in mta_parts.items()})
         if not self._is_finite(loss, logged):  # on_nonfinite=skip: zero gradients, and the update is dropped
-            loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+            # the value stays non-finite (the Trainer's logging_nan_inf_filter then logs the running mean, not 0)
+            loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0 + loss.detach()
             self._skip_update = self._skip_update or model.training
         store = self._components[model.training]
         for k, v in logged.items():

@@ -23,6 +23,21 @@ _CORPUS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(request):
+    """Tiny models run on one intra-op thread: on a busy 2-core machine two OpenMP threads make each tiny
+    op far slower (they wait for each other). Tests marked slow (real models) keep the default."""
+    import torch
+
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def build_tokenizer(vocab_size: int = 400):
     """A byte-level BPE tokenizer trained on a few sentences, with eos/pad and a tiny chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -68,6 +83,48 @@ def tiny_teacher_dir(tmp_path_factory, tiny_tokenizer):
     tiny_llama(len(tiny_tokenizer)).save_pretrained(d)
     tiny_tokenizer.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_narrow_student_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved 2-layer, 16-wide random Llama student sharing the tiny tokenizer (MTA projectors 16 -> 32)."""
+    d = tmp_path_factory.mktemp("tiny_narrow_student")
+    tiny_llama(len(tiny_tokenizer), layers=2, hidden=16, seed=1).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def equal_length_jsonl(tmp_path_factory):
+    """16 records with one shared instruction and long outputs: with data.max_prompt_length 24 and
+    data.max_length 48 every example is cut to 24 prompt + 24 response tokens (equal-length sequences)."""
+    import json
+
+    outputs = [json.loads(line)["output"] for line in (EXAMPLES / "demo.jsonl").read_text().splitlines()[:16]]
+    f = tmp_path_factory.mktemp("equal_length") / "train.jsonl"
+    f.write_text("".join(json.dumps({"instruction": "Answer the question in a few sentences.", "output": o}) + "\n"
+                         for o in outputs))
+    return f
+
+
+def write_tiny_run_config(path: Path, teacher_dir, student_dir, train, output_dir, span_cache, **sections) -> Path:
+    """A run config for the tiny pair (skl + MTA on two key layers); ``sections`` update its sections."""
+    import yaml
+
+    cfg = {
+        "teacher": {"path": str(teacher_dir)},
+        "student": {"path": str(student_dir)},
+        "data": {"train": str(train), "template": "alpaca", "max_prompt_length": 24, "max_length": 48,
+                 "span_cache_dir": str(span_cache)},
+        "objective": {"base": "skl", "mta": {"key_layers": [{"student": 1, "teacher": 2, "granularity": "word"},
+                                                             {"student": 2, "teacher": 4, "granularity": "phrase"}]}},
+        "training": {"output_dir": str(output_dir), "max_steps": 3, "per_device_train_batch_size": 4,
+                     "learning_rate": 1.0e-3, "logging_steps": 1, "save_steps": 100, "report_to": "none"},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
 
 
 def has_smollm2() -> bool:

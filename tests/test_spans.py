@@ -128,7 +128,7 @@ CORPUS = [
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untrimmed", "trimmed"])
 def bpe_tokenizer(request):
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 

@@ -11,7 +11,7 @@ Adaptive SGO, following the official trainer (jongwooko/distillm, ``finetune.py`
   ``loss_eps`` (0.1) over the last reference value, θ ← min(θ + 0.1, 1) and the reference becomes the
   new loss. The first evaluation only sets the reference (the official code evaluates once before
   training: set ``training.extra_args.eval_on_start: true`` for the same behaviour). Without
-  validation data θ stays at ``init_threshold``.
+  validation data (``data.validation`` or ``data.validation_size``) θ stays at ``init_threshold``.
 - Every training micro-batch draws u ~ U(0, 1). With θ_t = θ·(1 − step/total) (``replay_ratio:
   decreasing``, default; ``constant``: θ/2, ``increasing``: θ·step/total):
   u < θ_t, or u < θ while the replay buffer holds fewer than ``capacity`` (1000) samples → the batch's
@@ -52,7 +52,6 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import TrainerCallback
 
 from .base import TokenDivergence, register
 from .gjsd import kl, log_mixture
@@ -122,6 +121,7 @@ class DistiLLM(TokenDivergence):
         self.with_spans = False
         self._nlp = None
         self._last_mode = "data"
+        self._training = False
 
     def divergence(self, s_logp, t_logp):
         a = self.cfg.skew_alpha
@@ -134,14 +134,14 @@ class DistiLLM(TokenDivergence):
         self.data_cfg = run_cfg.data
         self.with_spans = run_cfg.objective.mta_enabled
         self.rng = random.Random(run_cfg.training.seed)
-        if self.opts.student_generation and not run_cfg.data.validation:
+        if self.opts.student_generation and not (run_cfg.data.validation or run_cfg.data.validation_size):
             log.warning("distillm: no validation data, so the SGO probability stays at init_threshold=%s",
                         self.opts.init_threshold)
 
     # -------------------------------------------------------------------------------- loss
     def __call__(self, student_out, teacher_out, batch):
         parts = super().__call__(student_out, teacher_out, batch)
-        if self.opts.student_generation:
+        if self.opts.student_generation and self._training:
             parts["sgo"] = float(self._last_mode != "data")
             parts["sgo_threshold"] = float(self.threshold)
         return parts
@@ -160,6 +160,7 @@ class DistiLLM(TokenDivergence):
 
     def prepare_inputs(self, trainer, model, inputs):
         self._last_mode = "data"
+        self._training = model.training
         if not (model.training and self.opts.student_generation):
             return inputs
         if self.tokenizer is None:
@@ -333,16 +334,18 @@ class DistiLLM(TokenDivergence):
         return True
 
     def callbacks(self) -> list:
-        return [DistiLLMCallback(self)] if self.opts.student_generation else []
+        return [_callback(self)] if self.opts.student_generation else []
 
 
-class DistiLLMCallback(TrainerCallback):
-    """Adapts θ after each evaluation (the SGO state itself travels in checkpoints via save_state/load_state)."""
+def _callback(objective: DistiLLM):
+    """A TrainerCallback adapting θ after each evaluation (the SGO state itself travels in checkpoints via
+    save_state/load_state). Built lazily: importing the objectives must not import the Trainer."""
+    from transformers import TrainerCallback
 
-    def __init__(self, objective: DistiLLM):
-        self.objective = objective
+    class DistiLLMCallback(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            metrics = metrics or {}
+            key = "eval_loss_ce" if objective.opts.validation_loss == "ce" else "eval_loss"
+            objective.update_threshold(metrics.get(key, metrics.get("eval_loss")))
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        metrics = metrics or {}
-        key = "eval_loss_ce" if self.objective.opts.validation_loss == "ce" else "eval_loss"
-        self.objective.update_threshold(metrics.get(key, metrics.get("eval_loss")))
+    return DistiLLMCallback()

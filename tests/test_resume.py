@@ -1,0 +1,138 @@
+"""Exact resume and atomic checkpoints.
+
+A run of 6 steps (checkpoints every 3, 4 steps per epoch, attention dropout on) is killed right after its
+checkpoint at step 3 and resumed with ``mtakd distill --resume``: it must end with bit-identical student
+weights, projectors and per-step loss log as the uninterrupted run (optimizer, scheduler, RNG, data order
+across the epoch boundary, projectors). A kill *during* a checkpoint save leaves only ``tmp-checkpoint-N``,
+which resume ignores.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from mtakd.cli import main
+from mtakd.trainer import DistillTrainer
+from tests.conftest import EXAMPLES, needs_spacy, tiny_llama, write_tiny_run_config
+
+pytestmark = needs_spacy
+STEPS, SAVE = 6, 3
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_teacher_dir, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("resume")
+    student = root / "student_with_dropout"  # dropout makes the RNG state part of what must be restored
+    model = tiny_llama(len(tiny_tokenizer), layers=2, hidden=16, seed=3)
+    model.config.attention_dropout = 0.1
+    model.save_pretrained(student)
+    tiny_tokenizer.save_pretrained(student)
+
+    def config(name):
+        return write_tiny_run_config(
+            root / f"{name}.yaml", tiny_teacher_dir, student, EXAMPLES / "demo.jsonl", root / name, root / "spans",
+            data={"max_samples": 8, "max_prompt_length": 24, "max_length": 40},
+            training={"max_steps": STEPS, "save_steps": SAVE, "per_device_train_batch_size": 2,
+                      "warmup_steps": 1, "save_total_limit": None},
+        )
+
+    return root, config
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup):
+    root, config = setup
+    assert main(["distill", "--config", str(config("full"))]) == 0
+    return root / "full"
+
+
+class _KillAfterSave(TrainerCallback):
+    """A kill right after the checkpoint of ``step`` is complete (what SIGINT/SIGKILL would do there)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def _with_callback(monkeypatch, callback):
+    init = DistillTrainer.__init__
+
+    def patched(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.add_callback(callback)
+
+    monkeypatch.setattr(DistillTrainer, "__init__", patched)
+
+
+def _step_logs(run):
+    logs = [h for h in json.loads((run / "log_history.json").read_text()) if "loss" in h]
+    assert [h["step"] for h in logs] == list(range(1, STEPS + 1))
+    return logs
+
+
+def _assert_identical(run, reference):
+    assert _step_logs(run) == _step_logs(reference)  # every loss component, grad norm, lr, epoch: bit for bit
+    for name in ("student/model.safetensors", "mta_projectors.safetensors"):
+        got, want = load_file(run / name), load_file(reference / name)
+        assert set(got) == set(want)
+        assert all(torch.equal(got[k], want[k]) for k in got), name
+
+
+def test_killed_after_half_the_steps_and_resumed_ends_identical(setup, uninterrupted, monkeypatch):
+    root, config = setup
+    cfg = str(config("killed"))
+    run = root / "killed"
+    with monkeypatch.context() as m:
+        _with_callback(m, _KillAfterSave(SAVE))
+        assert main(["distill", "--config", cfg]) == 130  # interrupted
+    assert get_last_checkpoint(str(run)) == str(run / f"checkpoint-{SAVE}")
+    assert not (run / "student").exists() and not (run / "log_history.json").exists()
+    ckpt = load_file(run / f"checkpoint-{SAVE}" / "model.safetensors")
+    assert any(k.startswith("mta_projectors.") for k in ckpt)  # checkpoints carry the projectors
+    assert main(["distill", "--config", cfg, "--resume"]) == 0
+    _assert_identical(run, uninterrupted)
+    info = json.loads((run / "mtakd_run.json").read_text())
+    assert info["data_stats"]["records"] == 8 and {"torch", "transformers", "accelerate"} <= set(info["versions"])
+
+
+def test_a_kill_during_a_checkpoint_save_leaves_no_checkpoint_that_looks_valid(setup, uninterrupted, monkeypatch):
+    root, config = setup
+    cfg = str(config("torn"))
+    run = root / "torn"
+    save = DistillTrainer._save_optimizer_and_scheduler
+
+    def torn(self, output_dir):  # the weights of checkpoint-6 are written, its optimizer/trainer state not yet
+        if self.state.global_step == STEPS:
+            raise KeyboardInterrupt
+        return save(self, output_dir)
+
+    with monkeypatch.context() as m:
+        m.setattr(DistillTrainer, "_save_optimizer_and_scheduler", torn)
+        assert main(["distill", "--config", cfg]) == 130
+    assert (run / f"tmp-checkpoint-{STEPS}" / f"checkpoint-{STEPS}" / "model.safetensors").exists()
+    assert not (run / f"checkpoint-{STEPS}").exists()
+    assert get_last_checkpoint(str(run)) == str(run / f"checkpoint-{SAVE}")  # the partial save is invisible
+    assert main(["distill", "--config", cfg, "--resume"]) == 0
+    assert not list(run.glob("tmp-checkpoint-*"))
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == [f"checkpoint-{SAVE}", f"checkpoint-{STEPS}"]
+    _assert_identical(run, uninterrupted)
+
+
+def test_atomic_saves_keep_the_trainers_checkpoint_rotation(setup, tiny_teacher_dir, tiny_narrow_student_dir):
+    root, _ = setup
+    out = root / "rotated"
+    cfg = write_tiny_run_config(root / "rotated.yaml", tiny_teacher_dir, tiny_narrow_student_dir,
+                                EXAMPLES / "demo.jsonl", out, root / "spans", data={"max_samples": 8},
+                                training={"max_steps": 3, "save_steps": 1, "save_total_limit": 2,
+                                          "per_device_train_batch_size": 2})
+    assert main(["distill", "--config", str(cfg)]) == 0
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2", "checkpoint-3"]
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]
