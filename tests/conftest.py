@@ -23,15 +23,13 @@ _CORPUS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(request):
-    """Tiny models run on one intra-op thread: on a busy 2-core machine two OpenMP threads make each tiny
-    op far slower (they wait for each other). Tests marked slow (real models) keep the default."""
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One intra-op thread for the whole session, set before any fixture builds a model: tiny models are far
+    faster (two OpenMP threads on a busy 2-core machine wait for each other), and results that tests compare
+    bit for bit (resume) are computed with one summation order."""
     import torch
 
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

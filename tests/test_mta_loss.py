@@ -46,7 +46,7 @@ def test_batched_loss_equals_per_layer_functional_calls():
         hid.append(hid_loss(p(s_hidden[k.student]), t_hidden[k.teacher], w, sp.any(-2)))
     torch.testing.assert_close(got["dsa"], torch.stack(dsa).mean())
     torch.testing.assert_close(got["hid"], torch.stack(hid).sum())
-    assert float(got["dsa"]) > 0 and float(got["hid"]) > 0
+    assert got["dsa"].item() > 0 and got["hid"].item() > 0
     torch.testing.assert_close(mta.total(got), 2.0 * got["dsa"] + 0.2 * got["hid"])
 
 

@@ -136,3 +136,26 @@ def test_atomic_saves_keep_the_trainers_checkpoint_rotation(setup, tiny_teacher_
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2", "checkpoint-3"]
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]
+
+
+def test_lora_student_resumes_its_projectors(setup, monkeypatch):
+    """A LoRA checkpoint holds only the adapter: the projectors are saved beside it and restored."""
+    root, config = setup
+
+    def lora_config(name):
+        path = config(name)
+        import yaml
+
+        cfg = yaml.safe_load(path.read_text())
+        cfg["student"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+        path.write_text(yaml.safe_dump(cfg))
+        return str(path)
+
+    assert main(["distill", "--config", lora_config("lora_full")]) == 0
+    killed = lora_config("lora_killed")
+    with monkeypatch.context() as m:
+        _with_callback(m, _KillAfterSave(SAVE))
+        assert main(["distill", "--config", killed]) == 130
+    assert (root / "lora_killed" / f"checkpoint-{SAVE}" / "mta_projectors.safetensors").exists()
+    assert main(["distill", "--config", killed, "--resume"]) == 0
+    _assert_identical(root / "lora_killed", root / "lora_full")
