@@ -153,6 +153,7 @@ class MTAConfig(_Strict):
     distance: Literal["cosine", "normalized_euclidean"] = "cosine"
     pairs: Literal["all", "upper"] = "all"
     weights: Literal["teacher", "student", "uniform"] = "teacher"
+    center_states: bool = Field(False, description="subtract the mean over the hidden dim before σ-normalising (§4)")
     span_aggregation: Literal["sum", "mean"] = "sum"
     span_scope: Literal["all", "response"] = "all"
     projector_lr: float = Field(5e-4, gt=0)

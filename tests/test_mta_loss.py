@@ -82,3 +82,14 @@ def test_switches_dsa_only_hid_only_uniform():
     a = MTALoss(MTAConfig(weights="uniform"), keys)(s_hidden, t_hidden, mask, spans, projectors)
     b = MTALoss(MTAConfig(), keys)(s_hidden, t_hidden, mask, spans, projectors)
     assert not torch.allclose(a["dsa"], b["dsa"])
+
+
+def test_centering_switch_makes_weights_invariant_to_per_token_offsets():
+    from mtakd.mta.functional import importance_weights
+
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 6, 8, generator=g, dtype=torch.float64)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    shifted = h + 3.0 * torch.randn(2, 6, 1, generator=g, dtype=torch.float64)  # a different offset per token
+    torch.testing.assert_close(importance_weights(h, mask, center=True), importance_weights(shifted, mask, center=True))
+    assert not torch.allclose(importance_weights(h, mask), importance_weights(shifted, mask))  # the default is not

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 _EPS = 1e-8
 
 
-def importance_weights(hidden: torch.Tensor, mask: torch.Tensor, *, uniform: bool = False) -> torch.Tensor:
+def importance_weights(
+    hidden: torch.Tensor, mask: torch.Tensor, *, uniform: bool = False, center: bool = False
+) -> torch.Tensor:
     """Token importance w_t (MTA_SPEC §4): the attention each token *receives*, bidirectional, no self-loops.
 
         Ĥ_t = H_t / σ(H_t)              σ: population std over the hidden dim, H not centred (default)
@@ -28,6 +30,8 @@ def importance_weights(hidden: torch.Tensor, mask: torch.Tensor, *, uniform: boo
         hidden: teacher states ``[..., B, T, d]`` at the mapped teacher layer (call under no_grad).
         mask: ``[B, T]`` (or broadcastable) bool, True for real tokens.
         uniform: the "w/o weight" ablation, w_t = 1/N.
+        center: subtract each token's mean over the hidden dim before dividing by σ (a LayerNorm without
+            affine); the spec's default is no mean subtraction.
     Returns:
         ``[..., B, T]``: zero at padding, summing to 1 over each sequence's real tokens. A sequence with a
         single real token gives it weight 1 (there is no other token to receive attention from).
@@ -37,6 +41,8 @@ def importance_weights(hidden: torch.Tensor, mask: torch.Tensor, *, uniform: boo
     if uniform:
         return (mask.to(hidden.dtype) / n.clamp_min(1)).expand(hidden.shape[:-1])
     d = hidden.shape[-1]
+    if center:
+        hidden = hidden - hidden.mean(-1, keepdim=True)
     h = hidden / hidden.std(-1, correction=0, keepdim=True).clamp_min(_EPS)
     scores = h @ h.transpose(-1, -2) / math.sqrt(d)  # [..., B, T(s), T(t)]
     eye = torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)

