@@ -35,8 +35,15 @@ Budgets (exact hyper-parameters; ``budget_summary()`` prints these lines and a t
   smoke only checks the script end to end (a few minutes); small is meant to fit in about an hour on
   2 CPU cores (60 steps × 8 = 480 records, about 1.1 epochs; 16 prompts per set); full is 3 epochs
   (3 × 54 = 162 steps) and the paper's evaluation protocol (all prompts, 256 new tokens, 5 seeds).
-  AdamW, weight decay 0, grad-norm clip 1.0, fp32, projector lr 5e-4 (mtakd defaults). The budgets
-  are a first choice, not tuned: choose hyper-parameters on dev.jsonl only (``--sets dev``, ``--set``).
+  Expected wall time of small on 2 idle cores (estimated, not yet measured): ~10 s per KD step (the demo
+  measured 5.4 s at ≤192 tokens on shorter data, benchmarks/mta_overhead.py 16 s padded to 256), ~4 s per
+  SFT step, ~15 s (teacher) / ~9 s (student) per generation batch of 8 × 128 tokens: about 45 min of
+  training and 35 min of evaluation. smoke measured 1 min 44 s and 1 min 56 s (2 cores, otherwise idle).
+  AdamW, weight decay 0, grad-norm clip 1.0, fp32, projector lr 5e-4 (mtakd defaults); losses logged
+  every step. Checkpoints every 25 (small) / 40 (full) steps, deliberately not a divisor of the run's
+  length: resuming from a checkpoint taken at the very last step makes the transformers Trainer train
+  one extra step (seen with transformers 5.23). The budgets are a first choice, not tuned: choose
+  hyper-parameters on dev.jsonl only (``--sets dev``, ``--set``).
 
 Output (default ``runs/quality-<budget>``; resumable: rerunning skips finished rows)
     DIR/<row>/row.json         the row's resolved config (a rerun with a different config stops)
@@ -89,13 +96,13 @@ BUDGETS: dict[str, dict] = {
         "eval": {"max_samples": 4, "seeds": [10], "max_new_tokens": 8, "batch_size": 4, "max_prompt_length": 256},
     },
     "small": {
-        "training": {**_TRAIN_COMMON, "max_steps": 60, "per_device_train_batch_size": 8, "save_steps": 30},
+        "training": {**_TRAIN_COMMON, "max_steps": 60, "per_device_train_batch_size": 8, "save_steps": 25},
         "data": {"max_prompt_length": 128, "max_length": 256, "max_samples": None},
         "eval": {"max_samples": 16, "seeds": PAPER_SEEDS, "max_new_tokens": 128, "batch_size": 8,
                  "max_prompt_length": 256},
     },
     "full": {
-        "training": {**_TRAIN_COMMON, "num_train_epochs": 3.0, "per_device_train_batch_size": 8, "save_steps": 50},
+        "training": {**_TRAIN_COMMON, "num_train_epochs": 3.0, "per_device_train_batch_size": 8, "save_steps": 40},
         "data": {"max_prompt_length": 128, "max_length": 256, "max_samples": None},
         "eval": {"max_samples": None, "seeds": PAPER_SEEDS, "max_new_tokens": 256, "batch_size": 8,
                  "max_prompt_length": 256},
@@ -234,8 +241,10 @@ def workload(cfg) -> dict:
     return {"train_records": n_train, "train_steps": steps, "eval_prompts": prompts, "eval_batches": batches}
 
 
-def status(row: Row, out: Path) -> str:
+def status(row: Row, out: Path, cfg=None) -> str:
     d = out / row.id
+    if cfg is not None and _changed_sections(row, cfg, out):
+        return f"CONFLICT: {d} was run with another config (sections {_changed_sections(row, cfg, out)})"
     if (d / "eval" / "metrics.json").is_file():
         return "done"
     if row.kind == "train" and _trained(d / "train"):
@@ -254,7 +263,7 @@ def print_plan(budget: str, out: Path, planned, as_json: bool = False) -> None:
     if as_json:
         print(json.dumps({
             "budget": budget, "summary": budget_summary(budget), "out": str(out),
-            "rows": [{"id": r.id, "label": r.label, "kind": r.kind, "status": status(r, out),
+            "rows": [{"id": r.id, "label": r.label, "kind": r.kind, "status": status(r, out, cfg),
                       "workload": workload(cfg), "config": {k: d[k] for k in RELEVANT[r.kind]}}
                      for (r, d), (_, cfg) in zip(dumped, planned)],
         }, indent=1))
@@ -275,21 +284,30 @@ def print_plan(budget: str, out: Path, planned, as_json: bool = False) -> None:
         w = workload(cfg)
         what = json.dumps(d["objective"]) if row.kind == "train" else f"({row.kind}: no training)"
         steps = f"{w['train_steps']} steps, " if row.kind == "train" else ""
-        print(f"  {row.id:15s} {row.label:26s} [{status(row, out)}] {steps}{w['eval_batches']} generation batches")
+        print(f"  {row.id:15s} {row.label:26s} [{status(row, out, cfg)}] {steps}{w['eval_batches']} generation batches")
         print(f"      objective: {what}")
         if row.kind == "train":
             print(f"      output_dir: {d['training']['output_dir']}")
 
 
 # ------------------------------------------------------------------------------------------- run
+def _changed_sections(row: Row, cfg, out: Path) -> list[str]:
+    """Config sections in which an earlier run of this row (DIR/<row>/row.json) differs from ``cfg``."""
+    path = out / row.id / "row.json"
+    if not path.is_file():
+        return []
+    prev = json.loads(path.read_text()).get("config", {})
+    mine = cfg.model_dump(mode="json")
+    return [k for k in RELEVANT[row.kind] if prev.get(k) != mine[k]]
+
+
 def _check_row_file(row: Row, cfg, out: Path) -> None:
     """Write DIR/<row>/row.json, or check that an earlier run of this row had the same config."""
     d = out / row.id
     path = d / "row.json"
     mine = cfg.model_dump(mode="json")
     if path.is_file():
-        prev = json.loads(path.read_text()).get("config", {})
-        changed = [k for k in RELEVANT[row.kind] if prev.get(k) != mine[k]]
+        changed = _changed_sections(row, cfg, out)
         if changed:
             raise SystemExit(
                 f"quality: {d} was run with a different config (section(s) {changed}); use another --out or "
