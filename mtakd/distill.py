@@ -256,7 +256,12 @@ def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool
         mta=mta, projector_lr=cfg.objective.mta.projector_lr if mta else 0.0,
         on_nonfinite=cfg.training.on_nonfinite,
     )
-    trainer.train(resume_from_checkpoint=checkpoint)
+    if _completed(checkpoint):  # the Trainer would run one more step past max_steps (transformers 5.23)
+        log.info("%s already holds the last step: exporting it without training", checkpoint)
+        trainer._load_from_checkpoint(checkpoint)
+        trainer.state = _completed(checkpoint)
+    else:
+        trainer.train(resume_from_checkpoint=checkpoint)
     final = _export_student(trainer, tok, out, with_projectors=hasattr(student, PROJECTORS))
     if trainer.accelerator.is_main_process:
         (final / RUN_FILE).write_text(json.dumps(run_info, indent=2))
@@ -264,6 +269,17 @@ def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool
         log.info("student saved to %s", final)
     trainer.accelerator.wait_for_everyone()
     return final
+
+
+def _completed(checkpoint):
+    """The TrainerState of ``checkpoint`` if it is the run's final step, else None."""
+    if not checkpoint:
+        return None
+    from transformers.trainer_callback import TrainerState
+
+    path = Path(checkpoint) / "trainer_state.json"
+    state = TrainerState.load_from_json(str(path)) if path.is_file() else None
+    return state if state is not None and 0 < state.max_steps <= state.global_step else None
 
 
 def _export_student(trainer, tok, out: Path, with_projectors: bool) -> Path:

@@ -159,3 +159,20 @@ def test_lora_student_resumes_its_projectors(setup, monkeypatch):
     assert (root / "lora_killed" / f"checkpoint-{SAVE}" / "mta_projectors.safetensors").exists()
     assert main(["distill", "--config", killed, "--resume"]) == 0
     _assert_identical(root / "lora_killed", root / "lora_full")
+
+
+def test_resuming_a_finished_run_trains_no_further_step(uninterrupted, tmp_path):
+    import shutil
+
+    run = tmp_path / "finished"
+    shutil.copytree(uninterrupted, run)
+    info = json.loads((run / "mtakd_run.json").read_text())
+    info["training"]["output_dir"] = str(run)
+    (run / "mtakd_run.json").write_text(json.dumps(info))
+    cfg = tmp_path / "c.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump({k: info[k] for k in ("teacher", "student", "data", "objective", "training")}))
+    assert main(["distill", "--config", str(cfg), "--resume"]) == 0
+    assert not (run / f"checkpoint-{STEPS + 1}").exists()
+    _assert_identical(run, uninterrupted)
