@@ -40,9 +40,8 @@ Budgets (exact hyper-parameters; ``budget_summary()`` prints these lines and a t
   SFT step, ~15 s (teacher) / ~9 s (student) per generation batch of 8 × 128 tokens: about 45 min of
   training and 35 min of evaluation. smoke measured 1 min 44 s and 1 min 56 s (2 cores, otherwise idle).
   AdamW, weight decay 0, grad-norm clip 1.0, fp32, projector lr 5e-4 (mtakd defaults); losses logged
-  every step. Checkpoints every 25 (small) / 40 (full) steps, deliberately not a divisor of the run's
-  length: resuming from a checkpoint taken at the very last step makes the transformers Trainer train
-  one extra step (seen with transformers 5.23). The budgets are a first choice, not tuned: choose
+  every step. Checkpoints every 25 (small) / 40 (full) steps (a resumed row continues from the last one;
+  `mtakd distill --resume` from a run's final checkpoint exports it without training further). The budgets are a first choice, not tuned: choose
   hyper-parameters on dev.jsonl only (``--sets dev``, ``--set``).
 
 Output (default ``runs/quality-<budget>``; resumable: rerunning skips finished rows)
