@@ -106,10 +106,12 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over response tokens (labels −100 elsewhere); 0 if there are none."""
-    targets = labels[:, 1:].flatten()
-    total = F.cross_entropy(_upcast(logits[:, :-1].flatten(0, 1)), targets, ignore_index=-100, reduction="sum")
-    return total / targets.ne(-100).sum().clamp_min(1)
+    """Mean next-token cross-entropy over response tokens (labels −100 elsewhere); 0 if there are none.
+    Only response positions are gathered, so prompt and padding rows cost no [T, V] log-softmax."""
+    mask, targets = response_positions(labels)
+    if not mask.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(_upcast(logits[:, :-1][mask]), targets[mask])
 
 
 class TokenDivergence(Objective):
