@@ -36,6 +36,17 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+def run_subcommand(module, argv: list[str]):
+    """Run one `mtakd` subcommand through its module's own ``add_parser``; user errors propagate (unlike
+    ``mtakd.cli.main``, which turns them into exit code 2)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="mtakd")
+    module.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
 def build_tokenizer(vocab_size: int = 400):
     """A byte-level BPE tokenizer trained on a few sentences, with eos/pad and a tiny chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

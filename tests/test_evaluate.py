@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 from mtakd import evaluate
 from mtakd.data import DataError, Record
 from mtakd.evaluate import evaluate_model, generate, generation_config, rouge_l
+from tests.conftest import run_subcommand
 
 SENTENCES = [
     "The cat sat on the mat and looked at the bird.",
@@ -74,12 +74,7 @@ def _write_jsonl(path, rows):
 
 
 def _cli(argv):
-    """Run an `mtakd` subcommand through its own add_parser (independent of the other subcommands)."""
-    parser = argparse.ArgumentParser(prog="mtakd")
-    sub = parser.add_subparsers(dest="command", required=True)
-    evaluate.add_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return run_subcommand(evaluate, argv)
 
 
 # ---------------------------------------------------------------------------------------- ROUGE-L

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -10,16 +9,13 @@ import pytest
 
 from mtakd import report
 from mtakd.config import ConfigError
+from tests.conftest import run_subcommand
 from mtakd.data import DataError
 from mtakd.report import compare, paired_bootstrap
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser(prog="mtakd")
-    sub = parser.add_subparsers(dest="command", required=True)
-    report.add_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return run_subcommand(report, argv)
 
 
 def _fake_run(path, per_prompt: dict[str, list[float]], std=1.0):
