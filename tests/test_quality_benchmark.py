@@ -145,3 +145,48 @@ def test_plot_losses(tmp_path):
     assert (tmp_path / "sft.png").stat().st_size > 0
     (run / "log_history.json").write_text(json.dumps([{"train_runtime": 1.0, "step": 0}]))
     assert plot_losses.main([str(run), "--out", str(tmp_path / "none.png")]) == 2
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} → {"a.b": 1}"""
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def test_study_settings_plan(tmp_path):
+    """Each study setting is a valid quality.py plan on dev only that changes what it says and nothing else."""
+    study = _module("study")
+    quality = study.quality
+    from mtakd.mta.layers import resolve_key_layers
+
+    base = {r.id: c for r, c in quality.plan("small", tmp_path / "main", sets=["dev"], only=["skl", "skl_mta"])}
+    for s in study.SETTINGS:
+        args = quality.parse_args(s.argv(tmp_path))
+        assert args.sets == ["dev"] and args.budget == "small"
+        planned = quality.plan(args.budget, args.out, only=args.only, sets=args.sets, overrides=args.overrides)
+        assert [r.id for r, _ in planned] == (["skl", "skl_mta"] if s.own_skl else ["skl_mta"]), s.name
+        for row, cfg in planned:
+            mine, ref = _flat(cfg.model_dump(mode="json")), _flat(base[row.id].model_dump(mode="json"))
+            changed = {k for k in mine if mine[k] != ref[k] and k != "training.output_dir"}
+            keys = {o.split("=")[0] for o in s.overrides if row.has_mta or not o.startswith("objective.mta.")}
+            assert changed == keys, (s.name, row.id)
+    student6 = {r.id: c for r, c in quality.plan(
+        "small", tmp_path, only=["skl_mta"], overrides=next(s for s in study.SETTINGS if s.name == "student6").overrides)}
+    layers = resolve_key_layers(student6["skl_mta"].objective.mta, 6, 30)
+    assert [(k.student, k.teacher, k.granularity) for k in layers] == [(2, 10, "word"), (4, 20, "phrase"), (6, 30, "phrase")]
+
+
+def test_study_mta_share(tmp_path):
+    study = _module("study")
+    run = tmp_path / "run"
+    run.mkdir()
+    history = [{"loss": 4.0, "loss_dsa": 0.1 * s, "loss_hid": 1.0, "step": s} for s in range(1, 21)]
+    (run / "log_history.json").write_text(json.dumps(history + [{"train_runtime": 1.0, "step": 20}]))
+    (run / "mtakd_run.json").write_text(json.dumps({"objective": {"mta": {"lambda_dsa": 2.0, "lambda_hid": 0.2}}}))
+    first, last = study.mta_share(run)
+    # first 10 steps: mean DSA 0.55 → (2·0.55 + 0.2) / 4; last 10: mean DSA 1.55 → (2·1.55 + 0.2) / 4
+    assert first == pytest.approx((1.1 + 0.2) / 4) and last == pytest.approx((3.1 + 0.2) / 4)
+    (run / "mtakd_run.json").write_text(json.dumps({"objective": {"mta": None}}))
+    assert study.mta_share(run) is None
