@@ -190,3 +190,30 @@ def test_study_mta_share(tmp_path):
     assert first == pytest.approx((1.1 + 0.2) / 4) and last == pytest.approx((3.1 + 0.2) / 4)
     (run / "mtakd_run.json").write_text(json.dumps({"objective": {"mta": None}}))
     assert study.mta_share(run) is None
+
+
+def test_geometry_measure():
+    """The teacher against itself is at distance 0 on every key layer; another student is not; batching
+    does not change the (size-weighted) averages."""
+    import numpy as np
+
+    from mtakd.data import Example
+    from mtakd.mta.layers import KeyLayer
+    from tests.conftest import tiny_llama
+
+    geometry = _module("geometry")
+    teacher, other = tiny_llama(50, layers=4, seed=0), tiny_llama(50, layers=4, seed=1)
+    rng = np.random.default_rng(0)
+    examples = []
+    for n in (9, 12, 7, 10, 11):
+        words = np.array([[i, i + 1] for i in range(0, n - 1, 2)])
+        examples.append(Example(input_ids=rng.integers(1, 50, n).tolist(), labels=[-100] * n,
+                                spans={"word": words, "phrase": np.array([[0, n // 2], [n // 2, n]])}))
+    key_layers = [KeyLayer(2, 2, "word"), KeyLayer(4, 4, "phrase")]
+    r = geometry.measure(teacher, {"self": teacher, "other": other}, examples, key_layers, batch_size=2)
+    assert r["self"]["dsa"] == pytest.approx([0, 0], abs=1e-6) and r["self"]["hid"] == pytest.approx([0, 0], abs=1e-6)
+    assert min(r["other"]["dsa"]) > 1e-4 and min(r["other"]["hid"]) > 1e-3
+    r5 = geometry.measure(teacher, {"other": other}, examples, key_layers, batch_size=5)
+    for key in ("dsa", "hid"):  # per-sequence values, averaged over every sequence whatever the batching
+        assert r5["other"][key] == pytest.approx(r["other"][key], rel=1e-4)
+    assert "S2→T2 word" in geometry.table(r, key_layers)
