@@ -35,14 +35,14 @@ Budgets (exact hyper-parameters; ``budget_summary()`` prints these lines and a t
   smoke only checks the script end to end (a few minutes); small is meant to fit in about an hour on
   2 CPU cores (60 steps × 8 = 480 records, about 1.1 epochs; 16 prompts per set); full is 3 epochs
   (3 × 54 = 162 steps) and the paper's evaluation protocol (all prompts, 256 new tokens, 5 seeds).
-  Expected wall time of small on 2 idle cores (estimated, not yet measured): ~10 s per KD step (the demo
-  measured 5.4 s at ≤192 tokens on shorter data, benchmarks/mta_overhead.py 16 s padded to 256), ~4 s per
-  SFT step, ~15 s (teacher) / ~9 s (student) per generation batch of 8 × 128 tokens: about 45 min of
-  training and 35 min of evaluation. smoke measured 1 min 44 s and 1 min 56 s (2 cores, otherwise idle).
+  Measured wall time of small on 2 idle cores: 79 min for the 7 base rows (11-12 s per KD step, 6.6 s per
+  SFT step, with or without MTA; evaluation 7.3 min for the teacher, 2.5-3.5 min per student); each
+  ablation row about 15 min. smoke: about 2 min.
   AdamW, weight decay 0, grad-norm clip 1.0, fp32, projector lr 5e-4 (mtakd defaults); losses logged
   every step. Checkpoints every 25 (small) / 40 (full) steps (a resumed row continues from the last one;
-  `mtakd distill --resume` from a run's final checkpoint exports it without training further). The budgets are a first choice, not tuned: choose
-  hyper-parameters on dev.jsonl only (``--sets dev``, ``--set``).
+  `mtakd distill --resume` from a run's final checkpoint exports it without training further). The budgets
+  are a first choice, not tuned: choose hyper-parameters on dev.jsonl only (``--sets dev``, ``--set``;
+  benchmarks/study.py is such a study).
 
 Output (default ``runs/quality-<budget>``; resumable: rerunning skips finished rows)
     DIR/<row>/row.json         the row's resolved config (a rerun with a different config stops)
