@@ -56,7 +56,7 @@ def test_zero_when_student_equals_teacher_with_identity_projectors():
     mta = MTALoss(MTAConfig(), keys)
     projectors = mta.build_projectors(DT, DT).double()  # auto: identity when widths match
     out = mta(t_hidden, t_hidden, mask, spans, projectors)
-    assert float(out["dsa"]) < 1e-12 and float(out["hid"]) < 1e-12
+    assert float(out["dsa"].detach()) < 1e-12 and float(out["hid"].detach()) < 1e-12
 
 
 def test_gradients_reach_student_and_projectors_not_teacher():
