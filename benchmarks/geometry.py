@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     tok, teacher = load_tokenizer(source), load_model(source).eval()
     students = {}
     if args.initial:
-        students["initial (selected, untrained)"] = select_student(teacher, even_layers(30, 10)).eval()
+        students["initial (selected, untrained)"] = select_student(teacher, even_layers(teacher.config.num_hidden_layers, 10)).eval()
     for item in args.student:
         name, _, path = item.partition("=")
         students[name] = load_model(ModelSource(path=path)).eval()
