@@ -9,9 +9,9 @@ import pytest
 
 from mtakd import report
 from mtakd.config import ConfigError
-from tests.conftest import run_subcommand
 from mtakd.data import DataError
 from mtakd.report import compare, paired_bootstrap
+from tests.conftest import run_subcommand
 
 
 def _cli(argv):
