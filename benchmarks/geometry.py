@@ -9,6 +9,9 @@ selected from it. L_DSA is MTA_SPEC §6 with the spec's defaults (teacher import
 distance, all pairs), one key layer at a time; "L_Hid (W = I)" is §7 with the identity as projector,
 i.e. 1 − importance-weighted cosine between the student's and the teacher's raw states (meaningful only
 because these students were selected from the teacher and share its basis). Lower is closer to the teacher.
+
+The measurement is :func:`mtakd.trajectory.measure`; ``mtakd trajectory`` gives every layer, CKA and L_Hid
+with trained or least-squares projectors (docs/trajectory.md).
 """
 
 from __future__ import annotations
@@ -17,36 +20,31 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 DEV = REPO.parent / "shared" / "data" / "train" / "dev.jsonl"
 
 
 def measure(teacher, students: dict, examples: list, key_layers: list, batch_size: int = 8) -> dict:
-    """{student: {"dsa": [per key layer], "hid": [per key layer]}}, per-sequence values averaged over the examples."""
-    from mtakd.config import MTAConfig
-    from mtakd.data import Collator
-    from mtakd.mta.loss import MTALoss
+    """{student: {"dsa": [per key layer], "hid": [per key layer]}}, per-sequence values averaged over the examples.
 
-    losses = [MTALoss(MTAConfig(lambda_dsa=1.0, lambda_hid=1.0), [k]) for k in key_layers]
+    A thin view of :func:`mtakd.trajectory.measure` (``mtakd trajectory``, which measures every layer): the key
+    layers only, L_DSA at each key layer's own granularity with the teacher's importance weights, and L_Hid with
+    the identity as every projector."""
+    from torch import nn
+
+    from mtakd.config import MTAConfig
+    from mtakd.trajectory import LayerPair, measure as trajectory
+
+    pairs = [LayerPair(k.student, k.teacher, k.granularity) for k in key_layers]
     d = teacher.config.hidden_size
-    identity = losses[0].build_projectors(d, d)  # one key layer per MTALoss: W = I
-    collate = Collator(teacher.config.pad_token_id or 0)
-    sums = {name: torch.zeros(2, len(key_layers)) for name in students}
-    with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            batch = collate(examples[i : i + batch_size])
-            spans = {k: v for k, v in batch.items() if k.endswith("_spans")}
-            ids, mask = batch["input_ids"], batch["attention_mask"]
-            t_hidden = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-            for name, student in students.items():
-                s_hidden = student(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-                for j, loss in enumerate(losses):
-                    parts = loss(s_hidden, t_hidden, mask, spans, identity)
-                    sums[name][:, j] += torch.stack([parts["dsa"], parts["hid"]]) * len(ids)
-    return {name: {"dsa": (s[0] / len(examples)).tolist(), "hid": (s[1] / len(examples)).tolist()}
-            for name, s in sums.items()}
+    identity = {k.student: nn.Linear(d, d, bias=False) for k in key_layers}
+    for p in identity.values():
+        nn.init.eye_(p.weight)
+    r = trajectory(teacher, students, examples, mta=MTAConfig(), pairs={name: pairs for name in students},
+                   projectors={name: identity for name in students}, batch_size=batch_size,
+                   pad_token_id=teacher.config.pad_token_id or 0, progress=False)
+    return {name: {"dsa": [layer["metrics"][f"dsa_{layer['key']}_importance"]["mean"] for layer in layers],
+                   "hid": [layer["metrics"]["hid"]["mean"] for layer in layers]} for name, layers in r.items()}
 
 
 def table(results: dict, key_layers: list) -> str:
@@ -84,7 +82,7 @@ def main(argv=None) -> int:
         students[name] = load_model(ModelSource(path=path)).eval()
     key_layers = resolve_key_layers(MTAConfig(preset=args.preset), None, None)
     data = DataConfig(train=[args.data], template="chat", max_prompt_length=128, max_length=256)
-    examples = build_examples(load_records(args.data)[: args.n], tok, data, span_scope="all")
+    examples = build_examples(load_records(args.data)[: args.n], tok, data, spans="all")
     text = table(measure(teacher, students, examples, key_layers), key_layers)
     print(text)
     if args.out:

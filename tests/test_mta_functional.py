@@ -30,16 +30,19 @@ TOL = dict(rtol=1e-10, atol=1e-12)
 # ----------------------------------------------------------------------------------------------
 
 
-def ref_importance_one(H: torch.Tensor) -> torch.Tensor:
-    """w for one sequence's real tokens H [N, d] (spec §4)."""
+def ref_importance_one(H: torch.Tensor, sigma: str = "std") -> torch.Tensor:
+    """w for one sequence's real tokens H [N, d] (spec §4); σ the population std, or the root mean square."""
     N, d = H.shape
     if N == 1:
         return torch.ones(1, dtype=H.dtype)
     Hhat = torch.empty_like(H)
     for t in range(N):
-        mu = H[t].sum() / d
-        sigma = math.sqrt(float(((H[t] - mu) ** 2).sum() / d))  # population std, H itself not centred
-        Hhat[t] = H[t] / sigma
+        if sigma == "std":
+            mu = sum(float(x) for x in H[t]) / d
+            scale = math.sqrt(sum((float(x) - mu) ** 2 for x in H[t]) / d)  # population std, H itself not centred
+        else:
+            scale = math.sqrt(sum(float(x) ** 2 for x in H[t]) / d)  # root mean square
+        Hhat[t] = H[t] / scale
     S = torch.empty(N, N, dtype=H.dtype)
     for s in range(N):
         for t in range(N):
@@ -61,7 +64,7 @@ def real_positions(mask_row: torch.Tensor) -> list[int]:
     return [i for i in range(mask_row.shape[0]) if bool(mask_row[i])]
 
 
-def ref_importance(hidden: torch.Tensor, mask: torch.Tensor, uniform: bool = False) -> torch.Tensor:
+def ref_importance(hidden: torch.Tensor, mask: torch.Tensor, uniform: bool = False, sigma: str = "std") -> torch.Tensor:
     """[B, T] weights, 0 at padding, computed per sequence on its real tokens only."""
     B, T, _ = hidden.shape
     out = torch.zeros(B, T, dtype=hidden.dtype)
@@ -72,7 +75,7 @@ def ref_importance(hidden: torch.Tensor, mask: torch.Tensor, uniform: bool = Fal
         if uniform:
             w = torch.full((len(pos),), 1.0 / len(pos), dtype=hidden.dtype)
         else:
-            w = ref_importance_one(hidden[b, pos])
+            w = ref_importance_one(hidden[b, pos], sigma)
         for i, p in enumerate(pos):
             out[b, p] = w[i]
     return out
@@ -235,6 +238,20 @@ def test_importance_weights_match_reference(left):
     teacher, _, mask, _ = make_batch(seed=1, left=left)
     w = importance_weights(teacher, mask)
     torch.testing.assert_close(w, ref_importance(teacher, mask), **TOL)
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_rms_importance_weights_match_reference(left):
+    teacher, _, mask, _ = make_batch(seed=1, left=left)
+    w = importance_weights(teacher, mask, sigma="rms")
+    torch.testing.assert_close(w, ref_importance(teacher, mask, sigma="rms"), **TOL)
+    # the tokens have non-zero means (make_batch), so the two readings of σ differ
+    assert (w - importance_weights(teacher, mask)).abs().max() > 1e-3
+    # centred, the mean square about 0 is the variance: rms and std agree
+    torch.testing.assert_close(importance_weights(teacher, mask, sigma="rms", center=True),
+                               importance_weights(teacher, mask, center=True), **TOL)
+    with pytest.raises(ValueError, match="sigma"):
+        importance_weights(teacher, mask, sigma="var")
 
 
 def test_uniform_importance_weights_match_reference(batch):

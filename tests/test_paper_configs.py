@@ -98,3 +98,44 @@ def test_dry_run_works_offline_and_prints_the_map(monkeypatch):
             assert resolved["mta_key_layers"] == [asdict(k) for k in PRESETS[preset]["layers"]], path.name
         else:
             assert "mta_key_layers" not in resolved
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_a_preset_alone_carries_the_papers_lambdas(pair):
+    """``mta.preset`` fills λ_DSA / λ_Hid with the paper's values (MTA_SPEC §1); an explicit λ wins, also when it
+    equals the default, and the paper configs (which write their map and λ out) agree with the preset."""
+    from mtakd.config import ConfigError, MTAConfig
+
+    preset, lambdas = PAIRS[pair][4], PAIRS[pair][3]
+    assert (PRESETS[preset]["lambda_dsa"], PRESETS[preset]["lambda_hid"]) == lambdas
+    cfg = MTAConfig(preset=preset)
+    assert (cfg.lambda_dsa, cfg.lambda_hid) == lambdas
+    given = MTAConfig(preset=preset, lambda_dsa=2.0)  # an explicit λ_DSA, even at the default value, wins
+    assert (given.lambda_dsa, given.lambda_hid) == (2.0, lambdas[1])  # ... and λ_Hid still follows the preset
+    assert MTAConfig(preset=preset, lambda_hid=0.0).lambda_hid == 0.0  # the L_DSA-only ablation
+    for base in BASES:  # and through the config loader, with a CLI override
+        path = PAPER / _name(pair, base, True)
+        mta = load_config(path).objective.mta
+        assert (mta.lambda_dsa, mta.lambda_hid) == lambdas
+        assert resolve_key_layers(mta, None, None) == PRESETS[preset]["layers"]
+        assert load_config(path, ["objective.mta.lambda_dsa=7"]).objective.mta.lambda_dsa == 7.0
+    with pytest.raises(ConfigError, match="lambda_dsa"):  # a bad explicit λ is still validated
+        load_config(PAPER / _name(pair, "fdd", True), ["objective.mta.lambda_dsa=-1"])
+
+
+def test_opt_preset_from_the_config_loader(tmp_path):
+    from mtakd.config import MTAConfig
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("teacher: {path: t}\nstudent: {path: s}\ndata: {train: x.jsonl}\nobjective: {mta: {preset: opt}}\n")
+    mta = load_config(cfg).objective.mta
+    assert (mta.lambda_dsa, mta.lambda_hid) == (3.0, 0.3)
+    assert load_config(cfg, ["objective.mta.lambda_hid=0.1"]).objective.mta.lambda_hid == 0.1
+    assert load_config(cfg, ["objective.mta.preset=null"]).objective.mta.lambda_dsa == 2.0  # no preset: the default
+    m = MTAConfig(preset="opt")  # a preset changed later: the unset λ follow it, an explicit one stays
+    m.preset = "gpt2"
+    assert (m.lambda_dsa, m.lambda_hid) == (2.0, 0.2)
+    m.lambda_dsa = 5.0
+    m.preset = "opt"
+    assert (m.lambda_dsa, m.lambda_hid) == (5.0, 0.3)
+    assert MTAConfig(preset="smollm2-10").lambda_dsa == 2.0  # not a paper pair: the defaults

@@ -176,3 +176,62 @@ def test_resuming_a_finished_run_trains_no_further_step(uninterrupted, tmp_path)
     assert main(["distill", "--config", str(cfg), "--resume"]) == 0
     assert not (run / f"checkpoint-{STEPS + 1}").exists()
     _assert_identical(run, uninterrupted)
+
+
+def _extension_config(config, name, steps):
+    """A constant-LR run whose length is ``steps`` (the schedule does not depend on the run's length)."""
+    import yaml
+
+    path = config(name)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["training"].update(max_steps=steps, save_steps=4, lr_scheduler_type="constant", warmup_steps=0,
+                           per_device_train_batch_size=3)  # 3 steps an epoch: step 4 is mid-epoch
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_resume_with_a_larger_max_steps_extends_the_run_like_an_uninterrupted_one(setup, caplog):
+    root, config = setup
+    assert main(["distill", "--config", _extension_config(config, "long8", 8)]) == 0
+    short = _extension_config(config, "ext", 4)
+    assert main(["distill", "--config", short]) == 0
+    extended = _extension_config(config, "ext", 8)  # same output dir, longer run
+    with caplog.at_level("INFO", logger="mtakd.distill"):
+        assert main(["distill", "--config", extended, "--resume"]) == 0
+    assert f"resuming from {root / 'ext' / 'checkpoint-4'} (step 4 of 8)" in caplog.text
+    assert (root / "ext" / "checkpoint-8").is_dir()
+    logs = [h for h in json.loads((root / "ext" / "log_history.json").read_text()) if "loss" in h]
+    want = [h for h in json.loads((root / "long8" / "log_history.json").read_text()) if "loss" in h]
+    assert [h["step"] for h in logs] == list(range(1, 9))
+    for got, ref in zip(logs, want):
+        assert {k: v for k, v in got.items() if k != "epoch"} == pytest.approx(
+            {k: v for k, v in ref.items() if k != "epoch"}, abs=1e-6)
+    for name in ("student/model.safetensors", "mta_projectors.safetensors"):
+        got, ref = load_file(root / "ext" / name), load_file(root / "long8" / name)
+        assert max((got[k] - ref[k]).abs().max().item() for k in ref) <= 1e-6, name
+
+
+def test_extending_a_cosine_run_says_the_schedule_is_rebuilt(setup, caplog):
+    import yaml
+
+    root, config = setup
+    path = config("cos")
+    cfg = yaml.safe_load(path.read_text())
+    cfg["training"].update(max_steps=2, save_steps=2)
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["distill", "--config", str(path)]) == 0
+    with caplog.at_level("INFO", logger="mtakd.distill"):
+        assert main(["distill", "--config", str(path), "training.max_steps=3", "--resume"]) == 0
+    assert "cosine learning-rate schedule is rebuilt for the new length" in caplog.text
+    assert [h["step"] for h in json.loads((root / "cos" / "log_history.json").read_text()) if "loss" in h] == [1, 2, 3]
+
+
+def test_a_refused_resume_names_the_changed_keys_and_both_values(setup, uninterrupted):
+    root, config = setup
+    with pytest.raises(Exception) as e:
+        from tests.conftest import run_subcommand
+        import mtakd.distill
+
+        run_subcommand(mtakd.distill, ["distill", "--config", str(config("full")), "objective.mta.lambda_dsa=3.0",
+                                       "data.max_length=41", "--resume"])
+    assert "objective.mta.lambda_dsa: 2.0 → 3.0" in str(e.value) and "data.max_length: 40 → 41" in str(e.value)

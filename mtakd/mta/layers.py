@@ -25,13 +25,36 @@ def _preset(word: list[tuple[int, int]], phrase: list[tuple[int, int]]) -> list[
 
 
 PRESETS: dict[str, dict] = {
-    # the paper's three maps (student ← teacher), MTA_SPEC §2
-    "gpt2": {"n": (12, 48), "layers": _preset([(6, 24)], [(9, 36), (12, 48)])},
-    "qwen1.5": {"n": (24, 24), "layers": _preset([(14, 14)], [(l, l) for l in (16, 18, 20, 22, 24)])},
-    "opt": {"n": (24, 32), "layers": _preset([(16, 21)], [(18, 24), (20, 26), (22, 29), (24, 32)])},
+    # the paper's three maps (student ← teacher), MTA_SPEC §2, and its λ_DSA / λ_Hid (§1), which MTAConfig takes
+    # from here unless lambda_dsa / lambda_hid are given explicitly
+    "gpt2": {"n": (12, 48), "layers": _preset([(6, 24)], [(9, 36), (12, 48)]), "lambda_dsa": 2.0, "lambda_hid": 0.2},
+    "qwen1.5": {"n": (24, 24), "layers": _preset([(14, 14)], [(l, l) for l in (16, 18, 20, 22, 24)]),
+                "lambda_dsa": 2.0, "lambda_hid": 0.2},
+    "opt": {"n": (24, 32), "layers": _preset([(16, 21)], [(18, 24), (20, 26), (22, 29), (24, 32)]),
+            "lambda_dsa": 3.0, "lambda_hid": 0.3},
     # our CPU default: SmolLM2-135M (30 blocks) → 10-block student selected from it
     "smollm2-10": {"n": (10, 30), "layers": _preset([(5, 15)], [(7, 21), (10, 30)])},
 }
+
+
+def hidden_widths(model, layers: list[int]) -> list[int]:
+    """The width of ``hidden_states[l]`` for each l, as the model returns it (MTA_SPEC §2, §7: W_l is d_S × d_T).
+
+    Read from one no-grad forward pass over two tokens, not from ``config.hidden_size``: the states a model
+    returns need not all have that width. OPT with ``word_embed_proj_dim ≠ hidden_size`` (opt-350m: 512 and
+    1024) returns ``hidden_states[0..N−1]`` at ``hidden_size`` (the input of block 1, after ``project_in``, and
+    the blocks' outputs) but ``hidden_states[N]`` at ``word_embed_proj_dim``: transformers replaces the last entry
+    with ``last_hidden_state``, which has gone through the final norm and ``project_out`` (transformers 5.x,
+    ``capture_outputs``). Measuring covers any such architecture. The random state is left as it was (dropout)."""
+    import torch
+
+    device = model.get_input_embeddings().weight.device
+    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+    accel = [device] if device.type != "cpu" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=accel, device_type=device.type if accel else "cuda"):
+        states = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True,
+                       use_cache=False).hidden_states
+    return [states[l].shape[-1] for l in layers]
 
 
 def resolve_key_layers(cfg: MTAConfig, n_student: int | None, n_teacher: int | None) -> list[KeyLayer]:

@@ -3,11 +3,14 @@
     L_MTA = λ_DSA · mean_l L_DSA^(l) + λ_Hid · Σ_l L_Hid^(l)
 
 Teacher states, importance weights and teacher units are computed under no_grad; the student's
-units are pooled with the teacher's weights (default). The projectors W_l live on the student module
-(``mta_projectors``) so that DDP/FSDP synchronise them and checkpoints carry them.
+units are pooled with the teacher's weights (default; ``weights`` switches to student-side weights). The
+projectors W_l live on the student module (``mta_projectors``) so that DDP/FSDP synchronise them and
+checkpoints carry them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +18,7 @@ from torch import nn
 
 from ..config import MTAConfig
 from .functional import dsa_per_sequence, hid_per_sequence, importance_weights, pool_spans
-from .layers import KeyLayer
+from .layers import KeyLayer, hidden_widths
 
 PROJECTORS = "mta_projectors"  # attribute of the student holding the ModuleList of W_l
 
@@ -34,17 +37,84 @@ class MTALoss:
         self.key_layers = key_layers
         self.granularities = sorted({k.granularity for k in key_layers})
 
-    def build_projectors(self, d_student: int, d_teacher: int) -> nn.ModuleList:
-        """One Linear(d_S, d_T, bias=False) per key layer; identity-initialised when widths match
-        (``projector_init: auto``), since a student selected from the teacher shares its basis."""
-        projs = nn.ModuleList(nn.Linear(d_student, d_teacher, bias=False) for _ in self.key_layers)
-        identity = self.cfg.projector_init == "identity" or (self.cfg.projector_init == "auto" and d_student == d_teacher)
-        if identity:
-            if d_student != d_teacher:
-                raise ValueError(f"projector_init: identity needs equal widths, got {d_student} and {d_teacher}")
-            for p in projs:
+    def build_projectors(
+        self, d_student: int | Sequence[int], d_teacher: int | Sequence[int], *, from_teacher: bool,
+        channels: Sequence[int] | None = None,
+    ) -> nn.ModuleList:
+        """The projectors W_l (MTA_SPEC §7): one ``Linear(d_S, d_T, bias=False)`` per key layer.
+
+        Args:
+            d_student, d_teacher: the widths of ``hidden_states[l]`` and ``hidden_states[φ(l)]`` per key layer
+                (:func:`~mtakd.mta.layers.hidden_widths`), or one width for every layer.
+            from_teacher: the student was built from the teacher's own blocks (``student.from_teacher``), so
+                its hidden basis is the teacher's.
+            channels: for a student pruned from the teacher's hidden channels (:mod:`mtakd.student`), the teacher
+                channel each student channel was kept from (``config.mtakd_hidden_channels``).
+
+        ``projector_init``: ``random`` (PyTorch's Linear init, the spec's default), ``identity`` (equal widths
+        only), or ``auto``: identity for a layer whose widths match in a student built from the teacher,
+        random otherwise; a separately pretrained student of equal width has a basis unrelated to the
+        teacher's. ``selection`` (and ``auto`` for a student pruned from the teacher's hidden channels): the
+        channel-selection map, W[channels[j], j] = 1 and 0 elsewhere, so W_l maps each student channel back to
+        the teacher channel it came from (:func:`mtakd.student.selection_matrix`).
+        """
+        n = len(self.key_layers)
+        ds = [d_student] * n if isinstance(d_student, int) else list(d_student)
+        dt = [d_teacher] * n if isinstance(d_teacher, int) else list(d_teacher)
+        if len(ds) != n or len(dt) != n:
+            raise ValueError(f"build_projectors needs one width per key layer ({n}), got {ds} and {dt}")
+        projs = nn.ModuleList()
+        for key, a, b in zip(self.key_layers, ds, dt):
+            p = nn.Linear(a, b, bias=False)
+            init = self._projector_init(key, a, b, from_teacher=from_teacher, channels=channels)
+            if init == "identity":
                 nn.init.eye_(p.weight)
+            elif init == "selection":
+                from ..student import selection_matrix
+
+                with torch.no_grad():
+                    p.weight.copy_(selection_matrix(channels, b))
+            projs.append(p)
         return projs
+
+    def _projector_init(self, key: KeyLayer, d_student: int, d_teacher: int, *, from_teacher: bool,
+                        channels: Sequence[int] | None = None) -> str:
+        """``identity``, ``selection`` or ``random`` for one key layer's W_l, from ``projector_init`` (see
+        build_projectors)."""
+        mode = self.cfg.projector_init
+        # the selection map applies to the states in the pruned residual basis (not, e.g., OPT's projected top state)
+        pruned = channels is not None and len(channels) == d_student and max(channels) < d_teacher
+        if mode == "selection" or (mode == "auto" and pruned):
+            if pruned:
+                return "selection"
+            if channels is not None and d_student == d_teacher:
+                return "identity"  # a state outside the pruned basis (OPT's project_out output): not pruned
+            raise ValueError(
+                f"mta.projector_init: selection needs a student pruned from the teacher's hidden channels "
+                f"(student.from_teacher with hidden_size, or a directory `mtakd student` wrote); key layer "
+                f"{key.student}→{key.teacher} maps width {d_student} to {d_teacher} and the student records "
+                f"{'no' if channels is None else len(channels)} kept channels; use auto or random"
+            )
+        if mode == "auto":
+            return "identity" if from_teacher and d_student == d_teacher else "random"
+        if mode == "identity" and d_student != d_teacher:
+            raise ValueError(
+                f"mta.projector_init: identity needs equal widths, got student layer {key.student} of width "
+                f"{d_student} and teacher layer {key.teacher} of width {d_teacher}; use auto or random"
+            )
+        return mode
+
+    def projectors_for(self, student, teacher, *, from_teacher: bool,
+                       teacher_widths: Sequence[int] | None = None) -> nn.ModuleList:
+        """:meth:`build_projectors` sized from the hidden states the two models return (not their configs);
+        the kept channels of a pruned student are read from its config (``mtakd_hidden_channels``).
+        ``teacher_widths``: the teacher's widths per key layer when the teacher is not loaded (a teacher cache)."""
+        from ..student import hidden_channels
+
+        d_s = hidden_widths(student, [k.student for k in self.key_layers])
+        d_t = list(teacher_widths) if teacher_widths is not None else hidden_widths(
+            teacher, [k.teacher for k in self.key_layers])
+        return self.build_projectors(d_s, d_t, from_teacher=from_teacher, channels=hidden_channels(student))
 
     def _layer_spans(self, spans: dict[str, torch.Tensor]) -> torch.Tensor:
         """Membership ``[L, B, K, T]`` for each key layer, from the batch's word/phrase spans."""
@@ -65,30 +135,86 @@ class MTALoss:
         attention_mask: torch.Tensor,
         spans: dict[str, torch.Tensor],
         projectors: nn.ModuleList,
+        teacher_weights: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """``teacher_weights``: the teacher's w_t ``[L, B, T]`` per key layer, precomputed by
+        :meth:`teacher_importance` (read from a teacher cache); None computes them from ``teacher_hidden``."""
         cfg = self.cfg
         mask = attention_mask.bool()
-        hs = _stack(student_hidden, [k.student for k in self.key_layers])  # [L,B,T,d_S]
         members = self._layer_spans(spans)  # [L,B,K,T]
-        with torch.no_grad():
-            ht = _stack(teacher_hidden, [k.teacher for k in self.key_layers])  # [L,B,T,d_T]
-            source = hs.detach() if cfg.weights == "student" else ht
-            w = importance_weights(source, mask, uniform=cfg.weights == "uniform", center=cfg.center_states)  # [L,B,T]
+        if cfg.lambda_hid > 0:
+            self._check_projectors(student_hidden, teacher_hidden, projectors)
+        # key layers are stacked by equal (d_S, d_T): one group for most pairs; OPT with project_out returns a
+        # narrower top state (see hidden_widths), which forms a group of its own
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, k in enumerate(self.key_layers):
+            widths = (student_hidden[k.student].shape[-1], teacher_hidden[k.teacher].shape[-1])
+            groups.setdefault(widths, []).append(i)
+        dsa, hid = [], []
+        for idx in groups.values():
+            w_t = teacher_weights[idx] if teacher_weights is not None else None
+            d, h = self._group(idx, student_hidden, teacher_hidden, mask, members[idx], projectors, w_t)
+            dsa.append(d)
+            hid.append(h)
         out = {}
+        if cfg.lambda_dsa > 0:
+            out["dsa"] = torch.cat(dsa).mean()  # mean over key layers
+        if cfg.lambda_hid > 0:
+            out["hid"] = torch.cat(hid).sum()  # Σ over key layers
+        return out
+
+    def _check_projectors(self, student_hidden, teacher_hidden, projectors) -> None:
+        if projectors is None or len(projectors) != len(self.key_layers):
+            raise ValueError(
+                f"L_Hid needs one projector per key layer ({len(self.key_layers)}), got "
+                f"{None if projectors is None else len(projectors)}"
+            )
+        for k, p in zip(self.key_layers, projectors):
+            got = (student_hidden[k.student].shape[-1], teacher_hidden[k.teacher].shape[-1])
+            if (p.in_features, p.out_features) != got:
+                raise ValueError(
+                    f"projector of key layer {k.student}→{k.teacher} maps {p.in_features}→{p.out_features}, but "
+                    f"hidden_states[{k.student}] / [{k.teacher}] are {got[0]} / {got[1]} wide; build the projectors "
+                    "from the widths the models return (MTALoss.projectors_for)"
+                )
+
+    def teacher_importance(self, teacher_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The teacher's token importance w_t (MTA_SPEC §4) of teacher states ``[..., B, T, d]`` with the run's
+        switches (``center_states``, ``sigma``): what the loss computes, and what a teacher cache stores."""
+        return importance_weights(teacher_states, mask, center=self.cfg.center_states, sigma=self.cfg.sigma)
+
+    def _group(self, idx, student_hidden, teacher_hidden, mask, members, projectors, teacher_weights=None):
+        """Per-layer (L_DSA, L_Hid), each ``[len(idx)]``, for key layers ``idx`` of equal widths (MTA_SPEC §4–§7)."""
+        cfg = self.cfg
+        keys = [self.key_layers[i] for i in idx]
+        hs = _stack(student_hidden, [k.student for k in keys])  # [L,B,T,d_S]
+        kw = dict(center=cfg.center_states, sigma=cfg.sigma)
+        with torch.no_grad():
+            ht = _stack(teacher_hidden, [k.teacher for k in keys])  # [L,B,T,d_T]
+            # w: teacher pooling, w^sp and L_Hid; w_pool: the student's pooling (MTA_SPEC §5)
+            own = cfg.weights in ("student", "student_pooling")
+            w_student = importance_weights(hs.detach(), mask, **kw) if own else None
+            if cfg.weights == "student":
+                w = w_student
+            elif cfg.weights == "uniform":
+                w = importance_weights(ht, mask, uniform=True, **kw)
+            else:
+                w = teacher_weights if teacher_weights is not None else self.teacher_importance(ht, mask)
+            w_pool = w_student if w_student is not None else w  # [L,B,T]
+        dsa = hid = None
         if cfg.lambda_dsa > 0:
             with torch.no_grad():
                 units_t, span_w = pool_spans(ht, w, members, aggregation=cfg.span_aggregation)
-            units_s, _ = pool_spans(hs, w, members, aggregation=cfg.span_aggregation)
-            per_layer = dsa_per_sequence(
-                units_s, units_t, span_w, members.any(-1), distance=cfg.distance, pairs=cfg.pairs
-            ).mean(-1)
-            out["dsa"] = per_layer.mean()  # mean over key layers
+            units_s, _ = pool_spans(hs, w_pool, members, aggregation=cfg.span_aggregation)
+            dsa = dsa_per_sequence(units_s, units_t, span_w, members.any(-1), distance=cfg.distance, pairs=cfg.pairs)
+            dsa = dsa.mean(-1)  # mean over the batch
         if cfg.lambda_hid > 0:
             # each W_l through its module's forward, never by reading .weight: DeepSpeed ZeRO-3 gathers a sharded
             # weight only inside the forward of the module that owns it
-            proj = torch.stack([p(h.to(p.weight.dtype)).to(hs.dtype) for p, h in zip(projectors, hs)])  # [L,B,T,d_T]
-            out["hid"] = hid_per_sequence(proj, ht, w, members.any(-2)).mean(-1).sum()  # Σ over key layers
-        return out
+            proj = torch.stack([projectors[i](h.to(projectors[i].weight.dtype)).to(hs.dtype)
+                                for i, h in zip(idx, hs)])
+            hid = hid_per_sequence(proj, ht, w, members.any(-2)).mean(-1)  # [L,B,T,d_T] → [L]
+        return dsa, hid
 
     def total(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.cfg.lambda_dsa * parts.get("dsa", 0.0) + self.cfg.lambda_hid * parts.get("hid", 0.0)

@@ -129,6 +129,11 @@ class DistiLLM(TokenDivergence):
             return kl(t_logp, log_mixture(t_logp, s_logp, a))
         return kl(s_logp, log_mixture(s_logp, t_logp, a))
 
+    def teacher_cache_use(self) -> str:
+        """Student-generated outputs do not exist before training: with SGO on, the teacher is loaded and scores
+        the generated and replayed batches; dataset batches read the cache (docs/objectives.md)."""
+        return "partial" if self.opts.student_generation else "full"
+
     def setup(self, run_cfg, tokenizer, student, teacher) -> None:
         self.tokenizer = tokenizer
         self.data_cfg = run_cfg.data

@@ -147,7 +147,7 @@ class DistiLLM2(Objective):
         return self.opts.beta
 
     # ------------------------------------------------------------------------------------- data
-    def build_examples(self, records, tokenizer, data_cfg, *, span_scope, stats, progress):
+    def build_examples(self, records, tokenizer, data_cfg, *, spans, stats, progress):
         from ..data import DataError, DataStats, build_examples
 
         missing = [r.where for r in records if r.student_output is None]
@@ -157,11 +157,11 @@ class DistiLLM2(Objective):
                 f"'student_output' ({len(missing)} record(s) lack it); create it with "
                 "`mtakd generate --model STUDENT --data FILE --out OUT --field student_output`"
             )
-        teacher = build_examples(records, tokenizer, data_cfg, span_scope=span_scope, stats=stats, progress=progress)
+        teacher = build_examples(records, tokenizer, data_cfg, spans=spans, stats=stats, progress=progress)
         student_stats = DataStats()
         student = build_examples(
             [dataclasses.replace(r, output=r.student_output) for r in records], tokenizer, data_cfg,
-            span_scope=None, stats=student_stats, progress=False,
+            spans=None, stats=student_stats, progress=False,
         )
         log.info("distillm2 student responses: %s", student_stats.summary())
         return [PairExample(t, s) for t, s in zip(teacher, student)]

@@ -27,6 +27,19 @@ Documented choices (the public description leaves them open; see docs/objectives
 - w_layer = w_delta = 1.
 - Memory: each point's [N_response, V] projections are recomputed in the backward pass
   (``options.checkpoint``, default on) so only one pair is alive at a time.
+
+``options.variant: reference`` follows instead the public FDD code of the DistiLLM lineage (the
+``get_fdd_loss`` of ``fdd_finetune.py``; docs/objectives.md lists the differences and the sources):
+
+    L_base = (1 − r)·CE + r·( KD(z_T^{N_T}, z_S^{N_S})
+                              + w_layer · mean_{l ∈ P} KL(softmax(z_T^{φ(l)}/2) ‖ softmax(z_S^l/2))
+                              + w_delta · mean_{(a, b) consecutive in P} [1 − cos(Δℓ_S, Δℓ_T)] )
+
+with z^l = W_U·h^l (LM head, *no* final norm; OPT's ``project_out`` when present), ℓ^l = log_softmax(z^l)
+at temperature 1, Δℓ = ℓ^b − ℓ^a, the temperature 2 fixed (no τ² factor), P exactly the listed points
+(the last block is not added; at least two), every point in the layer term, and the FDD terms averaged
+over every non-padding position that predicts a next token (prompt included), as the public code's
+``attention_mask``. The logit term KD stays ``options.divergence`` at ``objective.temperature``.
 """
 
 from __future__ import annotations
@@ -51,6 +64,11 @@ class FDDOptions(BaseModel):
     layer_weight: float = Field(1.0, ge=0)
     delta_weight: float = Field(1.0, ge=0)
     checkpoint: bool = Field(True, description="recompute the per-point projections in backward (saves memory)")
+    variant: Literal["paper", "reference"] = Field(
+        "paper", description="paper: the published description (final norm + LM head, KD of deltas, τ); reference: "
+        "the public code (LM head without the final norm, τ 2, 1 − cos of Δ log-probabilities, the listed layers "
+        "only, FDD terms scaled by kd_ratio, all non-padding positions); see docs/objectives.md",
+    )
 
     @field_validator("divergence")
     @classmethod
@@ -71,7 +89,8 @@ class FDDOptions(BaseModel):
 
 
 def trajectory(opts: FDDOptions, n_student: int, n_teacher: int) -> list[tuple[int, int]]:
-    """(student block, teacher block) points of the trajectory, lowest first; the last is (N_S, N_T)."""
+    """(student block, teacher block) points of the trajectory, lowest first. ``paper``: the last is (N_S, N_T)
+    (added when missing); ``reference``: exactly the listed points, at least two (one pair for the delta term)."""
     from ..config import ConfigError
 
     students = list(range(1, n_student + 1)) if opts.layers == "all" else list(opts.layers)
@@ -89,6 +108,13 @@ def trajectory(opts: FDDOptions, n_student: int, n_teacher: int) -> list[tuple[i
     else:
         teachers = [l * n_teacher // n_student for l in students]
     points = list(zip(students, teachers))
+    if opts.variant == "reference":
+        if len(points) < 2:
+            raise ConfigError(
+                f"fdd: options.variant reference needs at least two trajectory points (the delta term compares "
+                f"consecutive points), got options.layers {opts.layers} for a {n_student}-block student"
+            )
+        return points
     if points[-1][0] != n_student:
         points.append((n_student, n_teacher))
     elif points[-1][1] != n_teacher:
@@ -97,15 +123,19 @@ def trajectory(opts: FDDOptions, n_student: int, n_teacher: int) -> list[tuple[i
 
 
 # ------------------------------------------------------------------------------ functional core
-def fdd_terms(s_points, t_points, s_maps, t_maps, divergence, *, temperature: float = 1.0, checkpoint: bool = False):
-    """Layer-wise and feature-delta KD along a trajectory of P points.
+def fdd_terms(s_points, t_points, s_maps, t_maps, divergence, *, temperature: float = 1.0, checkpoint: bool = False,
+              variant: str = "paper"):
+    """Layer-wise and feature-delta terms along a trajectory of P points.
 
     ``s_points[i]`` / ``t_points[i]``: the student's / teacher's ``[N, ·]`` inputs of point i (hidden
     states, or logits for the last point); ``s_maps[i]`` / ``t_maps[i]`` turn them into ``[N, V]`` logits.
-    ``divergence(s_logp, t_logp) -> [N]``. Returns (layer terms for points 0..P−2, delta terms for the
-    P−1 consecutive pairs), each a token mean.
+    ``divergence(s_logp, t_logp) -> [N]``. Returns (layer terms, delta terms for the P−1 consecutive
+    pairs), each a token mean. ``paper``: layer terms for points 0..P−2 (the last is the logit KD), deltas
+    D(softmax(Δz_T/τ), softmax(Δz_S/τ)). ``reference``: layer terms for all P points, deltas
+    1 − cos(Δℓ_S, Δℓ_T) of the log-probabilities ℓ = log_softmax(z) at temperature 1.
     """
     p = len(s_points)
+    reference = variant == "reference"
 
     def logp(z, v):
         return F.log_softmax(_upcast(z[:, :v]) / temperature, -1)
@@ -114,13 +144,20 @@ def fdd_terms(s_points, t_points, s_maps, t_maps, divergence, *, temperature: fl
         zs, zt = s_maps[i](tensors[0]), t_maps[i](tensors[1])
         v = min(zs.shape[-1], zt.shape[-1])
         out = []
-        if i < p - 1:
+        if i < p - 1 or reference:
             out.append(divergence(logp(zs, v), logp(zt.detach(), v)).mean())
         if i > 0:
             zs_prev, zt_prev = s_maps[i - 1](tensors[2]), t_maps[i - 1](tensors[3])
             v = min(v, zs_prev.shape[-1], zt_prev.shape[-1])
-            ds, dt = _upcast(zs[:, :v]) - _upcast(zs_prev[:, :v]), _upcast(zt[:, :v]) - _upcast(zt_prev[:, :v])
-            out.append(divergence(F.log_softmax(ds / temperature, -1), F.log_softmax(dt.detach() / temperature, -1)).mean())
+            if reference:
+                def lp(z):
+                    return F.log_softmax(_upcast(z[:, :v]), -1)
+
+                ds, dt = lp(zs) - lp(zs_prev), lp(zt) - lp(zt_prev)
+                out.append((1 - F.cosine_similarity(ds, dt.detach(), dim=-1, eps=1e-5)).mean())
+            else:
+                ds, dt = _upcast(zs[:, :v]) - _upcast(zs_prev[:, :v]), _upcast(zt[:, :v]) - _upcast(zt_prev[:, :v])
+                out.append(divergence(F.log_softmax(ds / temperature, -1), F.log_softmax(dt.detach() / temperature, -1)).mean())
         return tuple(out)
 
     layer, delta = [], []
@@ -131,7 +168,7 @@ def fdd_terms(s_points, t_points, s_maps, t_maps, divergence, *, temperature: fl
         else:
             res = step(i, *args)
         res = list(res)
-        if i < p - 1:
+        if i < p - 1 or reference:
             layer.append(res.pop(0))
         if i > 0:
             delta.append(res.pop(0))
@@ -151,9 +188,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def logit_lens(model: nn.Module):
+def logit_lens(model: nn.Module, final_norm: bool = True):
     """h ↦ W_U·norm(h): a block's hidden state as next-token logits, through the model's final norm
-    (and OPT's ``project_out``, if any) and LM head."""
+    (and OPT's ``project_out``, if any) and LM head; ``final_norm=False``: h ↦ W_U·h (the public code)."""
     model = unwrap(model)
     head = model.get_output_embeddings()
     inner = model.base_model
@@ -167,14 +204,17 @@ def logit_lens(model: nn.Module):
                 norm = m
         if isinstance(getattr(holder, "project_out", None), nn.Module):
             project_out = holder.project_out
-    if head is None or norm is None:
+    if head is None or (final_norm and norm is None):
         raise ValueError(f"fdd: cannot find the final norm / LM head of {type(model).__name__}")
 
     def lens(h):
-        h = norm(h)
+        h = norm(h) if final_norm else h
         return head(project_out(h) if project_out is not None else h)
 
     return lens
+
+
+REFERENCE_TEMPERATURE = 2.0  # the public code's fixed temperature of the layer-wise term
 
 
 def _identity(x):
@@ -194,6 +234,7 @@ class FDD(Objective):
         from . import OBJECTIVES
 
         self.kd = OBJECTIVES[self.opts.divergence](cfg)
+        self.fkl = OBJECTIVES["fkl"](cfg).divergence  # the reference variant's layer term
         self.points: list[tuple[int, int]] | None = None
 
     def setup(self, run_cfg, tokenizer, student, teacher) -> None:
@@ -211,27 +252,37 @@ class FDD(Objective):
             hs_s, hs_t = student_out.hidden_states, teacher_out.hidden_states
             if self.points is None:
                 self.points = trajectory(self.opts, len(hs_s) - 1, len(hs_t) - 1)
-            mask, _ = response_positions(labels)
-            s_lens, t_lens = logit_lens(student), logit_lens(teacher)
+            reference = self.opts.variant == "reference"
+            if reference:  # every non-padding position that predicts a next token, prompt included
+                am = batch.get("attention_mask")
+                am = torch.ones_like(labels, dtype=torch.bool) if am is None else am.bool()
+                mask = am[:, :-1] & am[:, 1:]
+            else:
+                mask, _ = response_positions(labels)
+            s_lens = logit_lens(student, final_norm=not reference)
+            t_lens = logit_lens(teacher, final_norm=not reference)
             s_points, t_points, s_maps, t_maps = [], [], [], []
-            for k, (ls, lt) in enumerate(self.points):
-                last = k == len(self.points) - 1
-                s_src = student_out.logits if last else hs_s[ls]
-                t_src = teacher_out.logits if last else hs_t[lt]
+            for ls, lt in self.points:
+                # the last hidden state HF returns is already normalised: its prediction is the logits
+                s_last, t_last = ls == len(hs_s) - 1, lt == len(hs_t) - 1
+                s_src = student_out.logits if s_last else hs_s[ls]
+                t_src = teacher_out.logits if t_last else hs_t[lt]
                 s_points.append(s_src[:, :-1][mask])
                 t_points.append(t_src[:, :-1][mask].detach())
-                s_maps.append(_identity if last else s_lens)
-                t_maps.append(_identity if last else t_lens)
+                s_maps.append(_identity if s_last else s_lens)
+                t_maps.append(_identity if t_last else t_lens)
             if mask.any():
                 layer, delta = fdd_terms(
-                    s_points, t_points, s_maps, t_maps, self.kd.divergence, temperature=self.cfg.temperature,
-                    checkpoint=self.opts.checkpoint,
+                    s_points, t_points, s_maps, t_maps, self.fkl if reference else self.kd.divergence,
+                    temperature=REFERENCE_TEMPERATURE if reference else self.cfg.temperature,
+                    checkpoint=self.opts.checkpoint, variant=self.opts.variant,
                 )
             else:
                 layer = delta = []
             zero = student_out.logits.sum() * 0.0
             layer_kd = torch.stack(layer).mean() if layer else zero
             delta_kd = torch.stack(delta).mean() if delta else zero
-            loss = loss + self.opts.layer_weight * layer_kd + self.opts.delta_weight * delta_kd
+            fdd = self.opts.layer_weight * layer_kd + self.opts.delta_weight * delta_kd
+            loss = loss + (r * fdd if reference else fdd)
             parts.update(layer_kd=layer_kd.detach(), delta_kd=delta_kd.detach())
         return {"loss": loss, **parts}

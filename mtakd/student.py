@@ -1,0 +1,598 @@
+"""Students built from the teacher: block selection (depth) and Minitron-style width pruning, together.
+
+``student.from_teacher`` keeps ``num_layers`` / ``layers`` of the teacher's blocks (evenly spaced, or ranked
+by how much each block changes its input) and optionally prunes the width: ``hidden_size``,
+``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads`` (Muralidharan et al. 2024, "Compact
+Language Models via Pruning and Knowledge Distillation"; Sreenivas et al. 2024). Heads, MLP neurons and hidden
+channels are ranked by their activations on calibration data (``importance: activation``) or by weight norms
+(``magnitude``) and the least important are removed from every weight that reads or writes them. The result
+is the teacher's own Hugging Face class with a config stating the new sizes (``AutoModelForCausalLM`` reloads
+it without custom code); the kept hidden channels are recorded on its config (``mtakd_hidden_channels``) so
+that the MTA projectors can start from the channel-selection map (MTA_SPEC §7, ``projector_init: selection``).
+
+See docs/students.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ConfigError, FromTeacher, RunConfig, load_config
+from .models import ModelError, block_list, even_layers, plain_copy, select_student
+
+log = logging.getLogger(__name__)
+
+HIDDEN_CHANNELS = "mtakd_hidden_channels"  # config attribute: teacher channel of each student channel
+STUDENT_FILE = "student.json"
+
+
+# ------------------------------------------------------------------------------ architectures
+@dataclass(frozen=True)
+class Arch:
+    """Where the prunable units of one model family live.
+
+    ``rules`` map a state-dict key (regex on its end) to the kind of index each tensor dim carries: ``hidden``
+    (residual channels), ``q`` (query-head rows, head-major), ``kv`` (key/value-head rows), ``qkv`` (GPT-2's
+    fused q|k|v), ``mlp`` (MLP neurons), ``embed`` (the embedding width: hidden unless OPT projects it).
+    Tensors are as stored: ``nn.Linear`` is [out, in], GPT-2's ``Conv1D`` is [in, out].
+    """
+
+    rules: tuple[tuple[str, dict[int, str]], ...]
+    head_input: str  # block submodule whose input is the per-head attention output (o_proj)
+    neuron_input: str  # block submodule whose input is the MLP intermediate activation (down_proj)
+    norms: tuple[str, ...]  # block submodules whose outputs are the normalised hidden states
+    sizes: dict[str, str]  # width target -> config field
+    grouped: bool  # separate num_key_value_heads (GQA); else multi-head attention with heads·head_dim = hidden
+
+
+_LLAMA = Arch(
+    rules=(
+        (r"embed_tokens\.weight", {1: "hidden"}),
+        (r"lm_head\.weight", {1: "hidden"}),
+        (r"\w*norm\.weight", {0: "hidden"}),  # input_layernorm, post_attention_layernorm, model.norm
+        (r"self_attn\.q_proj\.weight", {0: "q", 1: "hidden"}),
+        (r"self_attn\.q_proj\.bias", {0: "q"}),
+        (r"self_attn\.[kv]_proj\.weight", {0: "kv", 1: "hidden"}),
+        (r"self_attn\.[kv]_proj\.bias", {0: "kv"}),
+        (r"self_attn\.o_proj\.weight", {0: "hidden", 1: "q"}),
+        (r"self_attn\.o_proj\.bias", {0: "hidden"}),
+        (r"mlp\.(gate|up)_proj\.weight", {0: "mlp", 1: "hidden"}),
+        (r"mlp\.(gate|up)_proj\.bias", {0: "mlp"}),
+        (r"mlp\.down_proj\.weight", {0: "hidden", 1: "mlp"}),
+        (r"mlp\.down_proj\.bias", {0: "hidden"}),
+    ),
+    head_input="self_attn.o_proj", neuron_input="mlp.down_proj", norms=("input_layernorm", "post_attention_layernorm"),
+    sizes={"hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+           "num_attention_heads": "num_attention_heads", "num_key_value_heads": "num_key_value_heads"},
+    grouped=True,
+)
+_GPT2 = Arch(
+    rules=(
+        (r"wte\.weight", {1: "hidden"}),
+        (r"wpe\.weight", {1: "hidden"}),
+        (r"lm_head\.weight", {1: "hidden"}),
+        (r"ln_(1|2|f)\.(weight|bias)", {0: "hidden"}),
+        (r"attn\.c_attn\.weight", {0: "hidden", 1: "qkv"}),
+        (r"attn\.c_attn\.bias", {0: "qkv"}),
+        (r"attn\.c_proj\.weight", {0: "q", 1: "hidden"}),
+        (r"attn\.c_proj\.bias", {0: "hidden"}),
+        (r"mlp\.c_fc\.weight", {0: "hidden", 1: "mlp"}),
+        (r"mlp\.c_fc\.bias", {0: "mlp"}),
+        (r"mlp\.c_proj\.weight", {0: "mlp", 1: "hidden"}),
+        (r"mlp\.c_proj\.bias", {0: "hidden"}),
+    ),
+    head_input="attn.c_proj", neuron_input="mlp.c_proj", norms=("ln_1", "ln_2"),
+    sizes={"hidden_size": "n_embd", "intermediate_size": "n_inner", "num_attention_heads": "n_head"},
+    grouped=False,
+)
+_OPT = Arch(
+    rules=(
+        (r"embed_tokens\.weight", {1: "embed"}),
+        (r"lm_head\.weight", {1: "embed"}),
+        (r"embed_positions\.weight", {1: "hidden"}),
+        (r"project_in\.weight", {0: "hidden"}),  # word_embed_proj_dim != hidden_size (OPT-350m)
+        (r"project_out\.weight", {1: "hidden"}),
+        (r"\w*layer_norm\.(weight|bias)", {0: "hidden"}),  # self_attn_layer_norm, final_layer_norm
+        (r"self_attn\.[qkv]_proj\.weight", {0: "q", 1: "hidden"}),
+        (r"self_attn\.[qkv]_proj\.bias", {0: "q"}),
+        (r"self_attn\.out_proj\.weight", {0: "hidden", 1: "q"}),
+        (r"self_attn\.out_proj\.bias", {0: "hidden"}),
+        (r"fc1\.weight", {0: "mlp", 1: "hidden"}),
+        (r"fc1\.bias", {0: "mlp"}),
+        (r"fc2\.weight", {0: "hidden", 1: "mlp"}),
+        (r"fc2\.bias", {0: "hidden"}),
+    ),
+    head_input="self_attn.out_proj", neuron_input="fc2", norms=("self_attn_layer_norm", "final_layer_norm"),
+    sizes={"hidden_size": "hidden_size", "intermediate_size": "ffn_dim", "num_attention_heads": "num_attention_heads"},
+    grouped=False,
+)
+ARCHS = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gpt2": _GPT2, "opt": _OPT}
+
+
+def arch_of(model: nn.Module) -> Arch:
+    """The pruning description of ``model``'s family; an unsupported one stops with what is supported."""
+    kind = model.config.model_type
+    if kind not in ARCHS:
+        raise ModelError(
+            f"student.from_teacher: width pruning (hidden_size, intermediate_size, num_attention_heads, "
+            f"num_key_value_heads) supports model types {', '.join(sorted(ARCHS))}; the teacher is {kind!r} "
+            f"({type(model).__name__}). Select blocks only (num_layers / layers), which works for any decoder")
+    return ARCHS[kind]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A model's prunable sizes, read through its config."""
+
+    hidden: int
+    mlp: int
+    heads: int
+    kv: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, config) -> "Geometry":
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        if config.model_type == "gpt2":
+            mlp = config.n_inner or 4 * config.hidden_size
+        elif config.model_type == "opt":
+            mlp = config.ffn_dim
+        else:
+            mlp = config.intermediate_size
+        return cls(config.hidden_size, mlp, heads, kv, head_dim)
+
+
+def target_geometry(teacher: nn.Module, ft: FromTeacher) -> Geometry:
+    """The student's sizes from the width targets (missing ones keep the teacher's), checked against the teacher.
+
+    ``num_key_value_heads`` removes whole kv groups with their query heads, so without ``num_attention_heads``
+    the group size is kept; ``num_attention_heads`` alone keeps every kv group (or as many as there are heads).
+    In GPT-2 and OPT the attention width equals ``hidden_size``: one of the two sets the other."""
+    t = Geometry.of(teacher.config)
+    arch = arch_of(teacher)
+    key = "student.from_teacher"
+    for name, size in ft.width_targets().items():
+        have = {"hidden_size": t.hidden, "intermediate_size": t.mlp, "num_attention_heads": t.heads,
+                "num_key_value_heads": t.kv}[name]
+        if size > have:
+            raise ConfigError(f"{key}.{name}: {size} is larger than the teacher's {have}; pruning only removes units")
+    hidden, heads, kv = ft.hidden_size, ft.num_attention_heads, ft.num_key_value_heads
+    if not arch.grouped:
+        kind = teacher.config.model_type
+        if kv is not None:
+            raise ConfigError(f"{key}.num_key_value_heads: {kv}, but {kind} has multi-head attention (one kv head per "
+                              "query head); give num_attention_heads")
+        if heads is None and hidden is not None:
+            if hidden % t.head_dim:
+                raise ConfigError(f"{key}.hidden_size: {hidden} must be a multiple of the head_dim {t.head_dim}: in "
+                                  f"{kind} the attention width (heads × head_dim) equals hidden_size")
+            heads = hidden // t.head_dim
+        elif heads is not None and hidden is None:
+            hidden = heads * t.head_dim
+        elif heads is not None and heads * t.head_dim != hidden:
+            raise ConfigError(f"{key}.num_attention_heads: {heads} heads × head_dim {t.head_dim} must equal "
+                              f"hidden_size {hidden} in {kind} (its attention width is hidden_size)")
+        heads = heads or t.heads
+        kv = heads
+    else:
+        if kv is None:
+            kv = t.kv if heads is None else min(t.kv, heads)
+        if heads is None:
+            heads = kv * (t.heads // t.kv)
+        if heads % kv:
+            raise ConfigError(f"{key}.num_attention_heads: {heads} is not a multiple of num_key_value_heads {kv} "
+                              "(query heads come in equal groups per kv head)")
+        if heads // kv > t.heads // t.kv:
+            raise ConfigError(f"{key}.num_attention_heads: {heads} over {kv} kv heads is {heads // kv} query heads "
+                              f"per group, more than the teacher's {t.heads // t.kv} (heads are removed within "
+                              "groups, never added)")
+    return Geometry(hidden or t.hidden, ft.intermediate_size or t.mlp, heads, kv, t.head_dim)
+
+
+# ------------------------------------------------------------------------------------ pruning
+@dataclass
+class Selection:
+    """What a pruned student keeps, in the numbering of the model being pruned (ascending indices).
+
+    ``heads[l]`` are query heads of layer l, grouped by kv head (``kv[l]``), ``mlp[l]`` MLP neurons,
+    ``hidden`` residual channels; None keeps everything of that kind."""
+
+    hidden: torch.Tensor | None = None
+    heads: list[torch.Tensor] | None = None
+    kv: list[torch.Tensor] | None = None
+    mlp: list[torch.Tensor] | None = None
+
+
+def _rows(units: torch.Tensor, size: int) -> torch.Tensor:
+    """Row indices of whole units (heads) of ``size`` rows each."""
+    return (units[:, None] * size + torch.arange(size)).flatten()
+
+
+def prune_width(model: nn.Module, sel: Selection) -> nn.Module:
+    """A model of ``model``'s class keeping only the selected heads, kv groups, neurons and hidden channels.
+
+    Every weight that reads or writes a removed unit loses that row/column (embeddings, every norm, q/k/v/o,
+    the MLP, the LM head, tied or not); the config states the new sizes (``head_dim`` written explicitly)."""
+    arch = arch_of(model)
+    g = Geometry.of(model.config)
+    prefix, blocks = block_list(model)
+    n = len(blocks)
+    full = lambda k: torch.arange(k)  # noqa: E731
+    hidden = sel.hidden if sel.hidden is not None else full(g.hidden)
+    heads = sel.heads or [full(g.heads)] * n
+    kv = sel.kv or ([full(g.kv)] * n if arch.grouped else heads)
+    mlp = sel.mlp or [full(g.mlp)] * n
+    projected = getattr(model.config, "word_embed_proj_dim", g.hidden) != g.hidden  # OPT-350m's project_in/out
+    rules = [(re.compile(rf"(^|\.){pattern}$"), dims) for pattern, dims in arch.rules]
+    layer_re = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    state = {}
+    for key, value in model.state_dict().items():
+        m = layer_re.match(key)
+        index = {"hidden": hidden, "embed": None if projected else hidden}
+        if m:
+            l = int(m.group(1))
+            q = _rows(heads[l], g.head_dim)
+            index.update(q=q, kv=_rows(kv[l], g.head_dim), mlp=mlp[l],
+                          qkv=torch.cat([q, q + g.heads * g.head_dim, q + 2 * g.heads * g.head_dim]))
+        for pattern, dims in rules:
+            if pattern.search(key):
+                for dim, kind in dims.items():
+                    if index.get(kind) is not None:
+                        value = value.index_select(dim, index[kind].to(value.device))
+                break
+        state[key] = value
+    cfg = copy.deepcopy(model.config)
+    sizes = {"hidden_size": len(hidden), "intermediate_size": len(mlp[0]), "num_attention_heads": len(heads[0]),
+             "num_key_value_heads": len(kv[0])}
+    if any(len(x) != len(y) for per in (heads, kv, mlp) for x, y in zip(per, per[1:])):
+        raise ModelError("prune_width: every layer must keep the same number of heads, kv heads and neurons")
+    for name, fld in arch.sizes.items():
+        setattr(cfg, fld, sizes[name])
+    if arch.grouped:
+        cfg.head_dim = g.head_dim
+    if cfg.model_type == "opt" and not projected:
+        cfg.word_embed_proj_dim = len(hidden)
+    student = plain_copy(model, cfg).train(model.training)
+    student.load_state_dict(state, strict=True)
+    for attr in ("mtakd_selected_layers", HIDDEN_CHANNELS):
+        if hasattr(model.config, attr):
+            setattr(student.config, attr, getattr(model.config, attr))
+    return student
+
+
+# --------------------------------------------------------------------------------- importance
+@dataclass
+class Importance:
+    """Scores per teacher layer: ``heads`` [L, H], ``mlp`` [L, F], ``hidden`` [d], ``blocks`` [L]."""
+
+    heads: torch.Tensor | None = None
+    mlp: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    blocks: torch.Tensor | None = None
+    samples: int = 0
+    seconds: float = 0.0
+
+
+def magnitude_importance(model: nn.Module) -> Importance:
+    """Weight-norm scores (no data): the L2 norm of every weight that reads or writes a unit (a query head also
+    counts its kv head's weights; a channel the embeddings, norms and every projection it enters or leaves)."""
+    arch = arch_of(model)
+    g = Geometry.of(model.config)
+    prefix, blocks = block_list(model)
+    n = len(blocks)
+    sq = {"hidden": torch.zeros(g.hidden), "q": torch.zeros(n, g.heads * g.head_dim),
+          "kv": torch.zeros(n, g.kv * g.head_dim), "mlp": torch.zeros(n, g.mlp)}
+    rules = [(re.compile(rf"(^|\.){pattern}$"), dims) for pattern, dims in arch.rules]
+    layer_re = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    projected = getattr(model.config, "word_embed_proj_dim", g.hidden) != g.hidden
+    for key, value in model.state_dict().items():
+        m = layer_re.match(key)
+        for pattern, dims in rules:
+            if not pattern.search(key):
+                continue
+            w = value.detach().float().cpu() ** 2
+            for dim, kind in dims.items():
+                kind = "hidden" if kind == "embed" and not projected else kind
+                if kind not in sq and kind != "qkv":
+                    continue
+                per = w.sum(dim=[d for d in range(w.dim()) if d != dim]) if w.dim() > 1 else w
+                if kind == "hidden":
+                    sq["hidden"] += per
+                elif kind == "qkv":
+                    sq["q"][int(m.group(1))] += per.view(3, -1).sum(0)
+                else:
+                    sq[kind][int(m.group(1))] += per
+            break
+    heads = sq["q"].view(n, g.heads, g.head_dim).sum(-1)
+    if arch.grouped:
+        heads = heads + sq["kv"].view(n, g.kv, g.head_dim).sum(-1).repeat_interleave(g.heads // g.kv, dim=1)
+    return Importance(heads=heads.sqrt(), mlp=sq["mlp"].sqrt(), hidden=sq["hidden"].sqrt())
+
+
+def activation_importance(model: nn.Module, batches, *, heads=True, mlp=True, hidden=True, blocks=False,
+                          progress: bool = True) -> Importance:
+    """Minitron's activation scores on calibration batches (one forward of the base model per batch, no LM head).
+
+    Per head: the L2 norm of its attention output (the input of o_proj); per MLP neuron: the mean |activation|
+    entering down_proj; per hidden channel: the mean |normalised hidden state| over every block's norms. Each
+    score is the mean over the sequence (padding masked), then the L2 norm over the batch. ``blocks``: per block,
+    the mean over tokens of 1 − cos(block input, block output) (Men et al. 2024, ShortGPT's block influence)."""
+    from tqdm.auto import tqdm
+
+    arch = arch_of(model) if (heads or mlp or hidden) else None
+    g = Geometry.of(model.config)
+    _, layers = block_list(model)
+    n = len(layers)
+    acc = {"heads": torch.zeros(n, g.heads), "mlp": torch.zeros(n, g.mlp), "hidden": torch.zeros(g.hidden),
+           "blocks": torch.zeros(n)}
+    cur: dict = {}
+
+    def seq_mean(x):  # [B, T, ...] (or [B·T, ...]: OPT flattens inside its MLP) -> [B, ...], mean over real tokens
+        if x.shape[:2] != cur["mask"].shape:
+            x = x.reshape(*cur["mask"].shape, *x.shape[1:])
+        m = cur["mask"].view(*cur["mask"].shape, *([1] * (x.dim() - 2)))
+        return (x.float() * m).sum(1) / cur["lengths"].view(-1, *([1] * (x.dim() - 2)))
+
+    hooks = []
+    for l, block in enumerate(layers):
+        if heads:
+            def head_hook(mod, args, l=l):
+                x = args[0]
+                acc["heads"][l] += seq_mean(x.unflatten(-1, (-1, g.head_dim)).float().norm(dim=-1)).pow(2).sum(0).cpu()
+            hooks.append(block.get_submodule(arch.head_input).register_forward_pre_hook(head_hook))
+        if mlp:
+            def mlp_hook(mod, args, l=l):
+                acc["mlp"][l] += seq_mean(args[0].abs()).pow(2).sum(0).cpu()
+            hooks.append(block.get_submodule(arch.neuron_input).register_forward_pre_hook(mlp_hook))
+        if hidden:
+            for name in arch.norms:
+                def norm_hook(mod, args, out):
+                    cur["hidden"] = cur["hidden"] + seq_mean(out.abs())
+                hooks.append(block.get_submodule(name).register_forward_hook(norm_hook))
+        if blocks:
+            def block_hook(mod, args, kwargs, out, l=l):
+                x = args[0] if args else kwargs["hidden_states"]
+                y = out[0] if isinstance(out, tuple) else out
+                acc["blocks"][l] += seq_mean(1 - F.cosine_similarity(x.float(), y.float(), dim=-1)).sum().cpu()
+            hooks.append(block.register_forward_hook(block_hook, with_kwargs=True))
+    base = model.base_model if model.base_model is not model else model
+    start, samples, was_training = time.perf_counter(), 0, model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
+                mask = batch["attention_mask"].to(model.device)
+                cur.update(mask=mask.float(), lengths=mask.sum(1).clamp(min=1).float(), hidden=0.0)
+                base(input_ids=batch["input_ids"].to(model.device), attention_mask=mask, use_cache=False)
+                if hidden:
+                    acc["hidden"] += (cur["hidden"] / (n * len(arch.norms))).pow(2).sum(0).cpu()
+                samples += mask.shape[0]
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return Importance(heads=acc["heads"].sqrt() if heads else None, mlp=acc["mlp"].sqrt() if mlp else None,
+                      hidden=acc["hidden"].sqrt() if hidden else None,
+                      blocks=acc["blocks"] / max(samples, 1) if blocks else None,
+                      samples=samples, seconds=time.perf_counter() - start)
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` highest-scoring indices, ascending (the kept units keep their order)."""
+    return torch.topk(scores, k, sorted=False).indices.sort().values
+
+
+def select_units(imp: Importance, teacher_geo: Geometry, target: Geometry, layers: list[int]) -> Selection:
+    """Which units to keep (GQA-aware, Minitron): the kv groups with the largest summed head scores, then the
+    top query heads within each kept group (equal group sizes), the top neurons per layer, the top channels."""
+    t = teacher_geo
+    sel = Selection()
+    if target.hidden < t.hidden:
+        sel.hidden = _top(imp.hidden, target.hidden)
+    if target.mlp < t.mlp:
+        sel.mlp = [_top(imp.mlp[l - 1], target.mlp) for l in layers]
+    if target.heads < t.heads or target.kv < t.kv:
+        r_t, r_s = t.heads // t.kv, target.heads // target.kv
+        sel.heads, sel.kv = [], []
+        for l in layers:
+            per_group = imp.heads[l - 1].view(t.kv, r_t)  # query heads grouped by the kv head they read
+            groups = _top(per_group.sum(-1), target.kv)
+            within = torch.topk(per_group[groups], r_s, dim=-1).indices.sort(-1).values  # [kv', r']
+            sel.kv.append(groups)
+            sel.heads.append((groups[:, None] * r_t + within).flatten())
+    return sel
+
+
+# ----------------------------------------------------------------------------------- calibration
+def calibration_examples(cfg: RunConfig, tokenizer):
+    """(calibration examples, held-out examples): the records of ``calibration.data`` (default ``data.train``)
+    in a fixed-seed shuffle, formatted and tokenised as in training (template, system prompt, response labels),
+    cut to ``calibration.max_length`` tokens; the first ``held_out`` records are set aside."""
+    import random
+
+    from .data import build_examples, load_records
+
+    cal = cfg.student.from_teacher.calibration
+    sources = cal.data or cfg.data.train
+    records = [r for src in sources for r in load_records(src)]
+    random.Random(0).shuffle(records)
+    held, rest = records[: cal.held_out], records[cal.held_out: cal.held_out + cal.samples]
+    if len(rest) < cal.batch_size:
+        raise ConfigError(
+            f"student.from_teacher.calibration: {len(records)} records in {sources} leave {len(rest)} for calibration "
+            f"after held_out {cal.held_out}, fewer than one batch (batch_size {cal.batch_size})")
+    if len(rest) < cal.samples:
+        log.warning("calibration: only %d of calibration.samples=%d records available", len(rest), cal.samples)
+    data_cfg = cfg.data.model_copy(update={"max_length": cal.max_length,
+                                           "max_prompt_length": min(cfg.data.max_prompt_length, cal.max_length - 1)})
+    build = lambda recs: build_examples(recs, tokenizer, data_cfg, progress=False) if recs else []  # noqa: E731
+    return build(rest), build(held)
+
+
+def batches(examples, pad_token_id: int, batch_size: int) -> list[dict]:
+    """Padded batches of examples of similar length (sorted by length: little padding)."""
+    from .data import Collator
+
+    order = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)
+    collate = Collator(pad_token_id, pad_to_multiple_of=None)
+    return [collate(order[i: i + batch_size]) for i in range(0, len(order), batch_size)]
+
+
+def response_nll(model: nn.Module, batch_list: list[dict]) -> float:
+    """Teacher-forced NLL in nats per response token (labels ≠ −100): :func:`mtakd.metrics.response_nll`, the
+    implementation ``mtakd evaluate --metrics nll`` uses."""
+    from .metrics import response_nll as nll
+
+    return nll(model, batch_list)
+
+
+# --------------------------------------------------------------------------------------- builder
+def build_student(cfg: RunConfig, teacher: nn.Module, tokenizer, *, progress: bool = True,
+                  examples=None) -> tuple[nn.Module, dict]:
+    """(student, report): the teacher's chosen blocks, pruned to the width targets of ``student.from_teacher``.
+
+    Deterministic for a given config and teacher: ``mtakd student`` and ``mtakd distill`` build the same weights.
+    ``examples``: (calibration, held-out) examples, if already built."""
+    ft = cfg.student.from_teacher
+    n_t = teacher.config.num_hidden_layers
+    n_s = ft.num_layers or (len(ft.layers) if ft.layers else n_t)
+    if n_s > n_t:
+        raise ConfigError(f"student.from_teacher.num_layers: {n_s} is larger than the teacher's {n_t} blocks")
+    targets = ft.width_targets()
+    t_geo = Geometry.of(teacher.config) if targets else None
+    s_geo = target_geometry(teacher, ft) if targets else None
+    width = bool(targets) and s_geo != t_geo
+    rank_blocks = ft.layer_selection == "importance" and n_s < n_t
+    report = {"teacher_layers": n_t, "importance": ft.importance if width else None,
+              "layer_selection": ft.layer_selection if ft.num_layers else "layers" if ft.layers else "all",
+              "calibration_samples": 0, "calibration_seconds": 0.0}
+    imp = Importance()
+    if (width and ft.importance == "activation") or rank_blocks:
+        calib, _ = examples if examples is not None else calibration_examples(cfg, tokenizer)
+        scorer = teacher
+        if ft.calibration.dtype != "teacher" and getattr(torch, ft.calibration.dtype) != teacher.dtype:
+            scorer = copy.deepcopy(teacher).to(getattr(torch, ft.calibration.dtype))
+        imp = activation_importance(scorer, batches(calib, tokenizer.pad_token_id, ft.calibration.batch_size),
+                                    heads=width, mlp=width, hidden=width, blocks=rank_blocks, progress=progress)
+        report.update(calibration_samples=imp.samples, calibration_seconds=round(imp.seconds, 2),
+                      calibration_tokens=sum(len(e.input_ids) for e in calib))
+        del scorer
+    if width and ft.importance == "magnitude":
+        imp = magnitude_importance(teacher)
+    if ft.layers:
+        layers = list(ft.layers)
+    elif rank_blocks:
+        layers = [int(i) + 1 for i in _top(imp.blocks, n_s)]
+        report["block_importance"] = [round(float(x), 6) for x in imp.blocks]
+    else:
+        layers = even_layers(n_t, n_s)
+    student = select_student(teacher, layers) if layers != list(range(1, n_t + 1)) else plain_copy(teacher)
+    student.config.mtakd_selected_layers = layers
+    report["layers"] = layers
+    if width:
+        sel = select_units(imp, t_geo, s_geo, layers)
+        student = prune_width(student, sel)
+        if sel.hidden is not None:
+            setattr(student.config, HIDDEN_CHANNELS, sel.hidden.tolist())
+        report["hidden_channels"] = sel.hidden.tolist() if sel.hidden is not None else None
+        report["per_layer"] = [
+            {"teacher_layer": l,
+             "heads": sel.heads[j].tolist() if sel.heads else None,
+             "kv_heads": sel.kv[j].tolist() if sel.kv and arch_of(teacher).grouped else None,
+             "neurons": sel.mlp[j].tolist() if sel.mlp else None}
+            for j, l in enumerate(layers)]
+        report["width"] = {"teacher": vars(t_geo), "student": vars(s_geo)}
+    if cfg.student.dtype not in ("auto", "float32") or teacher.dtype != student.dtype:
+        student.to(getattr(torch, cfg.student.dtype) if cfg.student.dtype != "auto" else teacher.dtype)
+    return student, report
+
+
+def selection_matrix(channels: list[int], d_teacher: int) -> torch.Tensor:
+    """The ``[d_T, d_S]`` weight of a Linear(d_S, d_T) mapping student channel j back to the teacher channel
+    ``channels[j]`` it was kept from (1 there, 0 elsewhere): the ``selection`` projector init (MTA_SPEC §7)."""
+    w = torch.zeros(d_teacher, len(channels))
+    w[torch.as_tensor(channels), torch.arange(len(channels))] = 1.0
+    return w
+
+
+def hidden_channels(model: nn.Module) -> list[int] | None:
+    """The teacher channel of each hidden channel of a student pruned from the teacher (None if not pruned)."""
+    return getattr(getattr(model, "config", None), HIDDEN_CHANNELS, None)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_student(cfg: RunConfig, out: Path, progress: bool = True) -> dict:
+    """``mtakd student``: build the initial student, save it with its tokenizer and ``student.json``."""
+    from .models import load_model, load_tokenizer, save_student
+
+    if cfg.student.from_teacher is None:
+        raise ConfigError("mtakd student: the config's student section needs `from_teacher` (the student is built "
+                          "from the teacher)")
+    tok = load_tokenizer(cfg.teacher)
+    teacher = load_model(cfg.teacher).eval()
+    if cfg.student.from_teacher.width_targets():
+        target_geometry(teacher, cfg.student.from_teacher)  # bad targets stop before the data is read
+    examples = calibration_examples(cfg, tok)
+    student, report = build_student(cfg, teacher, tok, progress=progress, examples=examples)
+    student.eval()
+    torch.manual_seed(cfg.training.seed)
+    random_init = plain_copy(student, student.config).eval()
+    held = batches(examples[1], tok.pad_token_id, cfg.student.from_teacher.calibration.batch_size)
+    rows = {"teacher": teacher, "student": student, "random_init": random_init}
+    report["models"] = {
+        name: {"parameters": n_params(m), "layers": m.config.num_hidden_layers, **vars(Geometry.of(m.config)),
+               "response_nll": round(response_nll(m, held), 4) if held else None}
+        for name, m in rows.items()}
+    report["held_out_samples"] = len(examples[1])
+    save_student(student, tok, out)
+    (Path(out) / STUDENT_FILE).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'':12s} {'params':>10s} {'layers':>6s} {'hidden':>6s} {'mlp':>6s} {'heads/kv':>8s} {'resp. NLL':>9s}"]
+    for name, m in report["models"].items():
+        nll = "-" if m["response_nll"] is None else f"{m['response_nll']:.3f}"
+        lines.append(f"{name:12s} {m['parameters'] / 1e6:9.2f}M {m['layers']:6d} {m['hidden']:6d} {m['mlp']:6d} "
+                     f"{m['heads']:>4d}/{m['kv']:<3d} {nll:>9s}")
+    lines.append(f"layers kept: {report['layers']}; calibration: {report['calibration_samples']} samples in "
+                 f"{report['calibration_seconds']:.1f} s; NLL in nats per response token on "
+                 f"{report.get('held_out_samples', 0)} held-out records")
+    return "\n".join(lines)
+
+
+def _cmd_student(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"--out {out} is not empty; pass --overwrite to replace its files")
+    report = make_student(cfg, out)
+    print(format_table(report))
+    print(f"student saved to {out}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("student", help="build the initial student from the teacher (select blocks, prune width) "
+                                       "and save it without training")
+    p.add_argument("--config", required=True, help="YAML config whose student section has from_teacher")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, values in YAML syntax")
+    p.add_argument("--out", required=True, help="directory for the student (HF model dir + student.json)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    p.set_defaults(func=_cmd_student)

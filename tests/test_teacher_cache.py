@@ -1,0 +1,269 @@
+"""Offline distillation (`mtakd cache-teacher` + `teacher.cache`): a full-vocabulary float32 cache reproduces the
+online run (every logged component, eval losses, final weights) without loading the teacher; a cache built for
+other data or another layer map is refused with the mismatch named; an interrupted build resumes; DDP processes
+read their own batches' entries; the top-k buckets of the divergences."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mtakd.cli import main
+from tests.conftest import EXAMPLES, REPO, needs_spacy, run_subcommand, write_tiny_run_config
+
+COMPONENTS = ("loss", "grad_norm", "learning_rate", "loss_base", "loss_ce", "loss_kd", "loss_dsa", "loss_hid")
+EVAL = ("eval_loss", "eval_loss_base", "eval_loss_ce", "eval_loss_kd", "eval_loss_dsa", "eval_loss_hid")
+
+
+# ----------------------------------------------------------------------------------- top-k buckets
+def _random_logp(n, v, seed, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.log_softmax(torch.randn(n, v, generator=g, dtype=torch.float64) * scale, -1)
+
+
+def test_topk_buckets_give_distillkits_symmetric_uniform_kl_and_the_full_divergence_at_k_equal_v():
+    from mtakd.objectives.base import topk_buckets
+    from mtakd.objectives.gjsd import kl
+
+    s, t = _random_logp(6, 50, 0), _random_logp(6, 50, 1)
+    t_k, ids = t.topk(8, -1)
+    sb, tb = topk_buckets(s, t_k, ids)
+    assert sb.shape == tb.shape == (6, 9)
+    torch.testing.assert_close(sb.exp().sum(-1), torch.ones(6, dtype=torch.float64))
+    torch.testing.assert_close(tb.exp().sum(-1), torch.ones(6, dtype=torch.float64))
+    # DistillKit's sparse KL with missing_probability_handling=symmetric_uniform: the top-k terms plus the
+    # tail term p_rest·log(p_rest / q_rest), with the student's full log-probabilities at the ids
+    p_rest, q_rest = 1 - t_k.exp().sum(-1), 1 - s.gather(-1, ids).exp().sum(-1)
+    want = (t_k.exp() * (t_k - s.gather(-1, ids))).sum(-1) + p_rest * (p_rest / q_rest).log()
+    torch.testing.assert_close(kl(tb, sb), want)
+    # k = V: the bucket is empty and every divergence is the full-vocabulary one
+    t_all, ids_all = t.topk(50, -1)
+    sb, tb = topk_buckets(s, t_all, ids_all)
+    torch.testing.assert_close(kl(tb, sb), kl(t, s))
+
+
+@pytest.mark.parametrize("base", ["fkl", "rkl", "skl", "srkl", "js", "gjsd", "tvd", "akl", "distillm"])
+def test_every_registered_divergence_runs_on_a_topk_cache(base):
+    """Each token divergence takes the (k+1)-bucket distributions: finite, ≥ 0, 0 when the student is the teacher,
+    and it trains the student (a gradient reaches the logits outside the top-k too, through the bucket)."""
+    from mtakd.config import ObjectiveConfig
+    from mtakd.objectives import build_objective
+    from mtakd.objectives.base import CachedLogProbs
+
+    obj = build_objective(ObjectiveConfig(base=base))
+    labels = torch.tensor([[-100, 5, 6, 7, -100], [-100, -100, 3, 4, 9]])
+    n = int(labels[:, 1:].ne(-100).sum())
+    logits = torch.randn(2, 5, 40, dtype=torch.float64, requires_grad=True)
+    t_logits = torch.randn(2, 5, 40, dtype=torch.float64) * 2
+    t_logp = torch.log_softmax(t_logits[:, :-1][labels[:, 1:].ne(-100)], -1)
+    values, ids = t_logp.topk(6, -1)
+    loss = obj.kd_loss(logits, CachedLogProbs(values, ids), labels)
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
+    loss.backward()
+    outside = torch.ones(n, 40, dtype=torch.bool).scatter(-1, ids, False)
+    assert logits.grad[:, :-1][labels[:, 1:].ne(-100)][outside].abs().sum() > 0
+    # the student equal to the teacher: zero (to rounding)
+    same = obj.kd_loss(t_logits, CachedLogProbs(values, ids), labels)
+    assert abs(float(same)) < 1e-10
+    # a full-vocabulary cache is the online loss
+    full = obj.kd_loss(logits.detach(), CachedLogProbs(t_logp, None), labels)
+    torch.testing.assert_close(full, obj.kd_loss(logits.detach(), t_logits, labels))
+
+
+def test_bases_that_need_more_of_the_teacher_refuse_a_cache():
+    from mtakd.config import ObjectiveConfig
+    from mtakd.objectives import OBJECTIVES, build_objective
+
+    use = {name: build_objective(ObjectiveConfig(base=name)).teacher_cache_use() for name in OBJECTIVES}
+    assert use["fdd"] == use["distillm2"] == "none"
+    assert use["distillm"] == "partial"  # student-generated outputs: the teacher scores those batches
+    assert build_objective(ObjectiveConfig(base="distillm", options={"student_generation": False})
+                           ).teacher_cache_use() == "full"
+    assert all(use[n] == "full" for n in ("fkl", "rkl", "skl", "srkl", "js", "gjsd", "tvd", "akl", "sft"))
+
+
+# ------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_teacher_dir, tiny_narrow_student_dir):
+    root = tmp_path_factory.mktemp("teacher_cache")
+
+    def config(name, train=EXAMPLES / "demo.jsonl", data=None, training=None, **sections):
+        return write_tiny_run_config(
+            root / f"{name}.yaml", tiny_teacher_dir, tiny_narrow_student_dir, train, root / name, root / "spans",
+            data={"max_samples": 20, "validation_size": 4, **(data or {})},
+            training={"eval_steps": 2, **(training or {})}, **sections)
+
+    return root, config
+
+
+@pytest.fixture(scope="module")
+def exact_cache(tiny):
+    root, config = tiny
+    cfg = config("exact")
+    assert main(["cache-teacher", "--config", str(cfg), "--out", str(root / "cache"), "--top-k", "0",
+                 "--dtype", "float32", "--shard-size", "6"]) == 0
+    return cfg, root / "cache"
+
+
+def _logs(run):
+    return json.loads((run / "log_history.json").read_text())
+
+
+@needs_spacy
+def test_cached_run_equals_the_online_run_and_never_loads_the_teacher(tiny, exact_cache, monkeypatch,
+                                                                     tiny_narrow_student_dir):
+    import mtakd.models
+
+    root, _ = tiny
+    cfg, cache = exact_cache
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["examples"] == {"train": 20, "validation": 4}
+    assert manifest["layers"]["teacher_layers"] == [2, 4] and manifest["top_k"] == 0
+    assert len(list(cache.glob("train-*.safetensors"))) == 4  # 20 examples in shards of 6
+    assert main(["distill", "--config", str(cfg)]) == 0
+    online = root / "exact"
+
+    loaded = []
+    real_load = mtakd.models.load_model
+    monkeypatch.setattr(mtakd.models, "load_model", lambda src: loaded.append(src.describe()) or real_load(src))
+    assert main(["distill", "--config", str(cfg), f"teacher.cache={cache}",
+                 f"training.output_dir={root / 'exact-cached'}"]) == 0
+    cached = root / "exact-cached"
+    assert loaded == [str(tiny_narrow_student_dir)]  # the student only: the teacher's weights stay on disk
+
+    a, b = _logs(online), _logs(cached)
+    train_a, train_b = [h for h in a if "loss" in h], [h for h in b if "loss" in h]
+    assert [h["step"] for h in train_a] == [h["step"] for h in train_b] == [1, 2, 3]
+    for x, y in zip(train_a, train_b):
+        for k in COMPONENTS:
+            assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-5), (k, x["step"], x[k], y[k])
+    eval_a, eval_b = [h for h in a if "eval_loss" in h], [h for h in b if "eval_loss" in h]
+    assert len(eval_a) == len(eval_b) >= 1  # the validation split is read from the cache too
+    for x, y in zip(eval_a, eval_b):
+        for k in EVAL:
+            assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-5), (k, x["epoch"])
+    for name in ("student/model.safetensors", "mta_projectors.safetensors"):
+        ta, tb = load_file(online / name), load_file(cached / name)
+        assert set(ta) == set(tb)
+        for k in ta:
+            torch.testing.assert_close(tb[k], ta[k], rtol=0, atol=1e-6, msg=f"{name}:{k}")
+    info = json.loads((cached / "mtakd_run.json").read_text())
+    assert info["teacher_cache"]["top_k"] == 0
+
+
+@needs_spacy
+def test_a_cache_for_other_data_or_layers_is_refused_naming_the_mismatch(tiny, exact_cache, capsys):
+    root, config = tiny
+    cfg, cache = exact_cache
+    code = main(["distill", "--config", str(cfg), f"teacher.cache={cache}", "data.max_length=40",
+                 "objective.mta.key_layers=[{student: 1, teacher: 3, granularity: word}]",
+                 f"training.output_dir={root / 'refused'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "does not match this run" in err and "data.max_length: cache 48, run 40" in err
+    assert "need teacher layers [3], the cache holds [2, 4]" in err
+    assert not (root / "refused" / "log_history.json").exists()
+    other = root / "other.jsonl"
+    other.write_text((EXAMPLES / "demo.jsonl").read_text().replace("a", "A", 1))
+    code = main(["distill", "--config", str(cfg), f"teacher.cache={cache}", f"data.train=[{other}]",
+                 f"training.output_dir={root / 'refused2'}"])
+    assert code == 2 and "data.train: cache [{\"sha256\"" in capsys.readouterr().err
+    # a base that needs more of the teacher than the cache holds
+    code = main(["distill", "--config", str(cfg), f"teacher.cache={cache}", "objective.base=fdd",
+                 f"training.output_dir={root / 'refused3'}"])
+    assert code == 2 and "base objective 'fdd' cannot be trained from a teacher cache" in capsys.readouterr().err
+
+
+@needs_spacy
+def test_distillm_generated_batches_run_the_loaded_teacher_and_dataset_batches_read_the_cache(
+        tiny, exact_cache, monkeypatch, tiny_teacher_dir):
+    """DistiLLM's student-generated outputs do not exist before training: the teacher is loaded and scores those
+    batches; the dataset batches of the same run read the cache."""
+    import mtakd.teacher_cache as tc
+    from mtakd.trainer import DistillTrainer
+
+    root, _ = tiny
+    cfg, cache = exact_cache
+    sources, online = [], []
+    real_fetch, real_online = tc.TeacherCache.fetch, DistillTrainer._teacher_outputs
+    monkeypatch.setattr(tc.TeacherCache, "fetch", lambda self, *a: sources.append("cache") or real_fetch(self, *a))
+
+    def spy(self, fwd, inputs, cache_index, cache_split, need_hidden):
+        if cache_index is None and self.model.training:
+            online.append(self.teacher is not None)
+        return real_online(self, fwd, inputs, cache_index, cache_split, need_hidden)
+
+    monkeypatch.setattr(DistillTrainer, "_teacher_outputs", spy)
+    assert main(["distill", "--config", str(cfg), f"teacher.cache={cache}", "objective.base=distillm",
+                 "objective.options={init_threshold: 0.5, max_new_tokens: 8}", "training.max_steps=4",
+                 f"training.output_dir={root / 'sgo'}"]) == 0
+    sgo = [h["loss_sgo"] for h in _logs(root / "sgo") if "loss" in h]
+    assert 0.0 in sgo and 1.0 in sgo  # both kinds of step happened
+    assert online == [True] * int(sum(sgo))  # generated batches: the loaded teacher
+    assert len(sources) >= sgo.count(0.0)  # dataset batches (and evaluations): the cache
+
+
+def test_an_interrupted_build_keeps_its_shards_and_resumes(tiny, monkeypatch):
+    import mtakd.teacher_cache as tc
+
+    root, config = tiny
+    cfg = config("resume", data={"validation_size": None}, objective={"base": "skl", "mta": {"enabled": False}})
+    out = root / "resume-cache"
+    real_save, saved = tc._save_atomic, []
+
+    def crash_on_third(tensors, path):
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+        saved.append(path.name)
+        real_save(tensors, path)
+
+    monkeypatch.setattr(tc, "_save_atomic", crash_on_third)
+    argv = ["cache-teacher", "--config", str(cfg), "--out", str(out), "--top-k", "5", "--shard-size", "4"]
+    with pytest.raises(KeyboardInterrupt):
+        run_subcommand(tc, argv)
+    assert not json.loads((out / "manifest.json").read_text())["complete"]
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    assert sorted(kept) == saved == ["train-00000.safetensors", "train-00001.safetensors"]
+    monkeypatch.setattr(tc, "_save_atomic", lambda tensors, path: saved.append(path.name) or real_save(tensors, path))
+    assert run_subcommand(tc, argv) == 0
+    assert saved[2:] == ["train-00002.safetensors", "train-00003.safetensors", "train-00004.safetensors"]
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors") if p.name in kept} == kept
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["top_k"] == 5 and manifest["layers"]["teacher_layers"] == []
+    shard = load_file(out / "train-00000.safetensors")
+    assert shard["ids"].shape[-1] == shard["logp"].shape[-1] == 5 and shard["lengths"].shape == (4,)
+    # another --top-k into the same directory is refused
+    with pytest.raises(FileExistsError, match="other settings"):
+        run_subcommand(tc, ["cache-teacher", "--config", str(cfg), "--out", str(out), "--top-k", "7",
+                            "--shard-size", "4"])
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+@needs_spacy
+def test_two_cpu_processes_read_their_own_entries(tmp_path, tiny_teacher_dir, tiny_narrow_student_dir,
+                                                  equal_length_jsonl):
+    """2 processes × 2 sequences from the cache = 1 process × 4 sequences from the cache (equal-length data, as
+    in test_distributed.py): a rank reading another rank's entries would fail the row-length check or change
+    the loss."""
+    from tests.test_distributed import _assert_same_run, _free_port
+
+    def config(name, **training):
+        return write_tiny_run_config(tmp_path / f"{name}.yaml", tiny_teacher_dir, tiny_narrow_student_dir,
+                                     equal_length_jsonl, tmp_path / name, tmp_path / "spans", training=training)
+
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", "--config", str(config("single")), "--out", str(cache), "--top-k", "0",
+                 "--dtype", "float32"]) == 0
+    assert main(["distill", "--config", str(config("single")), f"teacher.cache={cache}"]) == 0
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "mtakd.cli", "distill",
+           "--config", str(config("ddp", per_device_train_batch_size=2)), f"teacher.cache={cache}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _assert_same_run(tmp_path / "ddp", tmp_path / "single")
