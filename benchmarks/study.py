@@ -32,7 +32,7 @@ class Setting:
 
     def argv(self, out: Path) -> list[str]:
         rows = ["skl", "skl_mta"] if self.own_skl else ["skl_mta"]
-        return ["--budget", "small", "--sets", "dev", "--out", str(out / self.name), "--only", *rows,
+        return ["--budget", "small", "--sets", "dev", "--metrics", "rougeL", "--out", str(out / self.name), "--only", *rows,
                 *[a for o in self.overrides for a in ("--set", o)]]
 
 
@@ -65,10 +65,17 @@ def mta_share(train_dir: Path, window: int = 10) -> tuple[float, float] | None:
     return share(entries[:window]), share(entries[-window:])
 
 
+def _unit(run_dir: Path, row: str) -> Path:
+    """The row's first training-seed directory (quality.py's DIR/<row>/seed<N>; DIR/<row> in runs made
+    before training seeds were a dimension)."""
+    seeds = sorted((run_dir / row).glob("seed*"))
+    return seeds[0] if seeds else run_dir / row
+
+
 def _row(run_dir: Path, row: str) -> dict | None:
     from mtakd.report import load_run
 
-    metrics = run_dir / row / "eval"
+    metrics = _unit(run_dir, row) / "eval"
     return load_run(metrics) if (metrics / "metrics.json").is_file() else None
 
 
@@ -84,7 +91,7 @@ def study_table(main: Path, out: Path) -> str:
         skl, mta = _row(dirs[0], "skl"), _row(dirs[1], "skl_mta")
         if mta is None:
             continue
-        share = mta_share(dirs[1] / "skl_mta" / "train")
+        share = mta_share(_unit(dirs[1], "skl_mta") / "train")
         cells = [f"{mta['sets']['dev']['mean']:.2f} ± {mta['sets']['dev']['std']:.2f}"]
         if skl is not None:
             d = compare(skl, mta)["dev"]

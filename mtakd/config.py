@@ -232,6 +232,9 @@ class MTAConfig(_Strict):
         "(span_scope all): MTA_SPEC §3 'the whole sequence'")
     symbol_words: Literal["drop", "keep"] = Field(
         "drop", description="tokens with no letter or digit (punctuation, symbols) are not words, or are")
+    hid_level: Literal["token", "unit"] = Field(
+        "token", description="L_Hid per token (MTA_SPEC §7) or per unit: the projected pooled student unit against "
+        "the teacher's pooled unit, weighted by w^sp (needed with objective.cross_tokenizer; docs/method.md)")
     projector_lr: float = Field(5e-4, gt=0)
     projector_init: Literal["auto", "identity", "random", "selection"] = Field(
         "auto", description="auto: identity for a student built from the teacher (student.from_teacher) where the "
@@ -269,9 +272,30 @@ class ObjectiveConfig(_Strict):
     skew_alpha: float = Field(0.1, ge=0, le=1, description="DistiLLM skew α for skl/srkl")
     gjsd_beta: float = Field(0.5, gt=0, lt=1, description="β of the generalised JSD (TRL GKD)")
     akl_mu: float = Field(0.5, gt=0, lt=1, description="head/tail split of adaptive KL (Wu et al. 2024)")
+    chunk_size: int = Field(
+        256, ge=0, description="response positions per chunk of the token-level losses, with the student's and "
+        "teacher's LM heads fused into the loss where supported (0: unchunked, full logits; docs/scaling.md)")
     options: dict[str, Any] = Field(default_factory=dict, validate_default=True,
                                     description="extra options of the chosen base objective (see docs/objectives.md)")
+    cross_tokenizer: bool = Field(
+        False, description="teacher and student have different tokenizers: each text is tokenised by both and MTA's "
+        "units are matched by their characters (docs/method.md); needs a base that supports it (uld, sft)")
     mta: MTAConfig | None = None
+
+    @model_validator(mode="after")
+    def _cross_tokenizer(self):
+        from .objectives import OBJECTIVES
+
+        if not self.cross_tokenizer:
+            return self
+        if not getattr(OBJECTIVES.get(self.base), "cross_tokenizer", False):
+            able = sorted(n for n, c in OBJECTIVES.items() if c.cross_tokenizer)
+            raise ValueError(f"objective.base {self.base!r} compares the two models' logits over one shared vocabulary "
+                             f"and cannot train with objective.cross_tokenizer: true; allowed: {', '.join(able)}")
+        if self.mta_enabled and self.mta.lambda_hid > 0 and self.mta.hid_level == "token":
+            raise ValueError("objective.mta.hid_level 'token' aligns the two models token by token, which needs one "
+                             "tokenizer; set objective.mta.hid_level: unit with objective.cross_tokenizer: true")
+        return self
 
     @field_validator("base")
     @classmethod
@@ -468,6 +492,26 @@ def build_config(data: dict) -> RunConfig:
         return RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_error(e)) from None
+
+
+OVERRIDES_EPILOG = """overrides: dotted keys into the config, values in YAML syntax, applied after --config:
+  training.max_steps=50  objective.mta.lambda_dsa=3  data.train=[a.jsonl,b.jsonl]  'teacher={path: my/model}'
+An unknown key or a bad value stops with a message naming the key and what is allowed."""
+
+
+def add_config_command(sub, name: str, *, help: str, description: str | None = None,
+                       config_help: str = "run config (see configs/ and the README)", config_default: str | None = None):
+    """A subcommand that reads a run config: ``--config FILE.yaml`` plus ``key.sub=value`` overrides, with the
+    overrides explained in its ``--help``. Returns the subparser for the command's own arguments."""
+    import argparse
+
+    p = sub.add_parser(name, help=help, description=description or help, epilog=OVERRIDES_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=config_default is None, default=config_default, metavar="FILE.yaml",
+                   help=config_help)
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="change config values after loading, e.g. training.max_steps=50 (values in YAML syntax)")
+    return p
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

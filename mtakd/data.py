@@ -68,6 +68,8 @@ class DataStats:
     content_not_found: int = 0
     # ... and units that truncation cut (dropped, or kept as fragments with mta.truncated_units: keep)
     units_truncated: int = 0
+    # objective.cross_tokenizer: units dropped because the other tokenisation has no token inside them (or cut them)
+    units_cross_dropped: int = 0
 
     def summary(self) -> str:
         text = (
@@ -76,6 +78,8 @@ class DataStats:
         )
         if self.units_truncated:
             text += f"; {self.units_truncated} semantic units cut by truncation"
+        if self.units_cross_dropped:
+            text += f"; {self.units_cross_dropped} semantic units dropped: not represented in both tokenisations"
         if self.content_not_found:
             text += f"; {self.content_not_found} prompts whose user text the chat template rewrote (no prompt units)"
         return text
@@ -298,14 +302,16 @@ def tokenize(
                      truncated_units)[0]
 
 
-def _tokenize(rec, tokenizer, template, system_prompt, max_prompt_length, max_length, stats, units, truncated_units):
+def _tokenize(rec, tokenizer, template, system_prompt, max_prompt_length, max_length, stats, units, truncated_units,
+              prompt: Prompt | None = None):
     """(example, rendered text, [K, 2] token ranges of ``units`` in the example, [K] kept); see :func:`tokenize`.
 
     Truncation keeps the prompt's end and cuts the response at ``max_length``; a unit that loses tokens to
-    it is dropped (``truncated_units="drop"``) or kept with its remaining tokens (``"keep"``)."""
+    it is dropped (``truncated_units="drop"``) or kept with its remaining tokens (``"keep"``). ``prompt``: a prompt
+    already rendered (by the student's tokenizer, in a cross-tokenizer run), else rendered here."""
     from .spans import char_to_token_ranges
 
-    prompt = format_prompt(rec, tokenizer, template, system_prompt)
+    prompt = prompt if prompt is not None else format_prompt(rec, tokenizer, template, system_prompt)
     text = prompt.text + rec.output
     ids, offsets = _encode(tokenizer, text, template)
     real = offsets[:, 1] > offsets[:, 0]
@@ -413,6 +419,86 @@ def _units(segments, parsed, symbol_words: str) -> Units:
             names += [name] * len(spans)
     return Units(np.concatenate(chars) if chars else np.zeros((0, 2), np.int64), np.asarray(kinds, dtype=str),
                  np.asarray(names, dtype=str))
+
+
+# ------------------------------------------------------------------------------ cross-tokenizer
+@dataclass
+class CrossExample(Example):
+    """An :class:`Example` of the student's tokenisation plus the teacher's tokenisation of the same text
+    (``objective.cross_tokenizer``); ``spans[g][k]`` and ``teacher_spans[g][k]`` are the same unit's characters."""
+
+    teacher_input_ids: list[int] = field(default_factory=list)
+    teacher_labels: list[int] = field(default_factory=list)
+    teacher_spans: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _cross_tokenize(rec, tokenizer, teacher_tokenizer, data_cfg, units, truncated_units, stats):
+    """(example, text, student ranges, teacher ranges, kept): the record rendered once as text by the student's
+    template, tokenised by both tokenizers, each unit's character span mapped to a token range in each; a unit
+    kept only where both tokenisations represent it (counted in ``units_cross_dropped`` otherwise)."""
+    prompt = format_prompt(rec, tokenizer, data_cfg.template, data_cfg.system_prompt)
+    args = (data_cfg.template, data_cfg.system_prompt, data_cfg.max_prompt_length, data_cfg.max_length)
+    ex, text, tok_s, kept_s = _tokenize(rec, tokenizer, *args, stats, units, truncated_units, prompt=prompt)
+    t_ex, _, tok_t, kept_t = _tokenize(rec, teacher_tokenizer, *args, DataStats(), units, truncated_units,
+                                       prompt=prompt)
+    if units is None:
+        return CrossExample(ex.input_ids, ex.labels, {}, t_ex.input_ids, t_ex.labels, {}), text, tok_s, tok_t, kept_s
+    kept = kept_s & kept_t
+    stats.units_cross_dropped += int((kept_s ^ kept_t).sum())
+    word = units.kinds == "word"
+    spans = {"word": tok_s[kept & word], "phrase": tok_s[kept & ~word]}
+    t_spans = {"word": tok_t[kept & word], "phrase": tok_t[kept & ~word]}
+    return CrossExample(ex.input_ids, ex.labels, spans, t_ex.input_ids, t_ex.labels, t_spans), text, tok_s, tok_t, kept
+
+
+def build_cross_examples(
+    records: list[Record], tokenizer, teacher_tokenizer, data_cfg, *, spans: SpanSettings | None = None,
+    stats: DataStats | None = None, progress: bool = True,
+) -> list[CrossExample]:
+    """:func:`build_examples` for teacher and student with different tokenizers (``objective.cross_tokenizer``,
+    docs/method.md): the student's template renders each record once; both tokenizers tokenise that text; the
+    units are parsed once and mapped onto both tokenisations by their characters."""
+    stats = stats if stats is not None else DataStats()
+    units: list[Units | None] = [None] * len(records)
+    if spans is not None:
+        units = _record_units(records, tokenizer, data_cfg, spans, stats, progress)
+    truncated = spans.truncated_units if spans else "drop"
+    out = [_cross_tokenize(r, tokenizer, teacher_tokenizer, data_cfg, u, truncated, stats)[0]
+           for r, u in zip(records, units)]
+    stats.records += len(out)
+    return out
+
+
+def describe_cross_examples(records, tokenizer, teacher_tokenizer, data_cfg, spans: SpanSettings):
+    """:func:`describe_examples` with both tokenisations: each unit also carries ``teacher_token_start`` /
+    ``teacher_token_end`` (``mtakd spans --show`` with ``objective.cross_tokenizer``)."""
+    stats = DataStats()
+    for r, u in zip(records, _record_units(records, tokenizer, data_cfg, spans, stats, False)):
+        _, text, tok, t_tok, kept = _cross_tokenize(r, tokenizer, teacher_tokenizer, data_cfg, u,
+                                                    spans.truncated_units, stats)
+        yield {"text": text, "units": [
+            {"kind": str(u.kinds[k]), "segment": str(u.segments[k]), "char_start": int(u.chars[k, 0]),
+             "char_end": int(u.chars[k, 1]), "token_start": int(tok[k, 0]), "token_end": int(tok[k, 1]),
+             "teacher_token_start": int(t_tok[k, 0]), "teacher_token_end": int(t_tok[k, 1]),
+             "text": text[u.chars[k, 0] : u.chars[k, 1]]}
+            for k in np.flatnonzero(kept)
+        ]}
+
+
+class CrossCollator:
+    """:class:`Collator` of both tokenisations: the student's keys as usual, the teacher's prefixed ``teacher_``
+    (``teacher_input_ids``, ``teacher_attention_mask``, ``teacher_labels``, ``teacher_word_spans``, ...), padded with
+    the teacher's pad id. Both sides have the same unit count per batch, unit k being the same characters."""
+
+    def __init__(self, pad_token_id: int, teacher_pad_token_id: int, pad_to_multiple_of: int | None = 8):
+        self.student = Collator(pad_token_id, pad_to_multiple_of)
+        self.teacher = Collator(teacher_pad_token_id, pad_to_multiple_of)
+
+    def __call__(self, examples: list[CrossExample]) -> dict[str, torch.Tensor]:
+        batch = self.student(examples)
+        teacher = self.teacher([Example(e.teacher_input_ids, e.teacher_labels, e.teacher_spans) for e in examples])
+        batch.update({f"teacher_{k}": v for k, v in teacher.items()})
+        return batch
 
 
 # ---------------------------------------------------------------------------------- collation

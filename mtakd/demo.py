@@ -3,11 +3,10 @@ student with MTA on skew KL, then score teacher, initial student and trained stu
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import ConfigError, add_config_command, load_config
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 DEMO_TIME = "30 min on 2 shared CPU cores"  # measured from a clean clone (README, "Set up"); the same figure is stated there
@@ -58,17 +57,12 @@ def _cmd_demo(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from .distill import OVERRIDES_EPILOG
-
-    p = sub.add_parser(
-        "demo", help=f"distil the embedded SmolLM2 teacher on example data and score it ({DEMO_TIME})",
+    p = add_config_command(
+        sub, "demo", help=f"distil the embedded SmolLM2 teacher on example data and score it ({DEMO_TIME})",
         description="Distil SmolLM2-135M-Instruct into a 10-block student with MTA on skew KL, then score the\n"
         f"teacher, the initial and the trained student with ROUGE-L on eval.data ({DEMO_TIME}, see README).\n"
         "Writes training.output_dir (runs/demo): the student, losses.png, eval/ and report.md.",
-        epilog=OVERRIDES_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        config_help="the demo's run config (default: configs/demo.yaml), all six sections as for distill",
+        config_default=str(DEMO_CONFIG),
     )
-    p.add_argument("--config", default=str(DEMO_CONFIG), metavar="FILE.yaml",
-                   help="the demo's run config (default: configs/demo.yaml), all six sections as for distill")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="change config values, e.g. training.max_steps=10 eval.max_samples=8 (YAML syntax)")
     p.set_defaults(func=_cmd_demo)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import logging
@@ -13,15 +12,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, load_config
+from .config import ConfigError, RunConfig, add_config_command, load_config
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "mtakd_run.json"  # resolved config + layer map + versions, in the run dir and the student dir
 STUDENT_DIR = "student"
-OVERRIDES_EPILOG = """overrides: dotted keys into the config, values in YAML syntax, applied after --config:
-  training.max_steps=50  objective.mta.lambda_dsa=3  data.train=[a.jsonl,b.jsonl]  'teacher={path: my/model}'
-An unknown key or a bad value stops with a message naming the key and what is allowed."""
 
 
 # ------------------------------------------------------------------------------------ resolution
@@ -171,7 +167,9 @@ def build_models(cfg: RunConfig, *, load_teacher: bool = True):
         s_tok = tok
     else:
         student, s_tok = load_model(cfg.student), load_tokenizer(cfg.student)
-    if teacher is not None:
+    if cfg.objective.cross_tokenizer:
+        tok = s_tok  # the student's tokenizer renders the data and is saved with the student (docs/method.md)
+    elif teacher is not None:
         check_compatible(teacher, student, tok, s_tok)
     elif tok.get_vocab() != s_tok.get_vocab():  # the LM head's rows are checked against the teacher cache
         raise ModelError("teacher and student must share a tokenizer and vocabulary in this version of mtakd: "
@@ -191,9 +189,11 @@ def _apply_lora(student, lora):
     )
 
 
-def build_datasets(cfg: RunConfig, tokenizer, progress: bool = True, objective=None):
-    """(train, validation, train stats); the base objective tokenises the records (e.g. DistiLLM-2's pairs)."""
-    from .data import DataStats, ListDataset, SpanSettings, load_records
+def build_datasets(cfg: RunConfig, tokenizer, progress: bool = True, objective=None, teacher_tokenizer=None):
+    """(train, validation, train stats); the base objective tokenises the records (e.g. DistiLLM-2's pairs).
+    ``teacher_tokenizer`` (``objective.cross_tokenizer``): each record is also tokenised by the teacher's tokenizer
+    (:func:`mtakd.data.build_cross_examples`)."""
+    from .data import DataStats, ListDataset, SpanSettings, build_cross_examples, load_records
     from .objectives import build_objective
 
     objective = objective if objective is not None else build_objective(cfg.objective)
@@ -213,8 +213,12 @@ def build_datasets(cfg: RunConfig, tokenizer, progress: bool = True, objective=N
             records, held_out = _hold_out(records, cfg.data.validation_size)
         if cfg.data.max_samples:
             records = records[: cfg.data.max_samples]
-        examples = objective.build_examples(records, tokenizer, cfg.data, spans=spans, stats=stats,
+        if teacher_tokenizer is not None:
+            examples = build_cross_examples(records, tokenizer, teacher_tokenizer, cfg.data, spans=spans, stats=stats,
                                             progress=progress)
+        else:
+            examples = objective.build_examples(records, tokenizer, cfg.data, spans=spans, stats=stats,
+                                                progress=progress)
         out.append((ListDataset(examples), stats))
     (train, train_stats), (val, val_stats) = out
     log.info("train data: %s", train_stats.summary())
@@ -251,6 +255,9 @@ def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool
     state.wait_for_everyone()  # ... and before the main process may replace the directory
     set_seed(cfg.training.seed)
     objective = build_objective(cfg.objective)
+    if cfg.teacher.cache and cfg.objective.cross_tokenizer:
+        raise ConfigError("teacher.cache holds the teacher's signals at the student's token positions, so it cannot "
+                          "serve objective.cross_tokenizer: true; remove teacher.cache")
     cache = _open_teacher_cache(cfg, objective) if cfg.teacher.cache else None
     # with a cache, the teacher runs only on sequences made during training ("partial" bases, e.g. DistiLLM's SGO)
     online = cache is None or objective.teacher_cache_use() == "partial"
@@ -274,8 +281,17 @@ def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool
     if not online:
         teacher = None  # loaded only to build the student from it: every teacher signal comes from the cache
     objective.setup(cfg, tok, student, teacher)
-    train, val, stats = build_datasets(cfg, tok, objective=objective)
+    t_tok = None
+    if cfg.objective.cross_tokenizer:  # both tokenisations of each text (docs/method.md, "Different tokenizers")
+        from .data import CrossCollator
+        from .models import load_tokenizer
+
+        t_tok = load_tokenizer(cfg.teacher)
+    train, val, stats = build_datasets(cfg, tok, objective=objective, teacher_tokenizer=t_tok)
     collator = objective.collator(tok.pad_token_id)
+    if t_tok is not None:
+        t_pad = t_tok.pad_token_id if t_tok.pad_token_id is not None else (t_tok.eos_token_id or 0)
+        collator = CrossCollator(tok.pad_token_id, t_pad)
     if cache is not None:
         from .teacher_cache import IndexedCollator, IndexedDataset
 
@@ -466,17 +482,13 @@ def _cmd_objectives(args) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "distill", help="distil a teacher into a student (config + key.sub=value overrides)",
+    p = add_config_command(
+        sub, "distill", help="distil a teacher into a student (config + key.sub=value overrides)",
         description="Train a student as the config says and save it to training.output_dir/student; the run\n"
         "directory also gets mtakd_run.json, log_history.json and losses.png (the loss components per step).",
-        epilog=OVERRIDES_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        config_help="run config with the sections teacher, student, data, objective, training, eval (see configs/ "
+        "and the README); data files it names relative to itself are found next to it",
     )
-    p.add_argument("--config", required=True, metavar="FILE.yaml",
-                   help="run config with the sections teacher, student, data, objective, training, eval "
-                   "(see configs/ and the README); data files it names relative to itself are found next to it")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="change any config value after loading, e.g. training.max_steps=50 (values in YAML syntax)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON, load no weights")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the latest checkpoint of training.output_dir (or the one given)")

@@ -1,5 +1,6 @@
 """`mtakd evaluate`: sample responses to instruction sets and score them with ROUGE-L, following the
-evaluation protocol of MiniLLM (Gu et al., 2024), DistiLLM (Ko et al., 2024) and MTA.
+evaluation protocol of MiniLLM (Gu et al., 2024), DistiLLM (Ko et al., 2024) and MTA; and/or the
+teacher-forced response NLL and KL(teacher ‖ model) (``--metrics rougeL nll kl``; docs/evaluation.md).
 
 Protocol (the defaults)
     * Sampling with temperature 1.0, top-p 1.0 and **no top-k**. transformers fills every generation
@@ -13,7 +14,9 @@ Protocol (the defaults)
       rule as :mod:`mtakd.data`), limited to 256 tokens by dropping tokens from the *start* (the end holds
       the response cue); such prompts are counted (``prompts_truncated``). At most 256 new tokens are
       generated, so prompt + response stays within 512 tokens; generation stops at EOS.
-    * Prompts are sorted by length into left-padded batches; results are written in input order.
+    * Prompts are sorted by length into left-padded batches; results are written in input order. A
+      sequence that has produced EOS leaves its batch (:func:`decode_batch`): greedy outputs equal those of
+      ``transformers``' ``generate`` on each prompt alone.
 
 Scoring
     ROUGE-L F1 × 100 from the ``rouge-score`` package, ``RougeScorer(["rougeL"], use_stemmer=True)``,
@@ -24,13 +27,21 @@ Scoring
     ``normalize_answer`` is used for exact match only). The rouge-score tokenizer itself lower-cases,
     replaces every character outside ``[a-z0-9]`` by a space (so punctuation and non-ASCII letters are
     dropped) and Porter-stems tokens longer than three characters. An empty generation scores 0 and is
-    counted (``empty_generations``, summed over seeds).
+    counted (``empty_generations``, summed over seeds). A record whose ``output`` is a list of references
+    scores the maximum over them (MiniLLM / DistiLLM, for S-NI).
+
+Teacher-forced metrics (no generation, no seeds; :func:`teacher_forced`, :mod:`mtakd.metrics`)
+    ``nll``: nats per token of the reference response (the first of a list) plus the end-of-turn token
+    (EOS), after the generation prompt; per set the micro-average over tokens (``nll``, ``ppl``, ``tokens``).
+    ``kl``: KL(teacher ‖ model) over the full vocabulary at the same positions, micro-averaged (``kl``); the
+    teacher must share the model's tokenizer.
 
 Aggregation
     Per set: the mean over prompts for each seed, then the mean and the population standard deviation
     (``ddof=0``) of those per-seed means. Average: the mean over sets of the set means; its std is that
-    of the per-seed averages over sets. ``per_prompt`` holds each prompt's score averaged over seeds (the
-    input of ``mtakd report --compare``).
+    of the per-seed averages over sets (``nll``, ``ppl``, ``kl``: the mean over sets). ``per_prompt[set]``
+    maps each metric to its per-prompt values: ``rougeL`` averaged over seeds, ``nll`` and ``kl`` per token,
+    ``tokens`` (the input of ``mtakd report --compare``).
 """
 
 from __future__ import annotations
@@ -511,8 +522,10 @@ def metrics_markdown(metrics: dict) -> str:
     if rouge:
         head = (f"{decoding}; seeds {', '.join(map(str, p['seeds']))}; {head[:-1]}; ≤ {p['max_new_tokens']} new "
                 "tokens.")
-    if "nll" in names or "kl" in names:
-        head += " NLL in nats per reference token (+ EOS), teacher-forced; KL over the same positions."
+    if "nll" in names:
+        head += " NLL: nats per reference token (+ EOS), teacher-forced."
+    if "kl" in names:
+        head += " KL(teacher ‖ model): per reference token, teacher-forced."
     cols = (["ROUGE-L", "per seed", "empty"] if rouge else []) + [c for m, c in (("nll", "NLL"), ("nll", "ppl"),
                                                                               ("kl", "KL")) if m in names]
     lines = [f"# {title}: {metrics['model']}", "", head, "",

@@ -333,6 +333,7 @@ def check_compatible(teacher, student, t_tok, s_tok) -> None:
             "teacher and student must share a tokenizer and vocabulary in this version of mtakd: "
             f"teacher vocab {len(t_tok)} (output rows {vt}), student vocab {len(s_tok)} (output rows {vs})"
             + ("" if same_vocab else "; their token-to-id maps differ")
+            + " (to distil across tokenizers, set objective.cross_tokenizer: true with base uld; docs/method.md)"
         )
 
 

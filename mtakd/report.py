@@ -1,14 +1,20 @@
-"""`mtakd report`: one markdown table and a bar chart over several `mtakd evaluate` runs, and an optional
+"""`mtakd report`: markdown tables and a bar chart over several `mtakd evaluate` runs, and an optional
 paired bootstrap comparison of two of them.
 
-The table has one row per run and one column per set plus the average, each "mean ± std over seeds".
-The chart (``<out>.png`` next to the markdown file) shows the same numbers with std error bars.
+One table per metric the runs have (ROUGE-L; the teacher-forced response NLL and KL(teacher ‖ model) of
+``mtakd evaluate --metrics nll kl``), with one row per run and one column per set plus the average: ROUGE-L
+as "mean ± std over seeds", NLL (nats per token, micro-averaged over a set's response tokens) and KL as
+single values. The chart (``<out>.png`` next to the markdown file) shows ROUGE-L with std error bars (the
+NLL when no run has ROUGE-L).
 
-``--compare A B`` resamples *prompts* with replacement (paired: the same prompts for both runs) using
-the seed-averaged per-prompt ROUGE-L of ``metrics.json``'s ``per_prompt``, and reports the mean
-difference B − A with its 95 % percentile interval, per set and over all prompts of all sets pooled (so
-the pooled row weights sets by their size, unlike the unweighted "average" column). The RNG seed is
-fixed, so a report is reproducible.
+``--compare A B`` resamples *prompts* with replacement (paired: the same prompts for both runs) using the
+per-prompt values of ``metrics.json``'s ``per_prompt`` (ROUGE-L averaged over seeds; each prompt's NLL
+and KL per token), and reports the mean difference B − A with its 95 % percentile interval for every metric
+both runs have, per set and over all prompts of all sets pooled (so the pooled row weights sets by their
+size, unlike the unweighted "average" column; and the per-prompt NLL mean weights prompts, not tokens).
+For NLL and KL lower is better. :func:`paired_bootstrap` also takes ``[training seeds, prompts]`` arrays:
+it then resamples both seeds and prompts (used by ``benchmarks/quality.py`` for arms trained with several
+seeds). The RNG seed is fixed, so a report is reproducible.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from .data import DataError
 log = logging.getLogger(__name__)
 
 BOOTSTRAP_SEED = 0
+METRICS = {"rougeL": "ROUGE-L", "nll": "response NLL (nats/token)", "kl": "KL(teacher ‖ model)"}
 
 
 def load_run(run_dir: str | Path) -> dict:
@@ -37,7 +44,19 @@ def load_run(run_dir: str | Path) -> dict:
         raise DataError(f"{path}: not valid JSON: {e}") from e
     if not isinstance(metrics, dict) or not isinstance(metrics.get("sets"), dict) or "average" not in metrics:
         raise DataError(f"{path}: expected the `sets` and `average` fields written by `mtakd evaluate`")
+    # runs written before the teacher-forced metrics hold a list of per-prompt ROUGE-L scores per set
+    metrics["per_prompt"] = {s: v if isinstance(v, dict) else {"rougeL": v}
+                             for s, v in (metrics.get("per_prompt") or {}).items()}
     return metrics
+
+
+def run_metrics(m: dict) -> list[str]:
+    """The metrics a run has: rougeL when its sets carry mean/std, nll / kl when they carry those."""
+    found = []
+    for key, field in (("rougeL", "mean"), ("nll", "nll"), ("kl", "kl")):
+        if m["sets"] and all(field in s for s in m["sets"].values()):
+            found.append(key)
+    return found
 
 
 def set_names(runs: dict[str, dict]) -> list[str]:
@@ -48,25 +67,28 @@ def set_names(runs: dict[str, dict]) -> list[str]:
     return names
 
 
-def _cell(m: dict | None) -> str:
-    return "–" if m is None else f"{m['mean']:.2f} ± {m['std']:.2f}"
+def _cell(m: dict | None, metric: str = "rougeL") -> str:
+    if metric == "rougeL":
+        return "–" if m is None or "mean" not in m else f"{m['mean']:.2f} ± {m['std']:.2f}"
+    return "–" if m is None or metric not in m else f"{m[metric]:.4f}"
 
 
-def results_table(runs: dict[str, dict]) -> str:
+def results_table(runs: dict[str, dict], metric: str = "rougeL") -> str:
+    """Runs × (sets + average) for one metric; "–" where a run lacks the set or the metric."""
     sets = set_names(runs)
     lines = ["| run | " + " | ".join(sets) + " | average |", "|---|" + "---:|" * (len(sets) + 1)]
     for name, m in runs.items():
-        cells = [_cell(m["sets"].get(s)) for s in sets]
+        cells = [_cell(m["sets"].get(s), metric) for s in sets]
         # a run missing a set has an average over fewer sets: say so instead of comparing it silently
-        avg = _cell(m["average"]) + ("" if len(m["sets"]) == len(sets) else " *")
+        avg = _cell(m["average"], metric) + ("" if len(m["sets"]) == len(sets) else " *")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {avg} |")
     if any(len(m["sets"]) != len(sets) for m in runs.values()):
         lines += ["", "\\* average over the sets this run has."]
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: dict[str, dict], path: str | Path) -> None:
-    """Grouped bars (sets + average) per run with ± std error bars, written with the Agg backend."""
+def plot(runs: dict[str, dict], path: str | Path, metric: str = "rougeL") -> None:
+    """Grouped bars (sets + average) per run (ROUGE-L with ± std error bars, or ``metric``), Agg backend."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -78,11 +100,12 @@ def plot(runs: dict[str, dict], path: str | Path) -> None:
     x = np.arange(len(groups))
     for k, (name, m) in enumerate(runs.items()):
         cells = [m["sets"].get(g) if g != "average" else m["average"] for g in groups]
-        means = [c["mean"] if c else np.nan for c in cells]
-        stds = [c["std"] if c else 0.0 for c in cells]
+        key = "mean" if metric == "rougeL" else metric
+        means = [c[key] if c and key in c else np.nan for c in cells]
+        stds = [c["std"] if c and metric == "rougeL" and "std" in c else 0.0 for c in cells]
         ax.bar(x + (k - (len(runs) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=name)
     ax.set_xticks(x, groups)
-    ax.set_ylabel("ROUGE-L (mean ± std over seeds)")
+    ax.set_ylabel("ROUGE-L (mean ± std over seeds)" if metric == "rougeL" else METRICS[metric])
     ax.legend(fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -91,45 +114,87 @@ def plot(runs: dict[str, dict], path: str | Path) -> None:
 
 # ----------------------------------------------------------------------------------- bootstrap
 def paired_bootstrap(a, b, n_resamples: int = 10000, seed: int = BOOTSTRAP_SEED, chunk: int = 1000) -> dict:
-    """Mean of B − A over paired items and its 95 % percentile interval from resampling items."""
+    """Mean of B − A over paired items and its 95 % percentile interval from resampling items.
+
+    ``a`` and ``b`` are per-prompt values ``[prompts]``, or ``[training seeds, prompts]`` for arms trained
+    with several seeds (row s of A paired with row s of B: same seed, same prompts). With seeds, each
+    resample draws seeds and prompts with replacement (a two-level bootstrap), so the interval accounts for
+    both the training-seed and the prompt variation; ``n`` is the number of prompts, ``seeds`` the number
+    of seeds.
+    """
     d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
-    if d.ndim != 1 or len(d) == 0:
-        raise DataError("paired bootstrap needs two equally long, non-empty score lists")
+    if d.ndim == 1:
+        d = d[None]
+    if d.ndim != 2 or d.size == 0:
+        raise DataError("paired bootstrap needs two equally shaped, non-empty score arrays ([prompts] or "
+                        "[seeds, prompts])")
     if n_resamples < 1:
         raise ConfigError(f"--bootstrap must be positive, got {n_resamples}")
     rng = np.random.default_rng(seed)
-    means = np.concatenate([
-        d[rng.integers(0, len(d), size=(min(chunk, n_resamples - i), len(d)))].mean(axis=1)
-        for i in range(0, n_resamples, chunk)
-    ])
-    low, high = np.percentile(means, [2.5, 97.5])
-    return {"n": len(d), "mean_diff": float(d.mean()), "low": float(low), "high": float(high)}
+    n_seeds, n = d.shape
+    means = []
+    for i in range(0, n_resamples, chunk):
+        k = min(chunk, n_resamples - i)
+        prompts = rng.integers(0, n, size=(k, n))
+        if n_seeds == 1:
+            means.append(d[0][prompts].mean(axis=1))
+        else:
+            seeds = rng.integers(0, n_seeds, size=(k, n_seeds))
+            means.append(d[seeds[:, :, None], prompts[:, None, :]].mean(axis=(1, 2)))
+    low, high = np.percentile(np.concatenate(means), [2.5, 97.5])
+    out = {"n": n, "mean_diff": float(d.mean()), "low": float(low), "high": float(high)}
+    if n_seeds > 1:
+        out["seeds"] = n_seeds
+    return out
 
 
-def compare(run_a: dict, run_b: dict, n_resamples: int = 10000, seed: int = BOOTSTRAP_SEED) -> dict:
-    """Paired bootstrap of B − A per shared set and over all their prompts pooled."""
-    shared = [s for s in run_a["sets"] if s in run_b["sets"]]
+def _per_prompt(runs, s: str, metric: str) -> np.ndarray:
+    """[len(runs), prompts] per-prompt values of one set and metric (one row per run, e.g. training seed)."""
+    rows = []
+    for run in runs:
+        try:
+            values = run["per_prompt"][s]
+            rows.append((values if isinstance(values, dict) else {"rougeL": values})[metric])  # (older runs: a list)
+        except KeyError as e:
+            raise DataError(f"set {s!r}: metrics.json has no per-prompt {metric} values") from e
+    if len({len(r) for r in rows}) != 1:
+        raise DataError(f"set {s!r}: the runs scored different numbers of prompts ({', '.join(str(len(r)) for r in rows)})")
+    return np.asarray(rows, dtype=float)
+
+
+def compare(run_a, run_b, n_resamples: int = 10000, seed: int = BOOTSTRAP_SEED, metric: str = "rougeL") -> dict:
+    """Paired bootstrap of B − A of ``metric`` per shared set and over all their prompts pooled.
+
+    ``run_a`` / ``run_b`` are loaded runs, or lists of runs (one per training seed, paired in order: a
+    two-level bootstrap over seeds and prompts, see :func:`paired_bootstrap`)."""
+    runs_a = run_a if isinstance(run_a, list) else [run_a]
+    runs_b = run_b if isinstance(run_b, list) else [run_b]
+    if len(runs_a) != len(runs_b):
+        raise DataError(f"paired comparison over training seeds needs as many runs on each side ({len(runs_a)} vs "
+                        f"{len(runs_b)})")
+    shared = [s for s in runs_a[0]["sets"] if all(s in r["sets"] for r in runs_a + runs_b)]
     if not shared:
         raise DataError("the two runs share no evaluation set")
     result, all_a, all_b = {}, [], []
     for s in shared:
-        try:
-            a, b = run_a["per_prompt"][s], run_b["per_prompt"][s]
-        except KeyError as e:
-            raise DataError(f"set {s!r}: metrics.json has no per-prompt scores") from e
-        if len(a) != len(b):
-            raise DataError(f"set {s!r}: the runs scored different numbers of prompts ({len(a)} vs {len(b)})")
+        a, b = _per_prompt(runs_a, s, metric), _per_prompt(runs_b, s, metric)
+        if a.shape != b.shape:
+            raise DataError(f"set {s!r}: the runs scored different numbers of prompts ({a.shape[1]} vs {b.shape[1]})")
         result[s] = paired_bootstrap(a, b, n_resamples, seed)
-        all_a += a
-        all_b += b
-    result["pooled"] = paired_bootstrap(all_a, all_b, n_resamples, seed)
+        all_a.append(a)
+        all_b.append(b)
+    result["pooled"] = paired_bootstrap(np.concatenate(all_a, 1), np.concatenate(all_b, 1), n_resamples, seed)
     return result
 
 
-def comparison_table(name_a: str, name_b: str, result: dict, n_resamples: int) -> str:
+def comparison_table(name_a: str, name_b: str, result: dict, n_resamples: int, metric: str = "rougeL") -> str:
+    unit = {"rougeL": "ROUGE-L points", "nll": "response NLL, nats per token (lower is better)",
+            "kl": "KL(teacher ‖ model) per token (lower is better)"}[metric]
+    seeds = next(iter(result.values())).get("seeds")
+    over = f"training seeds ({seeds}) and prompts" if seeds else "prompts"
     lines = [
-        f"Paired bootstrap over prompts ({n_resamples} resamples, seed {BOOTSTRAP_SEED}): "
-        f"{name_b} − {name_a}, ROUGE-L points.",
+        f"Paired bootstrap over {over} ({n_resamples} resamples, seed {BOOTSTRAP_SEED}): "
+        f"{name_b} − {name_a}, {unit}.",
         "",
         "| set | n | mean difference | 95% interval | interval excludes 0 |",
         "|---|---:|---:|---|---|",
@@ -137,7 +202,8 @@ def comparison_table(name_a: str, name_b: str, result: dict, n_resamples: int) -
     for s, r in result.items():
         label = "**all sets pooled**" if s == "pooled" else s
         sig = "yes" if r["low"] > 0 or r["high"] < 0 else "no"
-        lines.append(f"| {label} | {r['n']} | {r['mean_diff']:+.2f} | [{r['low']:+.2f}, {r['high']:+.2f}] | {sig} |")
+        f = ".2f" if metric == "rougeL" else ".4f"
+        lines.append(f"| {label} | {r['n']} | {r['mean_diff']:+{f}} | [{r['low']:+{f}}, {r['high']:+{f}}] | {sig} |")
     return "\n".join(lines) + "\n"
 
 
@@ -151,17 +217,35 @@ def build_report(run_dirs, out, names=None, compare_names=None, n_resamples: int
     runs = {name: load_run(d) for name, d in zip(names, run_dirs)}
     out = Path(out)
     png = out.with_suffix(".png")
-    parts = ["# ROUGE-L", "", "Mean ± std over seeds.", "", results_table(runs), f"![ROUGE-L]({png.name})", ""]
+    present = [k for k in METRICS if any(k in run_metrics(m) for m in runs.values())]
+    if not present:
+        raise DataError("report: the runs have no ROUGE-L, NLL or KL values")
+    parts = []
+    for k in present:
+        if k == "rougeL":
+            parts += ["# ROUGE-L", "", "Mean ± std over seeds.", "", results_table(runs), f"![ROUGE-L]({png.name})", ""]
+        else:
+            note = ("Teacher-forced, nats per token of the reference response (+ end of turn); a set's value is "
+                    "total nats / total tokens." if k == "nll" else
+                    "Mean over the reference's response positions of KL(teacher ‖ model), full vocabulary.")
+            parts += [f"# {METRICS[k]}", "", note, "", results_table(runs, k), ""]
+            if "rougeL" not in present and k == "nll":
+                parts += [f"![NLL]({png.name})", ""]
     if compare_names:
         a, b = compare_names
         missing = [n for n in (a, b) if n not in runs]
         if missing:
             raise ConfigError(f"report: --compare names {missing} are not among the runs {names}")
-        parts += ["## Comparison", "", comparison_table(a, b, compare(runs[a], runs[b], n_resamples), n_resamples)]
+        shared = [k for k in present if k in run_metrics(runs[a]) and k in run_metrics(runs[b])]
+        if not shared:
+            raise DataError(f"report: {a} and {b} share no metric to compare")
+        parts += ["## Comparison", ""]
+        for k in shared:
+            parts += [comparison_table(a, b, compare(runs[a], runs[b], n_resamples, metric=k), n_resamples, k)]
     text = "\n".join(parts)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    plot(runs, png)
+    plot(runs, png, "rougeL" if "rougeL" in present else present[0])
     return text
 
 
@@ -175,9 +259,10 @@ def main_report(args) -> int:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "report",
-        help="table + bar chart over `mtakd evaluate` runs, optional paired bootstrap comparison",
-        description="Read RUN_DIR/metrics.json of each run; write a markdown table and a PNG bar chart "
-        "(next to --out); with --compare A B a paired bootstrap over prompts of B − A.",
+        help="tables + bar chart over `mtakd evaluate` runs (ROUGE-L, NLL, KL), optional paired bootstrap",
+        description="Read RUN_DIR/metrics.json of each run; write a markdown table per metric (ROUGE-L, "
+        "response NLL, KL to the teacher) and a PNG bar chart (next to --out); with --compare A B a paired "
+        "bootstrap over prompts of B − A for every metric both runs have.",
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output directories of `mtakd evaluate`")
     p.add_argument("--out", required=True, metavar="report.md")

@@ -3,10 +3,9 @@ the units of the first training examples (``--show N``, ``--json``) to check the
 
 from __future__ import annotations
 
-import argparse
 import json
 
-from .config import ConfigError, load_config
+from .config import ConfigError, add_config_command, load_config
 
 
 def _cmd_spans(args) -> int:
@@ -26,7 +25,13 @@ def _cmd_spans(args) -> int:
         records, _ = _hold_out(records, cfg.data.validation_size)
     mta = cfg.objective.mta
     settings = SpanSettings.from_mta(mta) if mta is not None else SpanSettings()
-    examples = describe_examples(records[: args.show], load_tokenizer(cfg.teacher), cfg.data, settings)
+    if cfg.objective.cross_tokenizer:  # both tokenisations: units also carry teacher_token_start/end
+        from .data import describe_cross_examples
+
+        s_tok = load_tokenizer(cfg.student) if cfg.student.from_teacher is None else load_tokenizer(cfg.teacher)
+        examples = describe_cross_examples(records[: args.show], s_tok, load_tokenizer(cfg.teacher), cfg.data, settings)
+    else:
+        examples = describe_examples(records[: args.show], load_tokenizer(cfg.teacher), cfg.data, settings)
     for i, (rec, ex) in enumerate(zip(records, examples), 1):
         if args.json:
             print(json.dumps(ex, ensure_ascii=False))
@@ -69,10 +74,8 @@ def _readable(ex: dict, title: str) -> str:
 
 
 def add_parser(sub) -> None:
-    from .distill import OVERRIDES_EPILOG
-
-    s = sub.add_parser(
-        "spans", help="parse the config's data into words/phrases once and cache them; --show N prints the units",
+    s = add_config_command(
+        sub, "spans", help="parse the config's data into words/phrases once and cache them; --show N prints the units",
         description="Without --show: parse every instruction, input and output of data.train and data.validation "
         "with spaCy\nand cache the words and phrases (training then reads the cache).\n"
         "With --show N: render the first N training examples as training does (template, truncation,\n"
@@ -81,15 +84,12 @@ def add_parser(sub) -> None:
         '  {"text": rendered text, "units": [{"kind": word|np|vp, "segment": instruction|input|response|markup,\n'
         '   "char_start", "char_end", "token_start", "token_end", "text"}]}\n'
         "where text == rendered[char_start:char_end] and [token_start, token_end) are the positions in the\n"
-        "example's input_ids (after truncation) that the unit pools. --show loads the teacher's tokenizer only.",
-        epilog=OVERRIDES_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "example's input_ids (after truncation) that the unit pools. --show loads the teacher's tokenizer only;\n"
+        "with objective.cross_tokenizer it also loads the student's, renders with it, and each unit also has\n"
+        "teacher_token_start/teacher_token_end in the teacher's tokenisation of the same text.",
+        config_help="run config (see configs/): its data section (files, template, lengths, spaCy model, cache) and "
+        "objective.mta span switches are used; --show also reads teacher for the tokenizer",
     )
-    s.add_argument("--config", required=True, metavar="FILE.yaml",
-                   help="run config (see configs/): its data section (files, template, lengths, spaCy model, "
-                   "cache) and objective.mta span switches are used; --show also reads teacher for the tokenizer")
-    s.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="change config values after loading, e.g. data.template=alpaca objective.mta.units_on_markup=true "
-                   "(values in YAML syntax)")
     s.add_argument("--show", type=int, metavar="N", help="print the units of the first N training examples")
     s.add_argument("--json", action="store_true", help="with --show: one JSON object per example and line")
     s.set_defaults(func=_cmd_spans)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError, FromTeacher, RunConfig, load_config
+from .config import ConfigError, FromTeacher, RunConfig, add_config_command, load_config
 from .models import ModelError, block_list, even_layers, plain_copy, select_student
 
 log = logging.getLogger(__name__)
@@ -589,10 +589,8 @@ def _cmd_student(args) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("student", help="build the initial student from the teacher (select blocks, prune width) "
-                                       "and save it without training")
-    p.add_argument("--config", required=True, help="YAML config whose student section has from_teacher")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, values in YAML syntax")
+    p = add_config_command(sub, "student", help="build the initial student from the teacher (select blocks, prune "
+                           "width) and save it without training", config_help="run config whose student section has from_teacher")
     p.add_argument("--out", required=True, help="directory for the student (HF model dir + student.json)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     p.set_defaults(func=_cmd_student)

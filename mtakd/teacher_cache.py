@@ -33,7 +33,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, add_config_command
 
 log = logging.getLogger(__name__)
 
@@ -452,20 +452,14 @@ def _cmd_cache_teacher(args) -> int:
 
 
 def add_parser(sub) -> None:
-    import argparse
-
-    from .distill import OVERRIDES_EPILOG
-
-    p = sub.add_parser(
-        "cache-teacher", help="run the teacher once over a run's data and cache its signals (offline distillation)",
+    p = add_config_command(
+        sub, "cache-teacher", help="run the teacher once over a run's data and cache its signals (offline distillation)",
         description="Cache what the trainer needs from the teacher (top-k log-probabilities at the response\n"
         "positions, MTA's key-layer hidden states and importance weights) for the training and validation examples of a\n"
         "run config; `mtakd distill ... teacher.cache=DIR` then trains without running the teacher.\n"
         "Interrupted builds resume (finished shards are kept). See docs/teacher_cache.md.",
-        epilog=OVERRIDES_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        config_help="the run config the cache is for",
     )
-    p.add_argument("--config", required=True, metavar="FILE.yaml", help="the run config the cache is for")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, as for `mtakd distill`")
     p.add_argument("--out", required=True, metavar="DIR", help="cache directory")
     p.add_argument("--top-k", type=int, default=64,
                    help="teacher log-probabilities kept per response position (default 64; 0 = the full vocabulary)")

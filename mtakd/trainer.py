@@ -5,6 +5,7 @@ Trainer's own."""
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 import os
@@ -20,9 +21,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from .errors import NonFiniteLossError  # noqa: F401  (raised here; the CLI reports it as a user-facing error)
 from .mta.loss import PROJECTORS, MTALoss
 from .objectives import Objective
+from .objectives.base import CachedLogProbs, HiddenHead
+from .objectives.fdd import unwrap as fdd_unwrap
 
 logger = logging.getLogger(__name__)
 SPAN_KEYS = ("word_spans", "phrase_spans")
+CROSS_KEYS = ("teacher_input_ids", "teacher_attention_mask", *(f"teacher_{k}" for k in SPAN_KEYS))
 PROJECTORS_FILE = "mta_projectors.safetensors"  # beside a LoRA adapter in checkpoints
 
 
@@ -55,6 +59,8 @@ class DistillTrainer(Trainer):
                                       has_projectors=getattr(self.model, PROJECTORS, None) is not None)
         self.teacher = self._prepare_teacher(teacher) if teacher is not None else None
         self._skip_update = False  # on_nonfinite=skip: the optimiser update of this step is dropped
+        self._fuse: bool | None = None  # LM heads fused into the chunked loss (decided at the first batch)
+        self._heads_checked = False
         self._components = {True: defaultdict(list), False: defaultdict(list)}
         for callback in objective.callbacks():  # e.g. an objective state saved with checkpoints
             self.add_callback(callback)
@@ -68,12 +74,26 @@ class DistillTrainer(Trainer):
         cache_index, cache_split = inputs.pop("cache_index", None), inputs.pop("cache_split", None)
         need_hidden = self.mta is not None or self.objective.needs_hidden_states
         fwd = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        s_out = model(**fwd, output_hidden_states=need_hidden)
-        t_out = None
-        if self.objective.needs_teacher or self.mta is not None:
-            t_out = self._teacher_outputs(fwd, inputs, cache_index, cache_split, need_hidden)
+        # objective.cross_tokenizer: the teacher reads its own tokenisation of the text (its ids, mask and spans);
+        # ``teacher_labels`` stay in the batch for the base (e.g. ULD's teacher response positions)
+        teacher_side = {k[len("teacher_"):]: inputs.pop(k) for k in CROSS_KEYS if k in inputs} or None
+        t_fwd = fwd if teacher_side is None else dict(
+            input_ids=teacher_side["input_ids"], attention_mask=teacher_side["attention_mask"], use_cache=False)
+        want_teacher = self.objective.needs_teacher or self.mta is not None
+        fuse = self._fuse_heads()
+        s_out = self._forward(model, fwd, need_hidden, fuse)
+        t_out = self._teacher_outputs(t_fwd, inputs, cache_index, cache_split, need_hidden) if want_teacher else None
+        if fuse and not self._heads_checked and not self._heads_agree(model, s_out, t_out):
+            s_out = self._forward(model, fwd, need_hidden, False)  # this batch again, with full logits
+            t_out = self._teacher_outputs(t_fwd, inputs, cache_index, cache_split, need_hidden) if want_teacher else None
+            fuse = False
         models = {"student": model, "teacher": self.teacher} if self.objective.needs_models else {}
-        parts = self.objective(s_out, t_out, inputs, **models)
+        s_view, t_view = s_out, t_out
+        if fuse:  # the objective computes the logits chunk by chunk from the last hidden states (docs/scaling.md)
+            s_view = _hidden_view(model, s_out)
+            if t_out is not None and not isinstance(t_out.logits, CachedLogProbs):
+                t_view = _hidden_view(self.teacher, t_out)
+        parts = self.objective(s_view, t_view, inputs, **models)
         loss = parts.pop("loss")
         logged = {"base": loss.detach(), **parts}
         if self.mta is not None:
@@ -84,6 +104,9 @@ class DistillTrainer(Trainer):
                 tuple(None if h is None else h[rows] for h in t_out.hidden_states),  # a cache holds the key layers only
                 inputs["attention_mask"][rows], spans, projectors,
                 teacher_weights=None if getattr(t_out, "importance", None) is None else t_out.importance[:, rows],
+                **({} if teacher_side is None else dict(
+                    teacher_attention_mask=teacher_side["attention_mask"][rows],
+                    teacher_spans={k: teacher_side[k][rows] for k in SPAN_KEYS if k in teacher_side})),
             )
             loss = loss + self.mta.total(mta_parts)
             logged.update({k: v.detach() for k, v in mta_parts.items()})
@@ -95,6 +118,44 @@ class DistillTrainer(Trainer):
         for k, v in logged.items():
             store[k].append(float(v))
         return (loss, s_out) if return_outputs else loss
+
+    # ------------------------------------------------------------------------- fused LM heads
+    def _fuse_heads(self) -> bool:
+        """Whether the LM heads are fused into the chunked loss: the objective takes a :class:`HiddenHead`,
+        ``objective.chunk_size > 0``, not under FSDP or DeepSpeed ZeRO-3 (which own the head's full parameters only
+        inside the model's forward), and both models accept ``logits_to_keep`` with a plain head (no logit soft-capping or
+        scaling). Decided once; :meth:`_heads_agree` may still turn it off at the first batch."""
+        if self._fuse is None:
+            obj = self.objective
+            models = [self.model] + ([self.teacher] if self.teacher is not None else [])
+            zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+            self._fuse = bool(obj.accepts_hidden_head and obj.cfg.chunk_size > 0 and not self.is_fsdp_enabled
+                              and not zero3 and all(_plain_head(m) for m in models))
+        return self._fuse
+
+    def _forward(self, model, fwd, need_hidden, fuse):
+        """The model's outputs; fused: only the last position's logits, and every layer's hidden state."""
+        if fuse:
+            return model(**fwd, output_hidden_states=True, logits_to_keep=1)
+        return model(**fwd, output_hidden_states=need_hidden)
+
+    def _heads_agree(self, model, s_out, t_out) -> bool:
+        """At the first fused batch: the LM head applied to the last hidden state reproduces the logits the model
+        returned (its last position). If not (a head the model post-processes), fusing is turned off for the run."""
+        self._heads_checked = True
+        pairs = [(model, s_out)]
+        if t_out is not None and not isinstance(t_out.logits, CachedLogProbs):
+            pairs.append((self.teacher, t_out))
+        with torch.no_grad():
+            for m, out in pairs:
+                got = _hidden_view(m, out).logits
+                a, b = got.head(got.hidden[:, -1]).float(), out.logits[:, -1].float()
+                if a.shape != b.shape or not torch.allclose(a, b, rtol=0.05, atol=0.05 * float(b.abs().max().clamp_min(1))):
+                    logger.warning("the LM head of %s does not reproduce its logits from the last hidden state: "
+                                   "the chunked loss reads full logits instead", type(fdd_unwrap(m)).__name__)
+                    self._fuse = False
+                    return False
+        return True
 
     def _teacher_outputs(self, fwd, inputs, cache_index, cache_split, need_hidden):
         """The teacher's outputs for this batch: read from the teacher cache when the batch carries its examples'
@@ -108,7 +169,7 @@ class DistillTrainer(Trainer):
                     "and the teacher is not loaded (its teacher_cache_use() must be 'partial')")
             return None
         with torch.no_grad():
-            return self.teacher(**fwd, output_hidden_states=need_hidden)
+            return self._forward(self.teacher, fwd, need_hidden, bool(self._fuse))  # as the student's
 
     def _is_finite(self, loss, logged) -> bool:
         if torch.isfinite(loss):
@@ -281,6 +342,22 @@ class DistillTrainer(Trainer):
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
+
+
+def _hidden_view(model, out):
+    """``out`` with a :class:`HiddenHead` (last hidden state, LM head) in place of its logits."""
+    head = fdd_unwrap(model).get_output_embeddings()
+    return types.SimpleNamespace(logits=HiddenHead(out.hidden_states[-1], head), hidden_states=out.hidden_states)
+
+
+def _plain_head(model) -> bool:
+    """The model's forward accepts ``logits_to_keep`` and its logits are just ``head(last hidden state)``."""
+    inner = fdd_unwrap(model)
+    if "logits_to_keep" not in inspect.signature(inner.forward).parameters or inner.get_output_embeddings() is None:
+        return False
+    cfg = getattr(inner, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return not any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in ("final_logit_softcapping", "logit_scale"))
 
 
 def _fsync_dir(path: str) -> None:

@@ -22,7 +22,6 @@ Every value comes from the training loss's own functions (:mod:`mtakd.mta.functi
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError, MTAConfig, ModelSource, RunConfig, load_config
+from .config import ConfigError, MTAConfig, ModelSource, RunConfig, add_config_command, load_config
 from .mta.functional import dsa_per_sequence, hid_per_sequence, importance_weights, pool_spans
 from .mta.layers import KeyLayer, phi, resolve_key_layers
 
@@ -486,19 +485,15 @@ def _cmd_trajectory(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from .distill import OVERRIDES_EPILOG
-
-    p = sub.add_parser(
-        "trajectory", help="compare students' layers with the teacher's: L_DSA, CKA, L_Hid per layer",
+    p = add_config_command(
+        sub, "trajectory", help="compare students' layers with the teacher's: L_DSA, CKA, L_Hid per layer",
         description="For every student layer l against teacher layer φ(l), teacher-forced on --samples examples of\n"
         "--data: L_DSA at word and phrase granularity with importance and uniform weights, linear CKA over\n"
         "response tokens, and L_Hid (the run's trained projectors where saved, least-squares ones otherwise).\n"
         "Teacher, template, spans and key layers come from the config. Writes DIR/trajectory.json and\n"
         "DIR/trajectory.png and prints the key layers (docs/trajectory.md).",
-        epilog=OVERRIDES_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        config_help="run config (teacher, student, data, objective.mta)",
     )
-    p.add_argument("--config", required=True, metavar="FILE.yaml", help="run config (teacher, student, data, objective.mta)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config changes, as for distill")
     p.add_argument("--student", action="append", metavar="[NAME=]DIR_OR_SOURCE",
                    help="a student: model dir (e.g. a run's student/), hub id, .gguf file or package:NAME; repeat "
                    "to compare several (default: the config's initial student)")

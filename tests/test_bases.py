@@ -524,7 +524,12 @@ def _ref_ce(s, labels, positions):
 
 def ref_base_loss(base, family, s_out, t_out, inputs, student, teacher):
     """The run's L_base (kd_ratio 0.5, τ 1, α 0.1; FDD: every student block, paper variant), by loops over tokens."""
-    s, t, labels = s_out.logits.double(), t_out.logits.double(), inputs["labels"]
+    from mtakd.objectives.base import HiddenHead
+
+    def full(z):  # the trainer fuses the LM heads into the chunked loss (objective.chunk_size): logits here
+        return z.head(z.hidden) if isinstance(z, HiddenHead) else z
+
+    s, t, labels = full(s_out.logits).double(), full(t_out.logits).double(), inputs["labels"]
     if base == "distillm2":  # rows 0..n−1: teacher responses (SKL, CE), n..2n−1: student responses (SRKL); β 1
         n = labels.shape[0] // 2
         per_seq = {"skl": [], "srkl": []}

@@ -39,7 +39,7 @@ def _fails(capsys, *argv) -> str:
     (['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output": '], ":2: malformed JSON"),
     (["", "   "], "no usable records"),
     (['{"instruction": "Name a colour."}'], ":1: missing required field(s): output"),
-    (['{"instruction": "a", "output": 3}'], ":1: field 'output' must be a string, got int"),
+    (['{"instruction": "a", "output": 3}'], ":1: field 'output' must be a string or a list of strings, got int"),
     (['["a", "b"]'], ":1: expected a JSON object, got list"),
 ])
 def test_bad_jsonl_names_file_and_line(tmp_path, make_config, capsys, lines, expected):

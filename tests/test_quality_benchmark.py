@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ def _check_identical_budget(rows: list[dict]) -> dict:
             assert c[section] == first[section], (r["id"], section)
         strip = lambda t: {k: v for k, v in t.items() if k != "output_dir"}  # noqa: E731
         assert strip(c["training"]) == strip(first["training"]), r["id"]
-        assert c["training"]["output_dir"].endswith(f"{r['id']}/train")
+        assert c["training"]["output_dir"].endswith(f"{r['id']}/seed42/train")
     assert len({r["config"]["training"]["output_dir"] for r in train}) == len(train)
     return first
 
@@ -70,7 +71,7 @@ def test_small_dry_run_cli(tmp_path):
     assert first["student"]["from_teacher"]["num_layers"] == 10
     assert first["data"]["train"][0].endswith("shared/data/train/train.jsonl")
     e = first["eval"]
-    assert [Path(p).name for p in e["data"]] == ["dev.jsonl", "selfinst.jsonl", "vicuna.jsonl"]
+    assert [Path(p).name for p in e["data"]] == ["dolly.jsonl", "sni.jsonl", "selfinst.jsonl", "vicuna.jsonl"]
     assert e["seeds"] == [10, 20, 30, 40, 50] and e["max_new_tokens"] == 128 and e["max_samples"] == 16
 
     by_id = {r["id"]: r["config"]["objective"] for r in rows if r["kind"] == "train"}
@@ -217,3 +218,136 @@ def test_geometry_measure():
     for key in ("dsa", "hid"):  # per-sequence values, averaged over every sequence whatever the batching
         assert r5["other"][key] == pytest.approx(r["other"][key], rel=1e-4)
     assert "S2→T2 word" in geometry.table(r, key_layers)
+
+
+# ------------------------------------------------------------------------------ resumable steps
+def _units(quality, out, seeds=(1, 2)):
+    planned = quality.plan("smoke", out, only=["teacher", "skl", "skl_mta"], sets=["dev", "sni"])
+    return [(row, seed, c) for row, cfg in planned
+            for seed, c in quality.seed_configs(row, cfg, "smoke", out, list(seeds), quality.SHARED_DATA,
+                                                ["dev", "sni"], [])]
+
+
+def _fake_part(step, value: float) -> dict:
+    """What evaluate_model writes for one step (5 prompts)."""
+    n = 5
+    if step.kind == "tf":
+        pp = {"tokens": [10] * n, "nll": [value + 0.1 * i for i in range(n)]}
+        sets = {"n": n, "prompts_truncated": 0, "tokens": 10 * n, "nll": float(np.mean(pp["nll"]))}
+        if "kl" in step.metrics:
+            pp["kl"] = [value / 10] * n
+            sets["kl"] = value / 10
+        return {"model": step.row.label, "metrics": list(step.metrics), "protocol": {"template": "chat"},
+                "sets": {step.set_name: sets}, "average": {}, "per_prompt": {step.set_name: pp}, "time_s": 1.0}
+    scores = [10 * value + i for i in range(n)]
+    sets = {"n": n, "prompts_truncated": 0, "mean": float(np.mean(scores)), "std": 0.0,
+            "per_seed": {"10": float(np.mean(scores))}, "empty_generations": 0}
+    return {"model": step.row.label, "metrics": ["rougeL"], "protocol": {"seeds": [10]}, "sets": {step.set_name: sets},
+            "average": {}, "per_prompt": {step.set_name: {"rougeL": scores}}, "time_s": 1.0}
+
+
+class FakeRunner:
+    """Stands in for StepRunner: writes what a finished step leaves behind; can crash at the k-th call."""
+
+    def __init__(self, quality, crash_at=None):
+        self.quality, self.crash_at, self.calls = quality, crash_at, []
+
+    def __call__(self, step):
+        if self.crash_at is not None and len(self.calls) == self.crash_at:
+            raise KeyboardInterrupt("killed")
+        self.calls.append(step.label)
+        if step.kind == "train":
+            d = Path(step.cfg.training.output_dir)
+            (d / "student").mkdir(parents=True)
+            (d / "student" / "config.json").write_text("{}")
+            (d / "log_history.json").write_text("[]")
+            return
+        step.marker.parent.mkdir(parents=True, exist_ok=True)
+        value = 2.0 - 0.05 * step.row.has_mta + 0.01 * (step.seed or 0)
+        step.marker.write_text(json.dumps(_fake_part(step, value)))
+        self.quality.merge_unit_metrics(step.dir)
+
+
+def test_steps_cover_rows_seeds_sets_and_metrics(quality, tmp_path):
+    steps = quality.build_steps(_units(quality, tmp_path))
+    labels = [s.label for s in steps]
+    # teacher: no training, no KL to itself; trained rows: one unit per training seed
+    assert labels[:4] == ["teacher: nll on dev", "teacher: nll on sni", "teacher: rougeL on dev", "teacher: rougeL on sni"]
+    assert labels[4:9] == ["skl seed 1: train", "skl seed 1: nll/kl on dev", "skl seed 1: nll/kl on sni",
+                           "skl seed 1: rougeL on dev", "skl seed 1: rougeL on sni"]
+    assert len(steps) == 4 + 4 * 5 and len(set(labels)) == len(labels)
+    train = [s for s in steps if s.kind == "train"]
+    assert [s.cfg.training.seed for s in train] == [1, 2, 1, 2]
+    assert [Path(s.cfg.training.output_dir).relative_to(tmp_path).as_posix() for s in train] == [
+        "skl/seed1/train", "skl/seed2/train", "skl_mta/seed1/train", "skl_mta/seed2/train"]
+    only_tf = quality.build_steps(_units(quality, tmp_path), ["nll"])
+    assert {s.kind for s in only_tf} == {"train", "tf"} and all(s.metrics == ("nll",) for s in only_tf if s.kind == "tf")
+
+
+def test_crash_loses_only_the_running_step_and_rerun_skips_done(quality, tmp_path, capsys):
+    units = _units(quality, tmp_path)
+    steps = quality.build_steps(units)
+    ticks = iter(range(0, 10_000, 10))
+    clock = lambda: float(next(ticks))  # noqa: E731  every step "takes" 10 s
+    first = FakeRunner(quality, crash_at=6)
+    with pytest.raises(KeyboardInterrupt):
+        quality.run_steps(steps, tmp_path, first, clock=clock)
+    assert first.calls == [s.label for s in steps[:6]]
+    assert [s.done() for s in steps[:7]] == [True] * 6 + [False]
+    log = [json.loads(line) for line in (tmp_path / quality.STEP_LOG).read_text().splitlines()]
+    assert [e["step"] for e in log] == first.calls and all(e["seconds"] == 10 for e in log)
+    capsys.readouterr()
+
+    again = FakeRunner(quality)
+    quality.run_steps(steps, tmp_path, again, clock=clock)
+    assert again.calls == [s.label for s in steps[6:]]  # nothing done twice
+    printed = capsys.readouterr().out
+    assert f"{len(steps)} steps, 6 done already, {len(steps) - 6} to run" in printed
+    assert f"[7/{len(steps)}] {steps[6].label} ... (~3 min 00 s left (estimated))" in printed  # 18 × 10 s
+    third = FakeRunner(quality)
+    quality.run_steps(steps, tmp_path, third, clock=clock)
+    assert third.calls == []
+
+    # each unit's evaluation parts merge into one metrics.json that mtakd report reads
+    merged = json.loads((tmp_path / "skl_mta" / "seed2" / "eval" / "metrics.json").read_text())
+    assert set(merged["sets"]) == {"dev", "sni"} and merged["metrics"] == ["rougeL", "nll", "kl"]
+    assert set(merged["per_prompt"]["dev"]) == {"nll", "tokens", "kl", "rougeL"}
+    assert merged["average"]["nll"] == pytest.approx(np.mean([merged["sets"][s]["nll"] for s in ("dev", "sni")]))
+    report = quality.write_report("smoke", tmp_path, units, "test")
+    assert "| SKL+MTA | 2 |" in report and "| teacher | 1 |" in report
+    assert "### SKL+MTA − SKL: response NLL (nats/token) (training seeds 1, 2)" in report
+    assert "Paired bootstrap over training seeds (2) and prompts" in report
+
+
+def test_estimate_remaining(quality, tmp_path):
+    units = _units(quality, tmp_path)
+    steps = quality.build_steps(units)
+    kinds = [steps[4], steps[5], steps[7]]  # train, tf, rouge
+    assert quality.estimate_remaining(kinds, {}) is None
+    # rouge has no history yet: the mean of every finished step (100 and 10 → 55)
+    assert quality.estimate_remaining(kinds, {"train": [100.0], "tf": [10.0]}) == pytest.approx(165.0)
+
+
+def test_quality_end_to_end_on_a_tiny_model_resumes(quality, tmp_path, tiny_teacher_dir, capsys):
+    """The real step runner: teacher + SKL × 2 training seeds on one set, with a tiny local teacher; a rerun
+    does nothing and the report pairs the seeds."""
+    root = tmp_path / "data"
+    (root / "train").mkdir(parents=True)
+    rows = [json.loads(line) for line in (REPO / "examples" / "data" / "demo.jsonl").read_text().splitlines()][:8]
+    (root / "train" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "train" / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    out = tmp_path / "q"
+    argv = ["--budget", "smoke", "--only", "teacher", "skl", "--sets", "dev", "--train-seeds", "1", "2",
+            "--data-root", str(root), "--out", str(out), "--set", f"teacher.path={tiny_teacher_dir}",
+            "--set", "teacher.package=null", "--set", "student.from_teacher.num_layers=2", "--threads", "1"]
+    assert quality.main(argv) == 0
+    printed = capsys.readouterr().out
+    # teacher (nll, rougeL) + 2 seeds × (train, nll/kl, rougeL)
+    assert "8 steps, 0 done already, 8 to run" in printed and "[8/8] skl seed 2: rougeL on dev" in printed
+    for seed in (1, 2):
+        m = json.loads((out / "skl" / f"seed{seed}" / "eval" / "metrics.json").read_text())
+        assert {"nll", "kl", "mean"} <= set(m["sets"]["dev"]) and len(m["per_prompt"]["dev"]["nll"]) == 3
+        assert json.loads((out / "skl" / f"seed{seed}" / "row.json").read_text())["config"]["training"]["seed"] == seed
+    assert "| SKL | 2 |" in (out / "report.md").read_text()
+    assert quality.main(argv) == 0
+    assert "8 steps, 8 done already, 0 to run" in capsys.readouterr().out

@@ -100,3 +100,74 @@ def test_compare_per_set_and_pooled_and_mismatch(tmp_path):
     rc = json.loads((_fake_run(tmp_path / "c", {"s": b[:59]}) / "metrics.json").read_text())
     with pytest.raises(DataError, match="different numbers of prompts"):
         compare(ra, rc)
+
+
+def _tf_run(path, nll: dict[str, list[float]], kl: dict[str, list[float]] | None = None, rouge=None):
+    """A metrics.json as `mtakd evaluate --metrics [rougeL] nll [kl]` writes it (per-prompt dicts)."""
+    sets, per_prompt = {}, {}
+    for name, v in nll.items():
+        tokens = [10] * len(v)
+        sets[name] = {"n": len(v), "prompts_truncated": 0, "tokens": sum(tokens), "nll": float(np.mean(v)),
+                      "ppl": float(np.exp(np.mean(v)))}
+        per_prompt[name] = {"nll": list(map(float, v)), "tokens": tokens}
+        if kl:
+            sets[name]["kl"] = float(np.mean(kl[name]))
+            per_prompt[name]["kl"] = list(map(float, kl[name]))
+        if rouge:
+            sets[name].update({"mean": float(np.mean(rouge[name])), "std": 0.5, "per_seed": {}, "empty_generations": 0})
+            per_prompt[name]["rougeL"] = list(map(float, rouge[name]))
+    avg = {"nll": float(np.mean([s["nll"] for s in sets.values()]))}
+    if rouge:
+        avg.update(mean=float(np.mean([s["mean"] for s in sets.values()])), std=0.5)
+    path.mkdir(parents=True)
+    (path / "metrics.json").write_text(json.dumps({"model": path.name, "protocol": {}, "sets": sets, "average": avg,
+                                                   "per_prompt": per_prompt, "time_s": 1.0}))
+    return path
+
+
+def test_report_nll_kl_columns_and_bootstrap(tmp_path):
+    """NLL and KL appear as tables; --compare bootstraps them per prompt (here B is lower by 0.3 nats)."""
+    a, b = _paired_scores(n=80, shift=-0.3)
+    a, b = a / 10, b / 10 + 0.3 - 0.03  # per-prompt NLLs around 0.5-6; b − a ≈ −0.03 ± 0.1
+    ra = _tf_run(tmp_path / "skl", {"dolly": a[:40], "sni": a[40:]}, {"dolly": a[:40] / 5, "sni": a[40:] / 5})
+    rb = _tf_run(tmp_path / "mta", {"dolly": b[:40] - 0.3, "sni": b[40:] - 0.3},
+                 {"dolly": b[:40] / 5, "sni": b[40:] / 5})
+    out = tmp_path / "r.md"
+    _cli(["report", str(ra), str(rb), "--out", str(out), "--compare", "skl", "mta", "--bootstrap", "2000"])
+    md = out.read_text()
+    assert "# ROUGE-L" not in md and "# response NLL (nats/token)" in md and "# KL(teacher ‖ model)" in md
+    assert f"| skl | {np.mean(a[:40]):.4f} | {np.mean(a[40:]):.4f} |" in md
+    assert "mta − skl, response NLL" in md and "mta − skl, KL" in md
+    res = compare(report.load_run(ra), report.load_run(rb), n_resamples=2000, metric="nll")
+    assert res["pooled"]["mean_diff"] == pytest.approx(np.mean(b - 0.3 - a))
+    assert res["pooled"]["high"] < 0  # B's NLL is lower: the interval excludes 0
+    assert (tmp_path / "r.png").is_file()
+    # a ROUGE-L-only run next to an NLL run: a "–" where a run lacks the metric, the comparison on the shared one
+    rr = _fake_run(tmp_path / "old", {"dolly": a[:40], "sni": a[40:]})
+    _cli(["report", str(rr), str(ra), "--out", str(out)])
+    md = out.read_text()
+    assert "| old | – | – | – |" in md and "# ROUGE-L" in md
+    with pytest.raises(DataError, match="share no metric"):
+        _cli(["report", str(rr), str(ra), "--out", str(out), "--compare", "old", "skl"])
+
+
+def test_bootstrap_over_seeds_and_prompts():
+    """[seeds, prompts]: the interval widens with the seed-to-seed variation a one-seed bootstrap cannot see."""
+    rng = np.random.default_rng(5)
+    a = rng.uniform(0, 50, size=(3, 200))
+    seed_effect = np.array([[-3.0], [0.5], [3.5]])  # the gain depends on the training seed
+    b = a + 0.3 + seed_effect + rng.normal(0, 1.0, size=(3, 200))
+    two_level = paired_bootstrap(a, b, n_resamples=4000)
+    one_seed = paired_bootstrap(a[0], b[0], n_resamples=4000)
+    pooled = paired_bootstrap(a.ravel(), b.ravel(), n_resamples=4000)  # treating seeds × prompts as prompts
+    assert two_level["seeds"] == 3 and two_level["n"] == 200 and "seeds" not in one_seed
+    assert two_level["mean_diff"] == pytest.approx(np.mean(b - a))
+    assert two_level["low"] < 0 < two_level["high"]  # the seed spread covers 0 ...
+    assert pooled["low"] > 0  # ... which a bootstrap over prompts only would miss
+    assert two_level["high"] - two_level["low"] > 3 * (pooled["high"] - pooled["low"])
+    ra = [{"sets": {"s": {}}, "per_prompt": {"s": {"rougeL": list(row)}}} for row in a]
+    rb = [{"sets": {"s": {}}, "per_prompt": {"s": {"rougeL": list(row)}}} for row in b]
+    res = compare(ra, rb, n_resamples=4000)
+    assert res["s"] == two_level and res["pooled"]["seeds"] == 3
+    with pytest.raises(DataError, match="as many runs"):
+        compare(ra, rb[:2])

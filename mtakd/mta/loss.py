@@ -136,12 +136,26 @@ class MTALoss:
         spans: dict[str, torch.Tensor],
         projectors: nn.ModuleList,
         teacher_weights: torch.Tensor | None = None,
+        teacher_attention_mask: torch.Tensor | None = None,
+        teacher_spans: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """``teacher_weights``: the teacher's w_t ``[L, B, T]`` per key layer, precomputed by
-        :meth:`teacher_importance` (read from a teacher cache); None computes them from ``teacher_hidden``."""
+        :meth:`teacher_importance` (read from a teacher cache); None computes them from ``teacher_hidden``.
+
+        ``teacher_attention_mask`` ``[B, T_T]`` and ``teacher_spans`` (the teacher's own ``word_spans`` /
+        ``phrase_spans`` ``[B, K, T_T]``): the teacher tokenised the text with its own tokenizer
+        (``objective.cross_tokenizer``). Unit k of both sides is the same character span; each model pools its own
+        tokens of a unit with its own importance weights (``weights: uniform``: uniformly), the span weights w^sp
+        are the teacher's (``weights: student``: the student's), and L_Hid is unit-level (docs/method.md)."""
         cfg = self.cfg
         mask = attention_mask.bool()
         members = self._layer_spans(spans)  # [L,B,K,T]
+        cross = None
+        if teacher_spans is not None:
+            cross = (teacher_attention_mask.bool(), self._layer_spans(teacher_spans))  # [B,T_T], [L,B,K,T_T]
+            if cross[1].shape[-2] != members.shape[-2]:
+                raise ValueError(f"the teacher's batch holds {cross[1].shape[-2]} units per sequence and the "
+                                 f"student's {members.shape[-2]}: unit k must be the same span on both sides")
         if cfg.lambda_hid > 0:
             self._check_projectors(student_hidden, teacher_hidden, projectors)
         # key layers are stacked by equal (d_S, d_T): one group for most pairs; OPT with project_out returns a
@@ -153,7 +167,8 @@ class MTALoss:
         dsa, hid = [], []
         for idx in groups.values():
             w_t = teacher_weights[idx] if teacher_weights is not None else None
-            d, h = self._group(idx, student_hidden, teacher_hidden, mask, members[idx], projectors, w_t)
+            t_side = None if cross is None else (cross[0], cross[1][idx])
+            d, h = self._group(idx, student_hidden, teacher_hidden, mask, members[idx], projectors, w_t, t_side)
             dsa.append(d)
             hid.append(h)
         out = {}
@@ -183,8 +198,12 @@ class MTALoss:
         switches (``center_states``, ``sigma``): what the loss computes, and what a teacher cache stores."""
         return importance_weights(teacher_states, mask, center=self.cfg.center_states, sigma=self.cfg.sigma)
 
-    def _group(self, idx, student_hidden, teacher_hidden, mask, members, projectors, teacher_weights=None):
-        """Per-layer (L_DSA, L_Hid), each ``[len(idx)]``, for key layers ``idx`` of equal widths (MTA_SPEC §4–§7)."""
+    def _group(self, idx, student_hidden, teacher_hidden, mask, members, projectors, teacher_weights=None,
+               teacher_side=None):
+        """Per-layer (L_DSA, L_Hid), each ``[len(idx)]``, for key layers ``idx`` of equal widths (MTA_SPEC §4–§7).
+        ``teacher_side``: (mask ``[B,T_T]``, membership ``[L,B,K,T_T]``) of the teacher's own tokenisation."""
+        if teacher_side is not None:
+            return self._cross_group(idx, student_hidden, teacher_hidden, mask, members, projectors, *teacher_side)
         cfg = self.cfg
         keys = [self.key_layers[i] for i in idx]
         hs = _stack(student_hidden, [k.student for k in keys])  # [L,B,T,d_S]
@@ -202,19 +221,59 @@ class MTALoss:
                 w = teacher_weights if teacher_weights is not None else self.teacher_importance(ht, mask)
             w_pool = w_student if w_student is not None else w  # [L,B,T]
         dsa = hid = None
-        if cfg.lambda_dsa > 0:
+        unit_hid = cfg.lambda_hid > 0 and cfg.hid_level == "unit"
+        if cfg.lambda_dsa > 0 or unit_hid:
             with torch.no_grad():
                 units_t, span_w = pool_spans(ht, w, members, aggregation=cfg.span_aggregation)
             units_s, _ = pool_spans(hs, w_pool, members, aggregation=cfg.span_aggregation)
-            dsa = dsa_per_sequence(units_s, units_t, span_w, members.any(-1), distance=cfg.distance, pairs=cfg.pairs)
-            dsa = dsa.mean(-1)  # mean over the batch
-        if cfg.lambda_hid > 0:
+            dsa, hid = self._unit_terms(idx, units_s, units_t, span_w, members.any(-1), projectors, hid=unit_hid)
+        if cfg.lambda_hid > 0 and not unit_hid:
+            if ht.shape[-2] != hs.shape[-2]:
+                raise ValueError("teacher and student states have different lengths: token-level L_Hid needs one "
+                                 "tokenisation (objective.cross_tokenizer needs objective.mta.hid_level: unit)")
             # each W_l through its module's forward, never by reading .weight: DeepSpeed ZeRO-3 gathers a sharded
             # weight only inside the forward of the module that owns it
             proj = torch.stack([projectors[i](h.to(projectors[i].weight.dtype)).to(hs.dtype)
                                 for i, h in zip(idx, hs)])
             hid = hid_per_sequence(proj, ht, w, members.any(-2)).mean(-1)  # [L,B,T,d_T] → [L]
         return dsa, hid
+
+    def _cross_group(self, idx, student_hidden, teacher_hidden, mask, members, projectors, t_mask, t_members):
+        """:meth:`_group` when the teacher tokenised the text itself: unit k is the same character span in both
+        tokenisations, so only units are compared (L_DSA, unit-level L_Hid). Each side pools its own tokens of a
+        unit with its own w (MTA_SPEC §4–§5; ``uniform``: 1/N); w^sp is the teacher's, or the student's with
+        ``weights: student`` — the teacher's w is mapped to the student by unit, never by token."""
+        cfg = self.cfg
+        keys = [self.key_layers[i] for i in idx]
+        hs = _stack(student_hidden, [k.student for k in keys])  # [L,B,T_S,d_S]
+        kw = dict(center=cfg.center_states, sigma=cfg.sigma, uniform=cfg.weights == "uniform")
+        with torch.no_grad():
+            ht = _stack(teacher_hidden, [k.teacher for k in keys])  # [L,B,T_T,d_T]
+            w_s = importance_weights(hs.detach(), mask, **kw)
+            w_t = importance_weights(ht, t_mask, **kw)
+            units_t, span_w = pool_spans(ht, w_t, t_members, aggregation=cfg.span_aggregation)
+        units_s, span_w_s = pool_spans(hs, w_s, members, aggregation=cfg.span_aggregation)
+        if cfg.weights == "student":
+            span_w = span_w_s.detach()
+        real = members.any(-1) & t_members.any(-1)
+        if cfg.lambda_hid > 0 and cfg.hid_level != "unit":
+            raise ValueError("objective.cross_tokenizer needs objective.mta.hid_level: unit (token-level L_Hid "
+                             "compares aligned tokens)")
+        return self._unit_terms(idx, units_s, units_t, span_w, real, projectors, hid=cfg.lambda_hid > 0)
+
+    def _unit_terms(self, idx, units_s, units_t, span_w, real, projectors, hid: bool):
+        """(L_DSA, L_Hid) per layer ``[len(idx)]`` from pooled units ``[L,B,K,d]``: the spec's DSA (§6) and the
+        unit-level L_Hid Σ_k w^sp_k (1 − cos(W_l U^S_k, U^T_k)) (docs/method.md, ``hid_level: unit``)."""
+        cfg = self.cfg
+        dsa = hid_l = None
+        if cfg.lambda_dsa > 0:
+            dsa = dsa_per_sequence(units_s, units_t, span_w, real, distance=cfg.distance, pairs=cfg.pairs).mean(-1)
+        if hid:
+            # W_l is linear without bias: projecting the pooled unit equals pooling the projected tokens
+            proj = torch.stack([projectors[i](u.to(projectors[i].weight.dtype)).to(units_s.dtype)
+                                for i, u in zip(idx, units_s)])
+            hid_l = hid_per_sequence(proj, units_t, span_w, real).mean(-1)
+        return dsa, hid_l
 
     def total(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.cfg.lambda_dsa * parts.get("dsa", 0.0) + self.cfg.lambda_hid * parts.get("hid", 0.0)

@@ -4,6 +4,7 @@ from .base import OBJECTIVES, Objective, TokenDivergence, build_objective, regis
 
 # importing the modules registers them
 from . import akl, fkl, gjsd, js, rkl, sft, skl, srkl, tvd  # noqa: E402,F401
+from . import uld  # noqa: E402,F401  (cross-tokenizer: different vocabularies)
 from . import distillm, distillm2, fdd  # noqa: E402,F401  (bases of the MTA paper)
 
 __all__ = ["OBJECTIVES", "Objective", "TokenDivergence", "build_objective", "register"]

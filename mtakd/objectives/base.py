@@ -10,6 +10,7 @@ tokens, temperature, the token mean and the mix with cross-entropy
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -61,6 +62,12 @@ class Objective:
     needs_teacher: ClassVar[bool] = True
     needs_hidden_states: ClassVar[bool] = False
     needs_models: ClassVar[bool] = False
+    # works when teacher and student tokenise differently (objective.cross_tokenizer): reads no teacher logits
+    # indexed by the student's vocabulary or positions (e.g. ``uld``, ``sft``); False: refused in such a run
+    cross_tokenizer: ClassVar[bool] = False
+    # __call__ takes a HiddenHead in place of either model's logits: with objective.chunk_size > 0 the trainer then
+    # runs the models with logits_to_keep=1 and the LM heads are fused into the chunked loss (docs/scaling.md)
+    accepts_hidden_head: ClassVar[bool] = False
     Options: ClassVar[type | None] = None
 
     def __init__(self, cfg: "ObjectiveConfig"):
@@ -154,12 +161,158 @@ def topk_buckets(s_logp: torch.Tensor, t_logp_k: torch.Tensor, ids: torch.Tensor
     return with_rest(s_logp.gather(-1, ids)), with_rest(_upcast(t_logp_k))
 
 
+@dataclass
+class HiddenHead:
+    """A model's last hidden state ``[B, T, d]`` (after the final norm) with its LM head (hidden → logits): stands
+    in for the model's ``logits`` so that the loss computes the logits one chunk of response positions at a time
+    (``objective.chunk_size``) and the full ``[B, T, V]`` logits are never materialised. The trainer passes it when
+    the forward pass ran with ``logits_to_keep=1`` (docs/scaling.md)."""
+
+    hidden: torch.Tensor
+    head: Callable[[torch.Tensor], torch.Tensor]
+
+
+class _Rows:
+    """One side's response rows, read chunk by chunk: a ``[B, T, ·]`` tensor (logits, or a :class:`HiddenHead`'s
+    hidden state, mapped through its head) at the flat positions ``index``, or a :class:`CachedLogProbs` whose
+    rows already are the response positions, in order."""
+
+    def __init__(self, src, index: torch.Tensor):
+        self.cached = src if isinstance(src, CachedLogProbs) else None
+        self.head = src.head if isinstance(src, HiddenHead) else None
+        x = src.hidden if isinstance(src, HiddenHead) else src
+        self.flat = None if self.cached is not None else x.flatten(0, 1)
+        self.index = index
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        """The source rows ``lo:hi`` (hidden states or logits), outside any graph."""
+        return self.flat.detach().index_select(0, self.index[lo:hi])
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.head is None else self.head(x)
+
+    def chunk(self, lo: int, hi: int):
+        """The teacher's logits of rows ``lo:hi``, or ``(logp, ids)`` of a cache."""
+        if self.cached is not None:
+            ids = None if self.cached.ids is None else self.cached.ids[lo:hi]
+            return self.cached.logp[lo:hi], ids
+        return self.logits(self.rows(lo, hi))
+
+
+class _FusedChunks(torch.autograd.Function):
+    """``Σ_chunks`` of a row loss with its gradients computed chunk by chunk *in the forward pass*, the way fused
+    linear-cross-entropy kernels do: per chunk the student's logits are built, the loss and its gradients with
+    respect to the chunk's input rows and the LM head's parameters are taken at once, and the chunk's ``[C, V]``
+    tensors are freed. The backward pass only scales the stored gradients: nothing is recomputed, and only the
+    gradient buffers (the size of the student's input and of the head) outlive a chunk."""
+
+    @staticmethod
+    def forward(ctx, chunks, s_rows, flat, *params):
+        grad_flat = torch.zeros_like(flat) if flat.requires_grad else None
+        grad_params = [None] * len(params)
+        totals = None
+        with torch.enable_grad():
+            for lo, hi, score in chunks:
+                x = s_rows.rows(lo, hi).requires_grad_(flat.requires_grad)
+                loss, *logged = score(s_rows.logits(x), lo, hi)
+                wrt = ([x] if flat.requires_grad else []) + list(params)
+                grads = list(torch.autograd.grad(loss, wrt, allow_unused=True)) if loss.requires_grad else [None] * len(wrt)
+                if flat.requires_grad:
+                    g = grads.pop(0)
+                    if g is not None:
+                        grad_flat.index_add_(0, s_rows.index[lo:hi], g.to(grad_flat.dtype))
+                for i, g in enumerate(grads):
+                    if g is not None:
+                        grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
+                values = [loss.detach()] + [v.detach() for v in logged]
+                totals = values if totals is None else [a + b for a, b in zip(totals, values)]
+        ctx.grads = (grad_flat, grad_params)
+        ctx.mark_non_differentiable(*totals[1:])
+        return tuple(totals)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        grad_flat, grad_params = ctx.grads
+        ctx.grads = None
+
+        def scale(g):  # the buffers are ours: scaled in place
+            return None if g is None else g.mul_(grad_loss.to(g.dtype))
+
+        return (None, None, scale(grad_flat), *[scale(g) for g in grad_params])
+
+
+def chunked_row_loss(student, teacher, mask: torch.Tensor, score, chunk_size: int, n_logged: int = 0):
+    """``(Σ of score's loss, Σ of each of its n_logged logged values)`` over the response rows (positions ``t`` with
+    ``mask[b, t]``, which predict token ``t + 1``), ``chunk_size`` rows at a time (0: all at once).
+
+    ``student``: the student's ``[B, T, V]`` logits or a :class:`HiddenHead`; ``teacher``: the teacher's logits, a
+    :class:`HiddenHead`, a :class:`CachedLogProbs` or None (teacher logits are computed and read under ``no_grad``).
+    ``score(s_logits [C, V], t_chunk, lo, hi) -> (loss_sum, *logged_sums)`` scores rows ``lo:hi``; ``s_logits`` is
+    the student's logits of those rows (not yet upcast), ``t_chunk`` the teacher's (``(logp, ids)`` of a cache; None
+    without a teacher). Gradients equal those of the unchunked computation (:class:`_FusedChunks`); a student
+    :class:`HiddenHead` gets gradients in its hidden state and its head's parameters, and its full logits are
+    never built."""
+    b, t1 = mask.shape
+    width = (student.hidden if isinstance(student, HiddenHead) else student).shape[1]
+    index = (torch.arange(b, device=mask.device)[:, None] * width + torch.arange(t1, device=mask.device))[mask]
+    n = index.numel()
+    s_rows = _Rows(student, index)
+    t_rows = None if teacher is None else _Rows(teacher, index)
+
+    def with_teacher(s_logits, lo, hi):
+        tc = None
+        if t_rows is not None:
+            with torch.no_grad():
+                tc = t_rows.chunk(lo, hi)
+        return score(s_logits, tc, lo, hi)
+
+    size = chunk_size if chunk_size > 0 else max(n, 1)
+    chunks = [(lo, min(lo + size, n), with_teacher) for lo in range(0, n, size)]
+    flat = s_rows.flat
+    params = [] if s_rows.head is None else [p for p in _parameters(s_rows.head) if p.requires_grad]
+    if not chunks:
+        zero = flat.sum() * 0.0
+        return (zero, *[zero.detach()] * n_logged)
+    if torch.is_grad_enabled() and (flat.requires_grad or params):
+        return _FusedChunks.apply(chunks, s_rows, flat, *params)
+    totals = None
+    with torch.no_grad():
+        for lo, hi, fn in chunks:
+            values = [v.detach() for v in fn(s_rows.logits(s_rows.rows(lo, hi)), lo, hi)]
+            totals = values if totals is None else [a + c for a, c in zip(totals, values)]
+    return tuple(totals)
+
+
+def chunked_cross_entropy(student, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """:func:`cross_entropy` from logits or a :class:`HiddenHead`, ``chunk_size`` response positions at a time."""
+    if not isinstance(student, HiddenHead) and chunk_size <= 0:
+        return cross_entropy(student, labels)
+    mask, targets = response_positions(labels)
+    y = targets[mask]
+
+    def score(z, _, lo, hi):
+        return (F.cross_entropy(_upcast(z), y[lo:hi], reduction="sum"),)
+
+    return chunked_row_loss(student, None, mask, score, chunk_size)[0] / max(int(y.numel()), 1)
+
+
+def _parameters(head) -> list[torch.Tensor]:
+    """The parameters an LM head uses (a module's, or a bound method's module's)."""
+    module = head if isinstance(head, torch.nn.Module) else getattr(head, "__self__", None)
+    return list(module.parameters()) if isinstance(module, torch.nn.Module) else []
+
+
 class TokenDivergence(Objective):
     """Token-level KD: mean over response positions of ``divergence(student, teacher)``, mixed with CE.
 
     With a teacher cache (:class:`CachedLogProbs` in place of the teacher's logits), the full-vocabulary cache
     gives the same loss as the online teacher; a top-k cache compares the two distributions on the teacher's
-    top-k tokens plus one bucket for the rest of the vocabulary (:func:`topk_buckets`)."""
+    top-k tokens plus one bucket for the rest of the vocabulary (:func:`topk_buckets`).
+
+    CE and KD are computed ``objective.chunk_size`` response positions at a time (:meth:`base_loss`), from either
+    model's logits or its last hidden state and LM head (:class:`HiddenHead`)."""
+
+    accepts_hidden_head = True
 
     def teacher_cache_use(self) -> str:
         return "full"
@@ -170,9 +323,47 @@ class TokenDivergence(Objective):
         same outcomes works on both."""
         raise NotImplementedError
 
-    def kd_loss(self, s_logits: torch.Tensor, t_logits, labels: torch.Tensor) -> torch.Tensor:
+    def _chunked(self, student, teacher) -> bool:
+        return self.cfg.chunk_size > 0 or isinstance(student, HiddenHead) or isinstance(teacher, HiddenHead)
+
+    def base_loss(self, student, teacher, labels: torch.Tensor, kd_ratio: float | None = None, with_ce: bool = True):
+        """``(L_base, CE, KD)`` — ``L_base = (1 − kd_ratio)·CE + kd_ratio·KD``, CE and KD token means over the response
+        positions — computed ``objective.chunk_size`` positions at a time (:func:`chunked_row_loss`): the student's
+        CE and every divergence need only one chunk's ``[C, V]`` tensors at once, with the gradients of the unchunked
+        computation. ``student``: logits or a :class:`HiddenHead` (the LM head fused into the loss); ``teacher``:
+        logits, a :class:`HiddenHead` or a :class:`CachedLogProbs`. Chunk size 0 with logits on both sides: the
+        unchunked computation (:func:`cross_entropy`, :meth:`kd_loss`)."""
+        r = self.cfg.kd_ratio if kd_ratio is None else kd_ratio
+        if not self._chunked(student, teacher):
+            ce = cross_entropy(student, labels) if with_ce else student.sum() * 0.0
+            kd = self.kd_loss(student, teacher, labels)
+            return (1 - r) * ce + r * kd, ce, kd
+        mask, targets = response_positions(labels)
+        y = targets[mask]
+        tau = self.cfg.temperature
+
+        def score(z, tc, lo, hi):
+            z = _upcast(z)
+            s = z / tau
+            if isinstance(tc, tuple) and tc[1] is not None:  # top-k cache: the (k+1)-bucket distributions
+                kd = self.divergence(*topk_buckets(F.log_softmax(s, -1), tc[0], tc[1])).sum()
+            else:
+                t = _upcast(tc[0] if isinstance(tc, tuple) else tc) / tau
+                v = min(s.shape[-1], t.shape[-1])  # padded embedding rows: the shared vocabulary
+                kd = self.divergence(F.log_softmax(s[:, :v], -1), F.log_softmax(t[:, :v], -1)).sum()
+            ce = F.cross_entropy(z, y[lo:hi], reduction="sum") if with_ce else kd.detach() * 0.0
+            return (1 - r) * ce + r * kd, ce, kd
+
+        loss, ce, kd = chunked_row_loss(student, teacher, mask, score, self.cfg.chunk_size, n_logged=2)
+        n = max(int(y.numel()), 1)
+        return loss / n, ce / n, kd / n
+
+    def kd_loss(self, s_logits, t_logits, labels: torch.Tensor) -> torch.Tensor:
         """Mean divergence over response positions; ``t_logits``: the teacher's ``[B, T, V]`` logits, or a
-        :class:`CachedLogProbs` from a teacher cache."""
+        :class:`CachedLogProbs` from a teacher cache. Chunked (``objective.chunk_size``, :meth:`base_loss`) unless
+        the chunk size is 0 and both sides are logits."""
+        if self._chunked(s_logits, t_logits):
+            return self.base_loss(s_logits, t_logits, labels, kd_ratio=1.0, with_ce=False)[0]  # differentiable: = KD
         mask, _ = response_positions(labels)
         # only response positions are gathered: [N, V] instead of [B, T, V]
         s = _upcast(s_logits[:, :-1][mask]) / self.cfg.temperature
@@ -193,8 +384,5 @@ class TokenDivergence(Objective):
         return self.divergence(F.log_softmax(s, -1), F.log_softmax(t, -1)).mean()
 
     def __call__(self, student_out, teacher_out, batch):
-        labels = batch["labels"]
-        ce = cross_entropy(student_out.logits, labels)
-        kd = self.kd_loss(student_out.logits, teacher_out.logits, labels)
-        r = self.cfg.kd_ratio
-        return {"loss": (1 - r) * ce + r * kd, "ce": ce.detach(), "kd": kd.detach()}
+        loss, ce, kd = self.base_loss(student_out.logits, teacher_out.logits, batch["labels"])
+        return {"loss": loss, "ce": ce.detach(), "kd": kd.detach()}

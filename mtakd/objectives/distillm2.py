@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import Objective, _upcast, cross_entropy, register
+from .base import HiddenHead, Objective, _upcast, chunked_row_loss, cross_entropy, register
 from .gjsd import kl, log_mixture
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,41 @@ def distillm2_divergences(
     return out[0], out[1]
 
 
+def distillm2_chunked(
+    student, teacher, labels: torch.Tensor, n_pairs: int, *, teacher_alpha: float, student_alpha: float,
+    temperature: float, detach_mixture: bool, beta: float, kd_ratio: float, chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(L_base, CE, SKL, SRKL)`` of :func:`distillm2_divergences` and :class:`DistiLLM2`, computed ``chunk_size``
+    response positions at a time (:func:`~mtakd.objectives.base.chunked_row_loss`): each position's per-sequence
+    mean is a fixed weight ``1 / (tokens of its response · responses of its side)``, so the loss is a weighted sum
+    over positions with the unchunked gradients. ``student``/``teacher``: logits or
+    :class:`~mtakd.objectives.base.HiddenHead`."""
+    mask = labels[:, 1:].ne(-100)
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[mask]
+    counts = mask.sum(1).to(torch.float64)
+    on_teacher = rows < n_pairs
+    valid = counts > 0
+    n_valid = torch.stack([valid[:n_pairs].sum(), valid[n_pairs:].sum()]).clamp_min(1).to(torch.float64)
+    weight = 1.0 / (counts[rows] * n_valid[(~on_teacher).long()])
+    ce_weight = on_teacher.to(torch.float64) / max(int(on_teacher.sum()), 1)
+    y = labels[:, 1:][mask]
+
+    def score(z, t, lo, hi):
+        z = _upcast(z)
+        s, t = z / temperature, _upcast(t) / temperature
+        v = min(s.shape[-1], t.shape[-1])
+        s_logp, t_logp = F.log_softmax(s[:, :v], -1), F.log_softmax(t[:, :v], -1)
+        pick, w = on_teacher[lo:hi], weight[lo:hi].to(s.dtype)
+        skl = (w[pick] * kl(t_logp[pick], log_mixture(t_logp[pick], s_logp[pick], teacher_alpha))).sum()
+        sl = s_logp[~pick]
+        mix_q = sl.detach() if detach_mixture else sl
+        srkl = (w[~pick] * kl(sl, log_mixture(mix_q, t_logp[~pick], student_alpha))).sum()
+        ce = (ce_weight[lo:hi].to(z.dtype) * F.cross_entropy(z, y[lo:hi], reduction="none")).sum()
+        return (1 - kd_ratio) * ce + kd_ratio * ((2 - beta) * skl + beta * srkl), ce, skl, srkl
+
+    return chunked_row_loss(student, teacher, mask, score, chunk_size, n_logged=3)
+
+
 @dataclass
 class PairExample:
     """One prompt with its teacher-response and student-response sequences (spans on the teacher's only)."""
@@ -136,6 +171,7 @@ class DistiLLM2(Objective):
     """DistiLLM-2: SKL on teacher responses + SRKL on student responses (contrastive)."""
 
     Options = DistiLLM2Options
+    accepts_hidden_head = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -179,6 +215,17 @@ class DistiLLM2(Objective):
         labels = batch["labels"]
         n = labels.shape[0] // 2
         alpha = self.cfg.skew_alpha
+        chunked = self.cfg.chunk_size > 0 or isinstance(student_out.logits, HiddenHead)
+        if chunked:
+            beta = self.beta()
+            loss, ce, skl, srkl = distillm2_chunked(
+                student_out.logits, teacher_out.logits, labels, n,
+                teacher_alpha=self.opts.teacher_alpha or alpha, student_alpha=self.opts.student_alpha or alpha,
+                temperature=self.cfg.temperature, detach_mixture=self.opts.detach_mixture, beta=beta,
+                kd_ratio=self.cfg.kd_ratio, chunk_size=self.cfg.chunk_size,
+            )
+            kd = (2 - beta) * skl + beta * srkl
+            return {"loss": loss, "ce": ce.detach(), "kd": kd.detach(), "skl": skl.detach(), "srkl": srkl.detach()}
         skl, srkl = distillm2_divergences(
             student_out.logits, teacher_out.logits, labels, n,
             teacher_alpha=self.opts.teacher_alpha or alpha, student_alpha=self.opts.student_alpha or alpha,

@@ -52,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from .base import Objective, TokenDivergence, _upcast, cross_entropy, register, response_positions
+from .base import Objective, TokenDivergence, _upcast, register, response_positions
 
 
 class FDDOptions(BaseModel):
@@ -242,10 +242,9 @@ class FDD(Objective):
 
     def __call__(self, student_out, teacher_out, batch, student=None, teacher=None):
         labels = batch["labels"]
-        ce = cross_entropy(student_out.logits, labels)
-        kd = self.kd.kd_loss(student_out.logits, teacher_out.logits, labels)
+        # CE and the logit KD: chunked over response positions (objective.chunk_size) like the token divergences
+        loss, ce, kd = self.kd.base_loss(student_out.logits, teacher_out.logits, labels)
         r = self.cfg.kd_ratio
-        loss = (1 - r) * ce + r * kd
         parts = {"ce": ce.detach(), "kd": kd.detach()}
         want = self.opts.layer_weight > 0 or self.opts.delta_weight > 0
         if want and student is not None and teacher is not None:
