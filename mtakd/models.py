@@ -354,3 +354,12 @@ def save_student(model: nn.Module, tokenizer, out_dir: str | os.PathLike, extra_
     finally:
         model._modules.update(detached)
     return out
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under DDP/DeepSpeed (``.module``) and PEFT (``get_base_model``) wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model

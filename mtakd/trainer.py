@@ -21,8 +21,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from .errors import NonFiniteLossError  # noqa: F401  (raised here; the CLI reports it as a user-facing error)
 from .mta.loss import PROJECTORS, MTALoss
 from .objectives import Objective
+from .models import unwrap
 from .objectives.base import CachedLogProbs, HiddenHead
-from .objectives.fdd import unwrap as fdd_unwrap
 
 logger = logging.getLogger(__name__)
 SPAN_KEYS = ("word_spans", "phrase_spans")
@@ -152,7 +152,7 @@ class DistillTrainer(Trainer):
                 a, b = got.head(got.hidden[:, -1]).float(), out.logits[:, -1].float()
                 if a.shape != b.shape or not torch.allclose(a, b, rtol=0.05, atol=0.05 * float(b.abs().max().clamp_min(1))):
                     logger.warning("the LM head of %s does not reproduce its logits from the last hidden state: "
-                                   "the chunked loss reads full logits instead", type(fdd_unwrap(m)).__name__)
+                                   "the chunked loss reads full logits instead", type(unwrap(m)).__name__)
                     self._fuse = False
                     return False
         return True
@@ -346,13 +346,13 @@ class DistillTrainer(Trainer):
 
 def _hidden_view(model, out):
     """``out`` with a :class:`HiddenHead` (last hidden state, LM head) in place of its logits."""
-    head = fdd_unwrap(model).get_output_embeddings()
+    head = unwrap(model).get_output_embeddings()
     return types.SimpleNamespace(logits=HiddenHead(out.hidden_states[-1], head), hidden_states=out.hidden_states)
 
 
 def _plain_head(model) -> bool:
     """The model's forward accepts ``logits_to_keep`` and its logits are just ``head(last hidden state)``."""
-    inner = fdd_unwrap(model)
+    inner = unwrap(model)
     if "logits_to_keep" not in inspect.signature(inner.forward).parameters or inner.get_output_embeddings() is None:
         return False
     cfg = getattr(inner, "config", None)

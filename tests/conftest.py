@@ -36,6 +36,20 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def no_hub(tmp_path, monkeypatch):
+    """Any download from the model hub fails the test; the working directory is ``tmp_path`` with a ``runs/``."""
+    import transformers.utils.hub
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model hub was asked")
+
+    for name in ("hf_hub_download", "snapshot_download"):
+        monkeypatch.setattr(transformers.utils.hub, name, refuse)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+
+
 def run_subcommand(module, argv: list[str]):
     """Run one `mtakd` subcommand through its module's own ``add_parser``; user errors propagate (unlike
     ``mtakd.cli.main``, which turns them into exit code 2)."""

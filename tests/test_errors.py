@@ -98,19 +98,10 @@ def test_a_directory_without_config_and_a_missing_directory(tmp_path, make_confi
 
 
 @pytest.mark.parametrize("role", ["teacher", "student"])
-def test_a_missing_local_directory_that_looks_like_a_hub_id(tmp_path, make_config, capsys, monkeypatch, role):
+def test_a_missing_local_directory_that_looks_like_a_hub_id(tmp_path, make_config, capsys, no_hub, role):
     """`runs/nothing` next to a `runs/` directory is a missing local directory, not a hub model to download
     (before: a failed connection to the hub). (--dry-run still reports a missing source as unresolved: a
     pipeline's next config names a directory that its previous step has not written yet.)"""
-    import transformers.utils.hub
-
-    def no_hub(*args, **kwargs):
-        raise AssertionError("the model hub was asked")
-
-    for name in ("hf_hub_download", "snapshot_download"):
-        monkeypatch.setattr(transformers.utils.hub, name, no_hub)
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "runs").mkdir()
     cfg = make_config(**({"teacher": {"path": "runs/nothing"}} if role == "teacher" else {"student": "runs/nothing"}))
     err = _fails(capsys, "--config", cfg)
     assert f"runs/nothing: model directory not found: {tmp_path / 'runs' / 'nothing'} does not exist" in err

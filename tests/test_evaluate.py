@@ -230,18 +230,9 @@ def test_missing_reference_names_file_and_line(tmp_path, bad):
               str(tmp_path / "o")])
 
 
-def test_missing_local_model_directory_is_named_without_contacting_the_hub(tmp_path, monkeypatch):
+def test_missing_local_model_directory_is_named_without_contacting_the_hub(tmp_path, no_hub):
     """`--model runs/nothing` next to a `runs/` directory is a local path: say it does not exist (before, the
     hub was asked for a model "runs/nothing" and the error was a failed connection)."""
-    import transformers.utils.hub
-
-    def no_hub(*args, **kwargs):
-        raise AssertionError("the model hub was asked")
-
-    for name in ("hf_hub_download", "snapshot_download"):
-        monkeypatch.setattr(transformers.utils.hub, name, no_hub)
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "runs").mkdir()
     data = _write_jsonl(tmp_path / "s.jsonl", [{"instruction": "Name a dog.", "output": "Rex"}])
     from mtakd.models import ModelError
 

@@ -52,6 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from ..models import unwrap
 from .base import Objective, TokenDivergence, _upcast, register, response_positions
 
 
@@ -177,15 +178,6 @@ def fdd_terms(s_points, t_points, s_maps, t_maps, divergence, *, temperature: fl
 
 # ----------------------------------------------------------------------------------- LM heads
 _NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model under DDP/DeepSpeed (``.module``) and PEFT (``get_base_model``) wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
 
 
 def logit_lens(model: nn.Module, final_norm: bool = True):
