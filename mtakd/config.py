@@ -121,8 +121,8 @@ class FromTeacher(_Strict):
 
     @model_validator(mode="after")
     def _one_of(self):
-        if self.num_layers is not None and self.layers is not None or not (
-                self.num_layers or self.layers or self.width_targets()):
+        both = self.num_layers is not None and self.layers is not None
+        if both or not (self.num_layers or self.layers or self.width_targets()):
             raise ValueError("from_teacher: give exactly one of `num_layers` or `layers`, or omit both and give a "
                              f"width target ({', '.join(WIDTH_TARGETS)}) to keep every block")
         if self.layers is not None:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError, FromTeacher, RunConfig, add_config_command, load_config
+from .metrics import response_nll
 from .models import ModelError, block_list, even_layers, plain_copy, select_student
 
 log = logging.getLogger(__name__)
@@ -450,15 +451,6 @@ def batches(examples, pad_token_id: int, batch_size: int) -> list[dict]:
     return [collate(order[i: i + batch_size]) for i in range(0, len(order), batch_size)]
 
 
-def response_nll(model: nn.Module, batch_list: list[dict]) -> float:
-    """Teacher-forced NLL in nats per response token (labels ≠ −100): :func:`mtakd.metrics.response_nll`, the
-    implementation ``mtakd evaluate --metrics nll`` uses."""
-    from .metrics import response_nll as nll
-
-    return nll(model, batch_list)
-
-
-# --------------------------------------------------------------------------------------- builder
 def build_student(cfg: RunConfig, teacher: nn.Module, tokenizer, *, progress: bool = True,
                   examples=None) -> tuple[nn.Module, dict]:
     """(student, report): the teacher's chosen blocks, pruned to the width targets of ``student.from_teacher``.

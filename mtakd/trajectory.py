@@ -35,6 +35,7 @@ from torch import nn
 from .config import ConfigError, MTAConfig, ModelSource, RunConfig, add_config_command, load_config
 from .mta.functional import dsa_per_sequence, hid_per_sequence, importance_weights, pool_spans
 from .mta.layers import KeyLayer, phi, resolve_key_layers
+from .mta.loss import _stack, token_weights
 
 log = logging.getLogger(__name__)
 
@@ -69,20 +70,6 @@ def layer_pairs(n_student: int, n_teacher: int, key_layers: list[KeyLayer] = ())
 
 
 # ------------------------------------------------------------------------------------ metrics
-def _stack(states, layers: list[int]) -> torch.Tensor:
-    return torch.stack([states[l] for l in layers]).float()  # [L,B,T,d]
-
-
-def importance(hs: torch.Tensor, ht: torch.Tensor, mask: torch.Tensor, cfg: MTAConfig):
-    """(w, w_pool) ``[L,B,T]`` as MTALoss reads ``mta.weights`` (MTA_SPEC §4–§5); ``uniform`` reads as the
-    teacher's weights here, the uniform variant being measured on its own."""
-    mode = "teacher" if cfg.weights == "uniform" else cfg.weights
-    kw = dict(center=cfg.center_states, sigma=cfg.sigma)
-    w_student = importance_weights(hs, mask, **kw) if mode in ("student", "student_pooling") else None
-    w = w_student if mode == "student" else importance_weights(ht, mask, **kw)
-    return w, (w_student if w_student is not None else w)
-
-
 def cka_per_example(hs: torch.Tensor, ht: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Linear CKA ``[..., B]`` of each sequence over its ``tokens`` (``[B,T]`` bool), in float64:
     ⟨K, L⟩ / (‖K‖ ‖L‖) with K = X̄X̄ᵀ, L = ȲȲᵀ the Gram matrices of the centred states (= ‖X̄ᵀȲ‖² / (‖X̄ᵀX̄‖ ‖ȲᵀȲ‖)).
@@ -131,7 +118,8 @@ class Meter:
         response = mask & (batch["labels"] != -100)
         hs = _stack(student_hidden, [p.student for p in self.pairs])
         ht = _stack(teacher_hidden, [p.teacher for p in self.pairs]).to(hs.device)
-        w, w_pool = importance(hs, ht, mask, cfg)
+        # ``uniform`` reads as the teacher's weights here: the uniform variant is measured on its own
+        w, w_pool = token_weights(cfg, hs, ht, mask, weights="teacher" if cfg.weights == "uniform" else None)
         uniform = importance_weights(ht, mask, uniform=True)
         members = {g: batch[f"{g}_spans"].to(hs.device) for g in GRANULARITIES}
         for g, m in members.items():

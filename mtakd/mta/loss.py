@@ -29,6 +29,23 @@ def _stack(states: tuple[torch.Tensor, ...], layers: list[int]) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def token_weights(cfg: MTAConfig, hs: torch.Tensor, ht: torch.Tensor, mask: torch.Tensor, *,
+                  weights: str | None = None, teacher_weights: torch.Tensor | None = None):
+    """(w, w_pool) ``[L,B,T]`` for ``mta.weights`` (or ``weights``), MTA_SPEC §4–§5: w pools the teacher's units and
+    weighs w^sp and L_Hid, w_pool pools the student's units. ``teacher_weights``: the teacher's w, precomputed (a
+    teacher cache). Call under no_grad."""
+    mode = weights or cfg.weights
+    kw = dict(center=cfg.center_states, sigma=cfg.sigma)
+    w_student = importance_weights(hs.detach(), mask, **kw) if mode in ("student", "student_pooling") else None
+    if mode == "student":
+        w = w_student
+    elif mode == "uniform":
+        w = importance_weights(ht, mask, uniform=True, **kw)
+    else:
+        w = teacher_weights if teacher_weights is not None else importance_weights(ht, mask, **kw)
+    return w, (w_student if w_student is not None else w)
+
+
 class MTALoss:
     def __init__(self, cfg: MTAConfig, key_layers: list[KeyLayer]):
         if not key_layers:
@@ -207,19 +224,9 @@ class MTALoss:
         cfg = self.cfg
         keys = [self.key_layers[i] for i in idx]
         hs = _stack(student_hidden, [k.student for k in keys])  # [L,B,T,d_S]
-        kw = dict(center=cfg.center_states, sigma=cfg.sigma)
         with torch.no_grad():
             ht = _stack(teacher_hidden, [k.teacher for k in keys])  # [L,B,T,d_T]
-            # w: teacher pooling, w^sp and L_Hid; w_pool: the student's pooling (MTA_SPEC §5)
-            own = cfg.weights in ("student", "student_pooling")
-            w_student = importance_weights(hs.detach(), mask, **kw) if own else None
-            if cfg.weights == "student":
-                w = w_student
-            elif cfg.weights == "uniform":
-                w = importance_weights(ht, mask, uniform=True, **kw)
-            else:
-                w = teacher_weights if teacher_weights is not None else self.teacher_importance(ht, mask)
-            w_pool = w_student if w_student is not None else w  # [L,B,T]
+            w, w_pool = token_weights(cfg, hs, ht, mask, teacher_weights=teacher_weights)  # [L,B,T]
         dsa = hid = None
         unit_hid = cfg.lambda_hid > 0 and cfg.hid_level == "unit"
         if cfg.lambda_dsa > 0 or unit_hid:
