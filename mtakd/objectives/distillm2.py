@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import HiddenHead, Objective, _upcast, chunked_row_loss, cross_entropy, register
+from .base import HiddenHead, Objective, _upcast, chunked_row_loss, cross_entropy, register, response_positions
 from .gjsd import kl, log_mixture
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def distillm2_divergences(
     """(SKL on the teacher responses, SRKL on the student responses), each a mean over sequences of the
     per-sequence token mean. Rows ``[0, n_pairs)`` of the ``[2·n_pairs, T, V]`` logits are teacher-response
     sequences, rows ``[n_pairs, 2·n_pairs)`` student-response ones; ``labels`` are −100 off the responses."""
-    mask = labels[:, 1:].ne(-100)
+    mask, _ = response_positions(labels)
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[mask]
     s = _upcast(s_logits[:, :-1][mask]) / temperature
     t = _upcast(t_logits[:, :-1][mask]).detach() / temperature
@@ -105,7 +105,7 @@ def distillm2_chunked(
     mean is a fixed weight ``1 / (tokens of its response · responses of its side)``, so the loss is a weighted sum
     over positions with the unchunked gradients. ``student``/``teacher``: logits or
     :class:`~mtakd.objectives.base.HiddenHead`."""
-    mask = labels[:, 1:].ne(-100)
+    mask, targets = response_positions(labels)
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[mask]
     counts = mask.sum(1).to(torch.float64)
     on_teacher = rows < n_pairs
@@ -113,7 +113,7 @@ def distillm2_chunked(
     n_valid = torch.stack([valid[:n_pairs].sum(), valid[n_pairs:].sum()]).clamp_min(1).to(torch.float64)
     weight = 1.0 / (counts[rows] * n_valid[(~on_teacher).long()])
     ce_weight = on_teacher.to(torch.float64) / max(int(on_teacher.sum()), 1)
-    y = labels[:, 1:][mask]
+    y = targets[mask]
 
     def score(z, t, lo, hi):
         z = _upcast(z)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Objective, _upcast, cross_entropy, register, response_positions
+from .base import Objective, _upcast, chunked_cross_entropy, register, response_positions
 
 
 def aligned_response_positions(s_labels: torch.Tensor, t_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +65,7 @@ class ULD(Objective):
 
     def __call__(self, student_out, teacher_out, batch):
         labels = batch["labels"]
-        ce = cross_entropy(student_out.logits, labels)
+        ce = chunked_cross_entropy(student_out.logits, labels, self.cfg.chunk_size)
         kd = self.kd_loss(student_out.logits, teacher_out.logits, labels, batch.get("teacher_labels", labels))
         r = self.cfg.kd_ratio
         return {"loss": (1 - r) * ce + r * kd, "ce": ce.detach(), "kd": kd.detach()}
