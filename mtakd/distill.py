@@ -444,6 +444,8 @@ def _split_projectors(model_dir: Path, prefix: str) -> dict:
 
 # ------------------------------------------------------------------------------------------ CLI
 def _cmd_distill(args) -> int:
+    if args.resume is not None and "=" in args.resume:  # `--resume key=value`: an override, not a checkpoint
+        args.overrides, args.resume = [*args.overrides, args.resume], "latest"
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         print(json.dumps({**cfg.model_dump(mode="json"), "resolved": resolve(cfg)}, indent=2))
@@ -491,7 +493,8 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON, load no weights")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from the latest checkpoint of training.output_dir (or the one given)")
+                   help="continue from the latest checkpoint of training.output_dir (or the one given; an argument "
+                   "with '=' is read as an override)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in training.output_dir")
     p.set_defaults(func=_cmd_distill)
 

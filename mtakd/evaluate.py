@@ -14,9 +14,10 @@ Protocol (the defaults)
       rule as :mod:`mtakd.data`), limited to 256 tokens by dropping tokens from the *start* (the end holds
       the response cue); such prompts are counted (``prompts_truncated``). At most 256 new tokens are
       generated, so prompt + response stays within 512 tokens; generation stops at EOS.
-    * Prompts are sorted by length into left-padded batches; results are written in input order. A
-      sequence that has produced EOS leaves its batch (:func:`decode_batch`): greedy outputs equal those of
-      ``transformers``' ``generate`` on each prompt alone.
+    * Prompts are sorted by length and decoded ``batch_size`` rows at a time, left-padded; results are written
+      in input order. A sequence that has produced EOS leaves the batch and the next prompt takes its row
+      (continuous batching, :func:`generate`): greedy outputs equal those of ``transformers``' ``generate`` on
+      each prompt alone; sampled ones are reproducible per seed and batch size.
 
 Scoring
     ROUGE-L F1 × 100 from the ``rouge-score`` package, ``RougeScorer(["rougeL"], use_stemmer=True)``,
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -168,6 +170,109 @@ def _position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
+def _check_decoding(gen_config) -> None:
+    if gen_config.do_sample and (gen_config.temperature, gen_config.top_p, gen_config.top_k) != (1.0, 1.0, 0):
+        raise ConfigError("decode_batch samples at temperature 1, top-p 1, no top-k only (the evaluation protocol); "
+                          f"got temperature {gen_config.temperature}, top_p {gen_config.top_p}, top_k {gen_config.top_k}")
+
+
+def _next_tokens(logits: torch.Tensor, gen_config) -> torch.Tensor:
+    logits = logits.float()
+    return torch.multinomial(logits.softmax(-1), 1)[:, 0] if gen_config.do_sample else logits.argmax(-1)
+
+
+def _splice_caches(cache, new, width: int) -> None:
+    """Rows of the prefilled cache ``new`` appended to ``cache`` (after its rows); both are left-padded to
+    ``width`` positions first (zero keys and values at masked positions; RoPE is already in the keys)."""
+    import torch.nn.functional as F
+
+    for a, b in zip(cache.layers, new.layers):
+        keys, values = [], []
+        for layer in (a, b):
+            pad = width - layer.keys.shape[-2]
+            keys.append(F.pad(layer.keys, (0, 0, pad, 0)) if pad else layer.keys)
+            values.append(F.pad(layer.values, (0, 0, pad, 0)) if pad else layer.values)
+        a.keys, a.values = torch.cat(keys), torch.cat(values)
+
+
+def _decode_stream(model, prompt_ids: list[list[int]], gen_config, rows: int, pad_id: int):
+    """Yields ``(i, tokens)``: the new tokens of ``prompt_ids[i]`` up to and including its first EOS, as each
+    sequence finishes. At most ``rows`` sequences are decoded at once, in one left-padded batch sharing a
+    ``DynamicCache``; a finished sequence leaves the batch at once and, while prompts remain, the free rows are
+    refilled with the next prompts in the given order (continuous batching): the new prompts are prefilled as a
+    left-padded batch of their own, then their cache rows are spliced into the running cache, the shorter side
+    left-padded so that both end at the same column. Every row keeps its own positions (counted from its first
+    real token) and the attention mask hides the padding, so each sequence is computed as if decoded alone;
+    leading columns that are padding in every row are cut."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    _check_decoding(gen_config)
+    eos = torch.tensor(gen_config.eos_token_id if isinstance(gen_config.eos_token_id, list)
+                       else [gen_config.eos_token_id])
+    max_new = gen_config.max_new_tokens
+    device = next(model.parameters()).device
+    eos = eos.to(device)
+    queue = list(range(len(prompt_ids)))[::-1]  # next prompt at the end
+    slots: list[int] = []  # prompt index of each batch row
+    out: dict[int, list[int]] = {}
+    cache = mask = pos = nxt = None
+    refill = True
+    if max_new < 1:
+        yield from ((i, []) for i in range(len(prompt_ids)))
+        return
+    while queue or slots:
+        if queue and (not slots or refill and len(slots) < rows):  # prefill the next prompts, splice them in
+            new = [queue.pop() for _ in range(min(rows - len(slots), len(queue)))]
+            first = len(slots)  # rows from here on have a new token
+            inputs = _left_pad([prompt_ids[i] for i in new], pad_id, device)
+            new_cache = DynamicCache(config=model.config)
+            new_mask = inputs["attention_mask"]
+            new_pos = _position_ids(new_mask)
+            logits = model(input_ids=inputs["input_ids"], attention_mask=new_mask, position_ids=new_pos,
+                           cache=new_cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            new_nxt, new_pos = _next_tokens(logits, gen_config), new_pos[:, -1:] + 1
+            if cache is None:
+                cache, mask, pos, nxt = new_cache, new_mask, new_pos, new_nxt
+                # other layer types (sliding windows, ...) cannot be spliced: no refill, rows only leave
+                refill = all(type(layer) is DynamicLayer for layer in cache.layers)
+            else:
+                width = max(mask.shape[1], new_mask.shape[1])
+                _splice_caches(cache, new_cache, width)
+                mask = torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in (mask, new_mask)])
+                pos, nxt = torch.cat([pos, new_pos]), torch.cat([nxt, new_nxt])
+            slots += new
+            for i in new:
+                out[i] = []
+        else:  # one decoding step of every row
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=cache,
+                           use_cache=True, logits_to_keep=1).logits[:, -1]
+            nxt, pos, first = _next_tokens(logits, gen_config), pos + 1, 0
+        # nxt[first:] are new tokens: record them; finished rows leave
+        for i, t in zip(slots[first:], nxt[first:].tolist()):
+            out[i].append(t)
+        done = [False] * first + torch.isin(nxt[first:], eos).tolist()
+        done = [d or len(out[i]) >= max_new for i, d in zip(slots, done)]
+        if any(done):
+            for i, d in zip(slots, done):
+                if d:
+                    yield i, out.pop(i)
+            keep = [k for k, d in enumerate(done) if not d]
+            slots = [slots[k] for k in keep]
+            if not slots:
+                cache = mask = pos = nxt = None
+                continue
+            keep = torch.tensor(keep, device=device)
+            cache.batch_select_indices(keep)
+            mask, pos, nxt = mask[keep], pos[keep], nxt[keep]
+            cut = int(mask.any(0).int().argmax())  # leading columns that are padding in every row
+            if cut and refill:
+                mask = mask[:, cut:]
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
+
+
 def decode_batch(model, inputs: dict[str, torch.Tensor], gen_config) -> list[list[int]]:
     """New tokens of each row of a left-padded batch, up to and including its first EOS.
 
@@ -177,33 +282,11 @@ def decode_batch(model, inputs: dict[str, torch.Tensor], gen_config) -> list[lis
     ``DynamicCache.batch_select_indices``), so no compute is spent on finished sequences. Greedy outputs equal
     ``generate``'s; sampled ones equal them while no row has finished (then fewer random draws are made).
     """
-    from transformers import DynamicCache
-
-    if gen_config.do_sample and (gen_config.temperature, gen_config.top_p, gen_config.top_k) != (1.0, 1.0, 0):
-        raise ConfigError("decode_batch samples at temperature 1, top-p 1, no top-k only (the evaluation protocol); "
-                          f"got temperature {gen_config.temperature}, top_p {gen_config.top_p}, top_k {gen_config.top_k}")
-    eos = torch.tensor(gen_config.eos_token_id if isinstance(gen_config.eos_token_id, list)
-                       else [gen_config.eos_token_id], device=inputs["input_ids"].device)
     mask = inputs["attention_mask"]
-    rows = torch.arange(mask.shape[0], device=mask.device)  # batch rows still generating
-    out: list[list[int]] = [[] for _ in range(mask.shape[0])]
-    cache = DynamicCache(config=model.config)
-    ids, pos = inputs["input_ids"], _position_ids(mask)
-    for step in range(gen_config.max_new_tokens):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-                       logits_to_keep=1).logits[:, -1].float()
-        nxt = torch.multinomial(logits.softmax(-1), 1)[:, 0] if gen_config.do_sample else logits.argmax(-1)
-        for r, t in zip(rows.tolist(), nxt.tolist()):
-            out[r].append(t)
-        alive = ~torch.isin(nxt, eos)
-        if step == gen_config.max_new_tokens - 1 or not alive.any():
-            break
-        if not alive.all():  # finished rows leave the batch
-            keep = alive.nonzero()[:, 0]
-            cache.batch_select_indices(keep)
-            rows, mask, pos, nxt = rows[keep], mask[keep], pos[keep], nxt[keep]
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        ids, pos = nxt[:, None], pos[:, -1:] + 1
+    prompts = [ids[m.bool()].tolist() for ids, m in zip(inputs["input_ids"], mask)]
+    out: list[list[int]] = [[] for _ in prompts]
+    for i, tokens in _decode_stream(model, prompts, gen_config, rows=len(prompts), pad_id=gen_config.pad_token_id):
+        out[i] = tokens
     return out
 
 
@@ -211,29 +294,27 @@ def generate(
     model, tokenizer, prompt_ids: list[list[int]], *, seed: int, gen_config, batch_size: int = 8, desc: str = "",
     progress: bool = True, stats: dict | None = None,
 ) -> list[str]:
-    """Decoded, stripped responses in the order of ``prompt_ids``: prompts sorted by length into left-padded
-    batches (little padding), each decoded by :func:`decode_batch` (finished rows leave the batch). ``stats``,
-    if given, receives ``new_tokens``: the number of generated tokens (up to and including EOS)."""
+    """Decoded, stripped responses in the order of ``prompt_ids``. Prompts are taken in order of length and
+    decoded ``batch_size`` at a time by continuous batching (:func:`_decode_stream`): a sequence leaves the
+    batch when it has produced EOS and the next prompt takes its row, so every decoding step runs at (nearly)
+    the full batch and no step is spent waiting for a batch's longest response. ``stats``, if given, receives
+    ``new_tokens``: the number of generated tokens (up to and including EOS)."""
     from tqdm.auto import tqdm
     from transformers import set_seed
 
     eos = set(gen_config.eos_token_id if isinstance(gen_config.eos_token_id, list) else [gen_config.eos_token_id])
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    device = next(model.parameters()).device
     out: list[str] = [""] * len(prompt_ids)
     n_new = 0
     set_seed(seed)
-    # the bar counts prompts, not batches: a batch of 8 would otherwise sit at 0/1 until it is done
     with torch.inference_mode(), tqdm(total=len(prompt_ids), desc=desc or f"seed {seed}", unit="prompt",
                                       disable=not progress) as bar:
-        for batch in batches:
-            inputs = _left_pad([prompt_ids[i] for i in batch], gen_config.pad_token_id, device)
-            for i, tokens in zip(batch, decode_batch(model, inputs, gen_config)):
-                n_new += len(tokens)
-                stop = len(tokens) - 1 if tokens and tokens[-1] in eos else len(tokens)
-                out[i] = tokenizer.decode(tokens[:stop], skip_special_tokens=True).strip()
-            bar.update(len(batch))
+        for k, tokens in _decode_stream(model, [prompt_ids[i] for i in order], gen_config, rows=batch_size,
+                                        pad_id=gen_config.pad_token_id):
+            n_new += len(tokens)
+            stop = len(tokens) - 1 if tokens and tokens[-1] in eos else len(tokens)
+            out[order[k]] = tokenizer.decode(tokens[:stop], skip_special_tokens=True).strip()
+            bar.update(1)
     if stats is not None:
         stats["new_tokens"] = n_new
     return out
@@ -254,23 +335,28 @@ def check_same_tokenizer(tokenizer, teacher_tokenizer) -> None:
 
 
 def teacher_forced(model, tokenizer, prompts: list[EncodedPrompt], records: list[Record], *, teacher=None,
-                   batch_size: int = 8) -> dict[str, list]:
+                   batch_size: int = 8, max_response_length: int | None = None) -> dict[str, list]:
     """Per prompt: ``nll`` (nats per token) of the reference response — the first one of a list — over its
     tokens plus the end-of-turn token (the tokenizer's EOS, as in training), ``tokens`` (that count) and, with
     ``teacher``, ``kl``: the mean KL(teacher ‖ model) over the same positions (:mod:`mtakd.metrics`).
 
     The prompt is the generation prompt (same rendering, same left truncation); the response is tokenised on
-    its own (``add_special_tokens=False``) and not truncated. Sequences are sorted by length into
-    right-padded batches; the values are returned in input order and do not depend on the batching.
+    its own (``add_special_tokens=False``) and not truncated, unless ``max_response_length`` is given: then only
+    its first ``max_response_length`` tokens are scored (and the end-of-turn token only when the whole response
+    fits). Sequences are sorted by length into right-padded batches; the values are returned in input order and
+    do not depend on the batching. ``teacher``: a model or a :class:`mtakd.metrics.TeacherReference`.
     """
     from .data import Collator, Example
     from .metrics import batch_stats
 
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token: the response's end-of-turn token is undefined")
-    responses = tokenizer([r.output for r in records], add_special_tokens=False)["input_ids"]
-    examples = [Example(p.ids + list(r) + [tokenizer.eos_token_id], [-100] * len(p.ids) + list(r) + [tokenizer.eos_token_id])
-                for p, r in zip(prompts, responses)]
+    if max_response_length is not None and max_response_length < 1:
+        raise ConfigError(f"evaluate: max_response_length must be positive, got {max_response_length}")
+    cap = max_response_length or math.inf
+    responses = [list(r) + [tokenizer.eos_token_id] if len(r) < cap else list(r[:max_response_length])
+                 for r in tokenizer([r.output for r in records], add_special_tokens=False)["input_ids"]]
+    examples = [Example(p.ids + r, [-100] * len(p.ids) + r) for p, r in zip(prompts, responses)]
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = Collator(pad, pad_to_multiple_of=None)
@@ -308,13 +394,16 @@ def evaluate_model(
     metrics=("rougeL",),
     teacher=None,
     teacher_tokenizer=None,
+    max_response_length: int | None = None,
 ) -> dict:
     """Generate for every (set, seed), score with ROUGE-L, and/or compute the teacher-forced ``nll`` / ``kl``
     (:func:`teacher_forced`); return the metrics dict (see module doc).
 
     ``template=None`` picks ``chat`` when the tokenizer has a chat template, else ``alpaca``. With
     ``out_dir`` the generations, ``metrics.json`` and ``metrics.md`` are written there. ``kl`` needs
-    ``teacher`` (sharing ``tokenizer``; ``teacher_tokenizer`` is checked against it when given). The models
+    ``teacher`` (sharing ``tokenizer``; ``teacher_tokenizer`` is checked against it when given; a
+    :class:`mtakd.metrics.TeacherReference` to share its forward passes between models). ``max_response_length``:
+    score only the first N reference tokens in ``nll`` / ``kl`` (:func:`teacher_forced`). The models
     are put in eval mode for the duration and restored afterwards; the tokenizer is not modified.
     """
     metrics = list(dict.fromkeys(metrics))
@@ -358,7 +447,10 @@ def evaluate_model(
             log.warning("%s/generations holds files from another run: %s", out, ", ".join(stale))
 
     set_metrics, per_prompt, per_seed_means = {}, {}, {}
-    was_training = [(m, m.training) for m in (model, use_teacher) if m is not None]
+    from .metrics import TeacherReference
+
+    teacher_model = use_teacher.model if isinstance(use_teacher, TeacherReference) else use_teacher
+    was_training = [(m, m.training) for m in (model, teacher_model) if m is not None]
     for m, _ in was_training:
         m.eval()
     try:
@@ -370,7 +462,8 @@ def evaluate_model(
             set_metrics[name] = {"n": len(records), "prompts_truncated": sum(p.truncated for p in prompts)}
             per_prompt[name] = {}
             if "nll" in metrics or "kl" in metrics:
-                tf = teacher_forced(model, tokenizer, prompts, records, teacher=use_teacher, batch_size=batch_size)
+                tf = teacher_forced(model, tokenizer, prompts, records, teacher=use_teacher, batch_size=batch_size,
+                                    max_response_length=max_response_length)
                 tokens = np.asarray(tf["tokens"], dtype=float)
                 keep = ["tokens"] + [k for k in ("nll", "kl") if k in metrics]
                 per_prompt[name].update({k: tf[k] for k in keep})
@@ -441,6 +534,7 @@ def evaluate_model(
             "std": "population std (ddof=0) over seeds",
             "nll": "nats per token of the (first) reference response + EOS, teacher-forced; set value = total "
                    "nats / total tokens; ppl = exp(nll)",
+            "max_response_length": max_response_length,
             "kl": "KL(teacher || model) over the full vocabulary, mean over the same positions (micro-average)",
         },
         "sets": set_metrics,
@@ -624,7 +718,7 @@ def main_evaluate(args) -> int:
         model, tokenizer, sets, seeds=args.seeds, max_new_tokens=args.max_new_tokens,
         max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, greedy=args.greedy,
         template=template, system_prompt=system_prompt, out_dir=args.out, model_name=name, metrics=args.metrics,
-        teacher=teacher, teacher_tokenizer=teacher_tok,
+        teacher=teacher, teacher_tokenizer=teacher_tok, max_response_length=args.max_response_length,
     )
     print(metrics_markdown(metrics))
     print(f"written to {args.out} ({metrics['time_s']:.0f} s of evaluation)")
@@ -656,6 +750,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-prompt-length", type=int, default=256,
                    help="longer prompts keep their last tokens (default 256)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-response-length", type=int, default=None, metavar="N",
+                   help="nll / kl: score only the first N tokens of each reference response (default: all)")
     p.add_argument("--max-samples", type=int, default=None, help="first N records of each set")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (one run) instead of sampling")
     p.add_argument("--template", choices=("chat", "alpaca", "raw"), default=None,

@@ -11,9 +11,14 @@ padding), so positions count from each row's first token and a row's values do n
 Only the logits from the first response position of the batch onwards are computed (``logits_to_keep``),
 and the per-position terms are evaluated on the response positions only, in chunks, so memory stays at
 about one ``[batch, response, vocabulary]`` logits tensor per model.
+
+Several models scored against one teacher in one process (``benchmarks/quality.py``) share a
+:class:`TeacherReference`: the teacher runs once per distinct batch.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +36,37 @@ def _response_logits(model, batch: dict, first: int) -> torch.Tensor:
     return out.logits[:, :-1]
 
 
+class TeacherReference:
+    """The teacher of the KL, remembering its last hidden state at the response positions of each batch it has
+    scored. A batch seen again (the same set scored for another model) costs only the LM head on those
+    ``[N, d]`` states, not a forward pass; ``[N, V]`` logits are never kept. A model whose logits are more than
+    ``head(last hidden state)`` (soft-capping, logit scaling) is run every time."""
+
+    def __init__(self, model, remember: bool = True):
+        from .trainer import _plain_head
+
+        self.model = model
+        self.remember = remember and _plain_head(model)
+        self._states: dict[str, torch.Tensor] = {}
+
+    def response_logits(self, batch: dict, first: int, resp: torch.Tensor) -> torch.Tensor:
+        """``[N, V]`` float logits at the response positions ``resp`` (of positions ``first ..``) of ``batch``."""
+        if not self.remember:
+            return _response_logits(self.model, batch, first)[resp].float()
+        key = hashlib.sha1(b"".join(batch[k].cpu().numpy().tobytes() for k in ("input_ids", "attention_mask", "labels"))
+                           + str((tuple(batch["input_ids"].shape), first)).encode()).hexdigest()
+        if key not in self._states:
+            device = next(self.model.parameters()).device
+            out = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                             use_cache=False, output_hidden_states=True, logits_to_keep=1)
+            self._states[key] = out.hidden_states[-1][:, first - 1 : -1][resp.to(device)]
+        return self.model.get_output_embeddings()(self._states[key]).float()
+
+
 def batch_stats(model, batch: dict, teacher=None) -> dict[str, torch.Tensor]:
     """Per row of a right-padded batch: ``nll`` (summed nats over its response tokens), ``tokens`` (their
-    count) and, with ``teacher``, ``kl`` (summed KL(teacher ‖ model) over the same positions). One forward
-    pass per model, no gradients."""
+    count) and, with ``teacher`` (a model or a :class:`TeacherReference`), ``kl`` (summed KL(teacher ‖ model)
+    over the same positions). One forward pass per model, no gradients."""
     labels = batch["labels"]
     resp = labels != -100
     if not resp.any():
@@ -45,7 +77,9 @@ def batch_stats(model, batch: dict, teacher=None) -> dict[str, torch.Tensor]:
     rows = resp.nonzero()[:, 0]
     with torch.inference_mode():
         s_logits = _response_logits(model, batch, first)[resp].float()  # [N, V], N response tokens
-        t_logits = _response_logits(teacher, batch, first)[resp].float() if teacher is not None else None
+        if teacher is not None and not isinstance(teacher, TeacherReference):
+            teacher = TeacherReference(teacher, remember=False)
+        t_logits = teacher.response_logits(batch, first, resp) if teacher is not None else None
         if t_logits is not None and t_logits.shape[-1] != s_logits.shape[-1]:
             raise ValueError(f"teacher-forced KL: the teacher has {t_logits.shape[-1]} output rows, the model "
                              f"{s_logits.shape[-1]}; both must share one tokenizer and vocabulary")

@@ -41,8 +41,22 @@ def _cmd_spans(args) -> int:
 
 
 def _precompute(cfg) -> int:
+    """Parse what training will parse and fill the span cache: with MTA on, the examples are built exactly as
+    ``mtakd distill`` builds them (so rendered prompt texts, e.g. with ``units_on_markup``, are parsed too);
+    without MTA, the records' instruction, input and output texts."""
     from .data import load_records
     from .spans import SpanParser
+
+    if cfg.objective.mta_enabled:
+        from .distill import build_datasets
+        from .models import load_tokenizer
+
+        cross = cfg.objective.cross_tokenizer
+        tok = load_tokenizer(cfg.student if cross and cfg.student.from_teacher is None else cfg.teacher)
+        train, val, _ = build_datasets(cfg, tok, teacher_tokenizer=load_tokenizer(cfg.teacher) if cross else None)
+        print(f"{len(train) + (len(val) if val is not None else 0)} examples parsed as training parses them "
+              f"(span cache: {cfg.data.span_cache_dir or 'default'})")
+        return 0
 
     texts = sorted({t for src in cfg.data.train + cfg.data.validation for r in load_records(src)
                     for t in (r.instruction, r.input, r.output) if t})

@@ -298,6 +298,7 @@ def build_cache(cfg: RunConfig, out: str | os.PathLike, *, top_k: int = 64, dtyp
     from .distill import build_datasets, resolve
     from .models import load_model, load_tokenizer
     from .mta import MTALoss, resolve_key_layers
+    from .mta.layers import hidden_widths
     from .objectives import build_objective
     from .objectives.base import _upcast
 
@@ -363,7 +364,6 @@ def build_cache(cfg: RunConfig, out: str | os.PathLike, *, top_k: int = 64, dtyp
     bs = batch_size or cfg.training.per_device_eval_batch_size
     store = _DTYPES[dtype]
     total = sum(identity["examples"].values())
-    widths: dict[str, int] = {}
     with tqdm(total=total, desc="caching teacher", unit="example", disable=not progress) as bar:
         for split, data in splits.items():
             n = identity["examples"][split]
@@ -379,16 +379,9 @@ def build_cache(cfg: RunConfig, out: str | os.PathLike, *, top_k: int = 64, dtyp
                     for name, x in _teacher_entries(teacher, batch, layers, mta, k, store, device, _upcast).items():
                         parts.setdefault(name, []).append(x)
                     bar.update(min(hi, a + bs) - a)
-                tensors = {name: torch.cat(x).contiguous() for name, x in parts.items()}
-                widths.update({str(l): tensors[f"hidden.{l}"].shape[-1] for l in layers})
-                _save_atomic(tensors, path)
-    if layers and not widths:  # every shard came from an earlier build
-        from safetensors import safe_open
-
-        with safe_open(str(next(out.glob("train-*.safetensors"))), framework="pt") as fh:
-            widths = {str(l): fh.get_slice(f"hidden.{l}").get_shape()[-1] for l in layers}
+                _save_atomic({name: torch.cat(x).contiguous() for name, x in parts.items()}, path)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    manifest["layers"]["widths"] = widths
+    manifest["layers"]["widths"] = {str(l): w for l, w in zip(layers, hidden_widths(teacher, layers))}
     manifest.update(complete=True, size_bytes=size, bytes_per_example=round(size / max(total, 1)),
                     build_seconds=round(time.perf_counter() - t0, 1))
     _write_json(manifest_path, manifest)

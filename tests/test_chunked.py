@@ -227,20 +227,4 @@ def test_a_head_that_does_not_reproduce_the_logits_is_not_fused(tmp_path, monkey
     assert got == pytest.approx(want, rel=1e-6)
 
 
-# ------------------------------------------------------------------------------- optional kernels
-def test_liger_fused_linear_jsd_matches_ours_when_installed():
-    """Liger-Kernel's fused linear JSD (optional, GPU/Triton; docs/scaling.md) against our chunked ``gjsd`` —
-    skipped where it is not installed (it is not a dependency)."""
-    liger = pytest.importorskip("liger_kernel.transformers")
-    if not torch.cuda.is_available():
-        pytest.skip("Liger-Kernel's Triton kernels need a GPU")
-    n, d, vocab, beta = 16, 32, 1000, 0.5
-    g = torch.Generator().manual_seed(0)
-    h_s = torch.randn(n, d, generator=g).cuda().requires_grad_()
-    h_t = torch.randn(n, d, generator=g).cuda()
-    w_s, w_t = torch.randn(vocab, d, generator=g).cuda() / d ** 0.5, torch.randn(vocab, d, generator=g).cuda() / d ** 0.5
-    theirs = liger.LigerFusedLinearJSD(jsd_beta=beta)(h_s, w_s, h_t, w_t)
-    obj = OBJECTIVES["gjsd"](ObjectiveConfig(base="gjsd", gjsd_beta=beta, chunk_size=4))
-    labels = torch.zeros(1, n + 1, dtype=torch.long).cuda()
-    ours = obj.kd_loss(HiddenHead(h_s[None], lambda x: x @ w_s.T), HiddenHead(h_t[None], lambda x: x @ w_t.T), labels)
-    assert float(theirs) == pytest.approx(float(ours), rel=1e-3)
+# Liger-Kernel (objective.fused_kernel) against this chunked loss: tests/test_fused_kernel.py

@@ -290,7 +290,7 @@ def test_units_one_tokenizer_cannot_represent_are_dropped_and_counted(tokenizers
     chars = np.asarray([[12, 15], [text.index("  ") + 1, text.index("  ") + 2], [0, 3]])
     units = Units(chars, np.asarray(["word", "word", "word"]), np.asarray(["response", "response", "instruction"]))
     stats = DataStats()
-    ex, got_text, tok_s, tok_t, kept = _cross_tokenize(rec, s_tok, t_tok, cfg, units, "drop", stats)
+    ex, got_text, tok_s, tok_t, kept, _, _ = _cross_tokenize(rec, s_tok, t_tok, cfg, units, "drop", stats)
     assert got_text == text
     assert kept.tolist() == [True, False, True] and stats.units_cross_dropped == 1
     assert len(ex.spans["word"]) == len(ex.teacher_spans["word"]) == 2

@@ -124,7 +124,6 @@ def test_truncation_drops_or_keeps_the_units_it_cuts(tiny_tokenizer, tmp_path, m
     else:  # the two cut words keep the tokens that remain
         expected = [(max(a, drop) - drop, min(b, end) - drop) for a, b in ref if b > drop and a < end]
     assert [tuple(r) for r in ex.spans["word"].tolist()] == expected
-    assert len(expected) == len([1 for a, b in ref if b > drop and a < end]) - 2 * (mode == "drop")
     assert (ex.spans["phrase"][:, 0] >= 0).all() and (ex.spans["phrase"][:, 1] <= len(ex.input_ids)).all()
 
 
@@ -179,7 +178,6 @@ def test_chat_template_that_rewrites_the_content_is_counted(tmp_path, caplog):
     assert stats.content_not_found == 3
     warnings = [r.getMessage() for r in caplog.records if "rewrites" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("3 of 3 examples")
-    assert json.loads(json.dumps(vars(stats)))["content_not_found"] == 3  # distill writes vars(stats) as data_stats
     for ex in train.items:  # no prompt units; the response keeps its two words
         first_resp = next(i for i, l in enumerate(ex.labels) if l != -100)
         assert ex.spans["word"][:, 0].min() >= first_resp and len(ex.spans["word"]) == 2

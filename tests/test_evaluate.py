@@ -139,7 +139,7 @@ def test_left_padded_batches_match_single_prompts(tiny):
 
 
 def test_progress_bar_counts_prompts_not_batches(tiny, monkeypatch):
-    """5 prompts in batches of 2: the bar runs 0 → 2 → 4 → 5 of 5 (not 0 → 3 of 3 batches)."""
+    """5 prompts decoded 2 at a time: the bar advances by one prompt as each finishes, to 5 of 5 (not 3 batches)."""
     import tqdm.auto
 
     bars = []
@@ -158,7 +158,7 @@ def test_progress_bar_counts_prompts_not_batches(tiny, monkeypatch):
     model, tok, _ = tiny
     cfg = generation_config(model, tok, greedy=True, max_new_tokens=2)
     generate(model, tok, _prompt_ids(tok, _records(5)), seed=0, gen_config=cfg, batch_size=2)
-    assert bars == [{"total": 5, "unit": "prompt", "updates": [2, 2, 1]}]
+    assert bars == [{"total": 5, "unit": "prompt", "updates": [1, 1, 1, 1, 1]}]
 
 
 def test_evaluate_model_in_process(tiny):
@@ -297,6 +297,48 @@ def test_finished_rows_leave_the_batch(tiny):
         assert row == ref[:cut]
 
 
+
+def test_freed_rows_are_refilled_and_greedy_still_equals_generate_alone(tiny):
+    """Continuous batching: when a sequence ends, the next prompt is prefilled on its own and spliced into the
+    running batch (with a different left padding); every output still equals transformers' generate on the
+    prompt alone, and every decoding step before the last prompt has started runs with the full batch."""
+    model, tok, _ = tiny
+    records = _records(5) + [Record("Name a cat and a dog and a bird please.", "", "x", "m:6"),
+                             Record("Sky?", "", "x", "m:7")]
+    ids = _prompt_ids(tok, records)
+    cfg = generation_config(model, tok, greedy=True, max_new_tokens=12)
+
+    def alone(cfg):
+        out = []
+        with torch.inference_mode():
+            for i in ids:
+                new = model.generate(torch.tensor([i]), attention_mask=torch.ones(1, len(i), dtype=torch.long),
+                                     generation_config=cfg)[0, len(i):].tolist()
+                out.append(new)
+        return out
+
+    free = alone(cfg)
+    # an EOS that ends some sequences early (at different steps) and not others
+    cfg.eos_token_id = [min({t for row in free for t in row[1:6]},
+                            key=lambda t: abs(sum(t in row for row in free) - len(free) / 2))]
+    ref = alone(cfg)
+    lengths = [len(r) for r in ref]
+    assert min(lengths) < 12 and max(lengths) == 12, lengths
+    calls = []  # (batch rows, tokens per row) of every forward pass
+    hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    try:
+        ours = generate(model, tok, ids, seed=0, gen_config=cfg, batch_size=3, progress=False)
+    finally:
+        hook.remove()
+    eos = set(cfg.eos_token_id)
+    assert ours == [tok.decode([t for t in r if t not in eos], skip_special_tokens=True).strip() for r in ref]
+    prefills = [k for k, (_, n) in enumerate(calls) if n > 1]
+    assert len(prefills) > 2  # the first three prompts, then refills
+    assert sum(calls[k][0] for k in prefills) == len(ids)
+    assert all(calls[k][0] == 3 for k in range(prefills[-1]) if calls[k][1] == 1)
+    assert sum(b for b, n in calls if n == 1) == sum(lengths) - len(ids)  # no finished row is computed
+
 # ---------------------------------------------------------------------------- list references
 def test_list_references_score_the_best_and_load(tmp_path):
     """`output` as a list (S-NI): ROUGE-L is the max over the references; nll uses the first; the generation
@@ -383,6 +425,42 @@ def test_teacher_forced_matches_slow_reference_and_ignores_batching(tiny):
         assert by_one["kl"][i] == pytest.approx(_slow_kl(model, teacher, p.ids, resp), rel=1e-3)
     self_kl = evaluate.teacher_forced(model, tok, prompts, records, teacher=model, batch_size=2)["kl"]
     assert max(abs(v) for v in self_kl) < 1e-5
+
+
+def test_teacher_reference_runs_the_teacher_once_per_batch_and_matches(tiny):
+    from mtakd.metrics import TeacherReference
+
+    model, tok, _ = tiny
+    teacher, other = _other_model(tok), _other_model(tok, seed=5)
+    records = [Record(r.instruction, "", out, r.where) for r, out in zip(
+        _records(4), ["the cat", "a dog runs in the park", "sky", "the sea and the sky"])]
+    prompts = evaluate.encode_prompts(records, tok, template="chat", system_prompt=None, max_prompt_length=64)
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    ref = TeacherReference(teacher)
+    for student in (model, other, model):  # three models scored against one teacher
+        got = evaluate.teacher_forced(student, tok, prompts, records, teacher=ref, batch_size=3)
+        plain = evaluate.teacher_forced(student, tok, prompts, records, teacher=_other_model(tok), batch_size=3)
+        assert got["kl"] == pytest.approx(plain["kl"], rel=1e-5, abs=1e-7) and got["nll"] == plain["nll"]
+    assert len(calls) == 2  # two batches, the teacher's forward pass ran once for each
+    assert max(abs(v) for v in evaluate.teacher_forced(teacher, tok, prompts, records, teacher=ref)["kl"]) < 1e-5
+
+
+def test_max_response_length_scores_the_first_tokens(tiny):
+    model, tok, _ = tiny
+    records = [Record(r.instruction, "", out, r.where) for r, out in zip(
+        _records(2), ["a dog runs in the park with a red ball", "ok"])]
+    prompts = evaluate.encode_prompts(records, tok, template="chat", system_prompt=None, max_prompt_length=64)
+    full = tok(records[0].output, add_special_tokens=False)["input_ids"]
+    short_len = len(tok("ok", add_special_tokens=False)["input_ids"])
+    cap = 3
+    assert len(full) > cap >= short_len
+    got = evaluate.teacher_forced(model, tok, prompts, records, max_response_length=cap)
+    assert got["tokens"] == [cap, short_len + 1]  # cut: no end-of-turn token; fits: its EOS is scored
+    assert got["nll"][0] == pytest.approx(_slow_nll(model, prompts[0].ids, full[:cap]), rel=1e-4)
+    assert got["nll"][1] == pytest.approx(evaluate.teacher_forced(model, tok, prompts, records)["nll"][1])
+    with pytest.raises(Exception, match="max_response_length must be positive"):
+        evaluate.teacher_forced(model, tok, prompts, records, max_response_length=0)
 
 
 def test_evaluate_nll_only_generates_nothing(tiny, tmp_path, monkeypatch):

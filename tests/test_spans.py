@@ -394,6 +394,26 @@ def test_spans_show_json(nlp, spans_run, tiny_tokenizer, capsys, overrides):
     assert max(u["char_end"] for u in json.loads(lines[1])["units"]) < len(json.loads(lines[1])["text"]) - 20
 
 
+def test_precompute_parses_what_training_parses(nlp, spans_run, tiny_tokenizer, monkeypatch, capsys):
+    """`mtakd spans` without --show fills the cache with every text training parses, also the rendered prompt
+    texts of units_on_markup: training afterwards needs no spaCy parse."""
+    from mtakd import spans
+    from mtakd.config import load_config
+    from mtakd.data import SpanSettings, build_examples, load_records
+
+    overrides = ["objective.mta.units_on_markup=true"]
+    assert _show(spans_run, *overrides) == 0
+    assert "3 examples parsed as training parses them" in capsys.readouterr().out
+
+    def no_parse(*a, **k):
+        raise AssertionError("training parsed a text the cache did not hold")
+
+    monkeypatch.setattr(spans.SpanParser, "_parse_texts", no_parse)
+    cfg = load_config(spans_run, overrides)
+    build_examples(load_records(cfg.data.train[0]), tiny_tokenizer, cfg.data,
+                   spans=SpanSettings.from_mta(cfg.objective.mta), progress=False)
+
+
 def test_spans_show_readable_and_help(nlp, spans_run, capsys):
     assert _show(spans_run, "--show", "1") == 0
     out = capsys.readouterr().out

@@ -332,25 +332,25 @@ class TokenDivergence(Objective):
         CE and every divergence need only one chunk's ``[C, V]`` tensors at once, with the gradients of the unchunked
         computation. ``student``: logits or a :class:`HiddenHead` (the LM head fused into the loss); ``teacher``:
         logits, a :class:`HiddenHead` or a :class:`CachedLogProbs`. Chunk size 0 with logits on both sides: the
-        unchunked computation (:func:`cross_entropy`, :meth:`kd_loss`)."""
+        unchunked computation (:func:`cross_entropy`, :meth:`kd_loss`). ``objective.fused_kernel`` liger / auto:
+        Liger-Kernel computes the same three where it covers the base (:mod:`.fused`)."""
         r = self.cfg.kd_ratio if kd_ratio is None else kd_ratio
+        if self.cfg.fused_kernel != "none":  # Liger-Kernel where it applies (objective.fused_kernel, .fused)
+            from .fused import fused_base_loss
+
+            fused = fused_base_loss(self, student, teacher, labels, r, with_ce)
+            if fused is not None:
+                return fused
         if not self._chunked(student, teacher):
             ce = cross_entropy(student, labels) if with_ce else student.sum() * 0.0
             kd = self.kd_loss(student, teacher, labels)
             return (1 - r) * ce + r * kd, ce, kd
         mask, targets = response_positions(labels)
         y = targets[mask]
-        tau = self.cfg.temperature
 
         def score(z, tc, lo, hi):
             z = _upcast(z)
-            s = z / tau
-            if isinstance(tc, tuple) and tc[1] is not None:  # top-k cache: the (k+1)-bucket distributions
-                kd = self.divergence(*topk_buckets(F.log_softmax(s, -1), tc[0], tc[1])).sum()
-            else:
-                t = _upcast(tc[0] if isinstance(tc, tuple) else tc) / tau
-                v = min(s.shape[-1], t.shape[-1])  # padded embedding rows: the shared vocabulary
-                kd = self.divergence(F.log_softmax(s[:, :v], -1), F.log_softmax(t[:, :v], -1)).sum()
+            kd = self._kd_rows(z, tc)
             ce = F.cross_entropy(z, y[lo:hi], reduction="sum") if with_ce else kd.detach() * 0.0
             return (1 - r) * ce + r * kd, ce, kd
 
@@ -365,23 +365,23 @@ class TokenDivergence(Objective):
         if self._chunked(s_logits, t_logits):
             return self.base_loss(s_logits, t_logits, labels, kd_ratio=1.0, with_ce=False)[0]  # differentiable: = KD
         mask, _ = response_positions(labels)
-        # only response positions are gathered: [N, V] instead of [B, T, V]
-        s = _upcast(s_logits[:, :-1][mask]) / self.cfg.temperature
-        if isinstance(t_logits, CachedLogProbs) and t_logits.ids is not None:
-            if s.shape[0] == 0:
-                return s_logits.sum() * 0.0
-            # top-k cache (temperature 1, checked when the cache is opened): the (k+1)-bucket distributions
-            return self.divergence(*topk_buckets(F.log_softmax(s, -1), t_logits.logp, t_logits.ids)).mean()
-        if isinstance(t_logits, CachedLogProbs):  # full vocabulary: log-probabilities are logits up to a constant
-            t = _upcast(t_logits.logp) / self.cfg.temperature
-        else:
-            t = _upcast(t_logits[:, :-1][mask]) / self.cfg.temperature
-        if s.shape[-1] != t.shape[-1]:  # padded embedding rows (e.g. Qwen): compare the shared vocabulary
-            v = min(s.shape[-1], t.shape[-1])
-            s, t = s[:, :v], t[:, :v]
+        s = s_logits[:, :-1][mask]  # only response positions are gathered: [N, V] instead of [B, T, V]
         if s.shape[0] == 0:
             return s_logits.sum() * 0.0
-        return self.divergence(F.log_softmax(s, -1), F.log_softmax(t, -1)).mean()
+        t = (t_logits.logp, t_logits.ids) if isinstance(t_logits, CachedLogProbs) else t_logits[:, :-1][mask]
+        return self._kd_rows(_upcast(s), t) / s.shape[0]
+
+    def _kd_rows(self, z: torch.Tensor, tc) -> torch.Tensor:
+        """Summed divergence of the student's logit rows ``z`` ``[N, V]`` from the teacher's: logit rows, or
+        ``(logp, ids)`` of a teacher cache — top-k (temperature 1, checked when the cache is opened): the (k+1)-bucket
+        distributions; full vocabulary (``ids`` None): log-probabilities are logits up to a constant. Padded embedding
+        rows (e.g. Qwen's) are cut to the shared vocabulary."""
+        s = z / self.cfg.temperature
+        if isinstance(tc, tuple) and tc[1] is not None:
+            return self.divergence(*topk_buckets(F.log_softmax(s, -1), tc[0], tc[1])).sum()
+        t = _upcast(tc[0] if isinstance(tc, tuple) else tc) / self.cfg.temperature
+        v = min(s.shape[-1], t.shape[-1])
+        return self.divergence(F.log_softmax(s[:, :v], -1), F.log_softmax(t[:, :v], -1)).sum()
 
     def __call__(self, student_out, teacher_out, batch):
         loss, ce, kd = self.base_loss(student_out.logits, teacher_out.logits, batch["labels"])

@@ -1,0 +1,68 @@
+"""Tune the quality study's learning rate and MTA weights on dev.jsonl only (issue 14), per budget:
+
+    python benchmarks/tune.py --budget {pruned,random} [--out DIR] [--threads N]
+
+Stage 1: SKL at each learning rate of ``LR_GRID`` → the rate with the lowest dev response NLL (ties: KL).
+Stage 2: SKL+MTA at that rate for each (λ_DSA, λ_Hid) of ``LAMBDA_GRID`` → the lowest dev NLL.
+Every point is one ``benchmarks/quality.py`` run (training seed 42, ``--sets dev --metrics nll kl``) in
+``OUT/<point>/``: resumable, a rerun skips finished points. ``OUT/tune.json`` and ``OUT/tune.md`` hold every
+point's dev NLL and KL and the choice; the evaluation sets are never looked at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality  # noqa: E402
+
+LR_GRID = {"pruned": [1.0e-4, 3.0e-4], "random": [1.0e-3, 3.0e-3]}
+LAMBDA_GRID = [(0.5, 0.2), (2.0, 0.2), (8.0, 0.8)]  # (λ_DSA, λ_Hid); the spec's default is (2, 0.2)
+
+
+def run_point(budget: str, out: Path, row: str, overrides: list[str], threads: int | None) -> dict:
+    argv = ["--budget", budget, "--only", row, "--sets", "dev", "--metrics", "nll", "kl", "--train-seeds", "42",
+            "--out", str(out), *[a for o in overrides for a in ("--set", o)]]
+    if threads:
+        argv += ["--threads", str(threads)]
+    if quality.main(argv) != 0:
+        raise SystemExit(f"tune: quality.py {' '.join(argv)} failed")
+    m = json.loads((out / row / "seed42" / "eval" / "metrics.json").read_text())["sets"]["dev"]
+    return {"nll": m["nll"], "kl": m["kl"], "overrides": overrides}
+
+
+def best(points: dict) -> str:
+    return min(points, key=lambda k: (round(points[k]["nll"], 4), points[k]["kl"]))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budget", required=True, choices=sorted(LR_GRID))
+    p.add_argument("--out", type=Path, default=None, help="default: runs/tune-<budget>")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    out = (args.out or quality.REPO / "runs" / f"tune-{args.budget}").resolve()
+    lrs = {f"skl_lr{lr:g}": run_point(args.budget, out / f"skl_lr{lr:g}", "skl",
+                                      [f"training.learning_rate={lr}"], args.threads) for lr in LR_GRID[args.budget]}
+    lr_key = best(lrs)
+    lr = lrs[lr_key]["overrides"][0]
+    lams = {f"skl_mta_dsa{a:g}_hid{b:g}": run_point(
+        args.budget, out / f"skl_mta_dsa{a:g}_hid{b:g}", "skl_mta",
+        [lr, f"objective.mta.lambda_dsa={a}", f"objective.mta.lambda_hid={b}"], args.threads) for a, b in LAMBDA_GRID}
+    lam_key = best(lams)
+    result = {"budget": args.budget, "criterion": "lowest dev response NLL (ties: KL), training seed 42",
+              "lr": lrs, "lambda": lams, "chosen": {"lr": lr, "mta": lams[lam_key]["overrides"][1:]}}
+    (out / "tune.json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = [f"# Tuning on dev ({args.budget})", "", "| point | dev NLL | dev KL |", "|---|---:|---:|"]
+    lines += [f"| {k}{' (chosen)' if k in (lr_key, lam_key) else ''} | {v['nll']:.4f} | {v['kl']:.4f} |"
+              for k, v in {**lrs, **lams}.items()]
+    (out / "tune.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
