@@ -451,6 +451,10 @@ def _cmd_distill(args) -> int:
         print(json.dumps({**cfg.model_dump(mode="json"), "resolved": resolve(cfg)}, indent=2))
         return 0
     distill(cfg, resume=args.resume, overwrite=args.overwrite)  # logs "student saved to ..." (once)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # leave the group before exit: a process that exits with
+        dist.destroy_process_group()  # it alive may abort in teardown ("terminate called without an active exception")
     return 0
 
 
