@@ -409,9 +409,9 @@ def seed_configs(row: Row, cfg, budget: str, out: Path, train_seeds, data_root, 
 def build_steps(units, metrics=METRICS) -> list[Step]:
     """Every step of ``units`` ([(row, seed, cfg)]) in run order: per unit its training, then the teacher-forced
     metrics on each set (nll, and kl for every row but the teacher itself; cheap), with ``geometry`` the unit's
-    trajectory on dev (initial student; trained: mid-way and final); then, once every unit has those, ROUGE-L
-    (generation, the slow part) of each unit on each set."""
-    steps, rouge = [], []
+    trajectory on dev (initial student; trained: mid-way and final), then ROUGE-L (generation, the slow part) on
+    each set — all of a unit before the next: a unit needs its trained student, which only its session has."""
+    steps = []
     for row, seed, cfg in units:
         if row.kind == "train":
             steps.append(Step("train", row, seed, cfg))
@@ -420,8 +420,8 @@ def build_steps(units, metrics=METRICS) -> list[Step]:
         steps += [Step("tf", row, seed, cfg, name, tf) for name in names if tf]
         if "geometry" in metrics and row.kind != "teacher":
             steps.append(Step("geo", row, seed, cfg, GEOMETRY_SET, ("geometry",)))
-        rouge += [Step("rouge", row, seed, cfg, name, ("rougeL",)) for name in names if "rougeL" in metrics]
-    return steps + rouge
+        steps += [Step("rouge", row, seed, cfg, name, ("rougeL",)) for name in names if "rougeL" in metrics]
+    return steps
 
 
 STEP_LOG = "steps.jsonl"  # one line per finished step: kind, label, seconds (the ETA's history)
