@@ -63,24 +63,21 @@ def _objective(name: str, chunk: int, mta: dict | None):
 def _train(student, teacher, dataset, collate, obj_cfg, mta, steps: int, batch: int, out: str) -> dict:
     """``steps`` optimiser steps of the real trainer; (step times, step peak) with the peak reset just before."""
     import torch
-    from transformers import TrainerCallback, TrainingArguments
+    from transformers import TrainingArguments
 
     from mtakd.objectives import build_objective
     from mtakd.trainer import DistillTrainer
 
-    times = []
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from mta_overhead import step_timer
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t)
+    timer = step_timer()
+    times = timer.times
 
     args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-5,
                              logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, seed=0)
     trainer = DistillTrainer(model=student, args=args, train_dataset=dataset, data_collator=collate, teacher=teacher,
-                             objective=build_objective(obj_cfg), mta=mta, projector_lr=5e-4, callbacks=[Timer()])
+                             objective=build_objective(obj_cfg), mta=mta, projector_lr=5e-4, callbacks=[timer])
     before = _status_kb("VmRSS")
     _reset_peak()
     trainer.train()

@@ -27,6 +27,23 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "train" / "train.jsonl"
 
 
+
+def step_timer():
+    """A TrainerCallback whose ``times`` collects the wall time of every optimiser step (also used by memory.py)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self.t)
+
+    return StepTimer()
+
 def _config(mode: str, data: str, steps: int, out: str):
     from mtakd.config import build_config
 
@@ -46,7 +63,6 @@ def _config(mode: str, data: str, steps: int, out: str):
 def run_mode(mode: str, data: str, steps: int, warmup: int) -> dict:
     """One training run in this process; returns step times and peak RSS."""
     import torch
-    from transformers import TrainerCallback
 
     from mtakd.data import Collator
     from mtakd.distill import build_datasets, build_models
@@ -64,19 +80,13 @@ def run_mode(mode: str, data: str, steps: int, warmup: int) -> dict:
             mta = MTALoss(cfg.objective.mta, keys)
             student.add_module(PROJECTORS, mta.build_projectors(576, 576, from_teacher=True))
         train, _, _ = build_datasets(cfg, tok, progress=False)
-        times = []
-
-        class Timer(TrainerCallback):
-            def on_step_begin(self, *a, **k):
-                self.t = time.perf_counter()
-
-            def on_step_end(self, *a, **k):
-                times.append(time.perf_counter() - self.t)
+        timer = step_timer()
+        times = timer.times
 
         trainer = DistillTrainer(
             model=student, args=cfg.training.to_training_arguments(disable_tqdm=True), train_dataset=train,
             data_collator=Collator(tok.pad_token_id, pad_to_multiple_of=256), teacher=teacher,
-            objective=build_objective(cfg.objective), mta=mta, projector_lr=5e-4, callbacks=[Timer()],
+            objective=build_objective(cfg.objective), mta=mta, projector_lr=5e-4, callbacks=[timer],
         )
         trainer.train()
     return {
