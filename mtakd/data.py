@@ -80,7 +80,7 @@ class DataStats:
         if self.units_truncated:
             text += f"; {self.units_truncated} semantic units cut by truncation"
         if self.units_cross_dropped:
-            text += f"; {self.units_cross_dropped} semantic units dropped: not represented in both tokenisations"
+            text += f"; {self.units_cross_dropped} semantic units dropped: represented in only one of the two tokenisations"
         if self.content_not_found:
             text += f"; {self.content_not_found} prompts whose user text the chat template rewrote (no prompt units)"
         return text
@@ -560,6 +560,13 @@ class CrossCollator:
 
 
 # ---------------------------------------------------------------------------------- collation
+def length_batches(lengths, batch_size: int) -> list[list[int]]:
+    """Indices of items grouped ``batch_size`` at a time in order of length (shortest first): batches of
+    similar length, so little padding. Used wherever values are per item and batching must not change them."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 class Collator:
     """Right-pads a batch; spans become dense 0/1 membership ``[B, K, T]`` (``word_spans``, ``phrase_spans``)."""
 

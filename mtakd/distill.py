@@ -154,7 +154,7 @@ def build_models(cfg: RunConfig, *, load_teacher: bool = True):
     in width when ``from_teacher`` sets width targets: :func:`mtakd.student.build_student`, the same student
     ``mtakd student`` saves). ``load_teacher=False`` (a teacher cache): the teacher's weights are loaded only to
     build a student ``from_teacher`` (else the teacher is None and only its tokenizer is loaded)."""
-    from .models import ModelError, check_compatible, load_model, load_tokenizer
+    from .models import check_compatible, load_model, load_tokenizer
     from .student import build_student
 
     tok = load_tokenizer(cfg.teacher)
@@ -169,11 +169,8 @@ def build_models(cfg: RunConfig, *, load_teacher: bool = True):
         student, s_tok = load_model(cfg.student), load_tokenizer(cfg.student)
     if cfg.objective.cross_tokenizer:
         tok = s_tok  # the student's tokenizer renders the data and is saved with the student (docs/method.md)
-    elif teacher is not None:
+    else:
         check_compatible(teacher, student, tok, s_tok)
-    elif tok.get_vocab() != s_tok.get_vocab():  # the LM head's rows are checked against the teacher cache
-        raise ModelError("teacher and student must share a tokenizer and vocabulary in this version of mtakd: "
-                         f"teacher vocab {len(tok)}, student vocab {len(s_tok)}; their token-to-id maps differ")
     if cfg.student.lora is not None:
         student = _apply_lora(student, cfg.student.lora)
     return teacher, student, tok

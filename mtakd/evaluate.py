@@ -346,7 +346,7 @@ def teacher_forced(model, tokenizer, prompts: list[EncodedPrompt], records: list
     fits). Sequences are sorted by length into right-padded batches; the values are returned in input order and
     do not depend on the batching. ``teacher``: a model or a :class:`mtakd.metrics.TeacherReference`.
     """
-    from .data import Collator, Example
+    from .data import Collator, Example, length_batches
     from .metrics import batch_stats
 
     if tokenizer.eos_token_id is None:
@@ -357,14 +357,12 @@ def teacher_forced(model, tokenizer, prompts: list[EncodedPrompt], records: list
     responses = [list(r) + [tokenizer.eos_token_id] if len(r) < cap else list(r[:max_response_length])
                  for r in tokenizer([r.output for r in records], add_special_tokens=False)["input_ids"]]
     examples = [Example(p.ids + r, [-100] * len(p.ids) + r) for p, r in zip(prompts, responses)]
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = Collator(pad, pad_to_multiple_of=None)
     out = {"nll": [0.0] * len(examples), "tokens": [0] * len(examples)}
     if teacher is not None:
         out["kl"] = [0.0] * len(examples)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+    for idx in length_batches([len(e.input_ids) for e in examples], batch_size):
         stats = batch_stats(model, collate([examples[i] for i in idx]), teacher)
         for k, i in enumerate(idx):
             n = int(stats["tokens"][k])

@@ -325,13 +325,16 @@ def select_student(teacher: nn.Module, layers: list[int]) -> nn.Module:
 
 
 def check_compatible(teacher, student, t_tok, s_tok) -> None:
-    """Teacher and student must share the tokenizer in this version (one set of spans, one vocabulary)."""
-    vt, vs = teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0]
+    """Teacher and student must share the tokenizer in this version (one set of spans, one vocabulary).
+    ``teacher=None`` (a cached teacher): only the tokenizers are compared; the cache checks the output rows."""
+    rows = lambda m: m.get_output_embeddings().weight.shape[0]  # noqa: E731
+    vt, vs = (rows(teacher), rows(student)) if teacher is not None else (None, None)
     same_vocab = t_tok.get_vocab() == s_tok.get_vocab()
     if not same_vocab or vt != vs:
         raise ModelError(
             "teacher and student must share a tokenizer and vocabulary in this version of mtakd: "
-            f"teacher vocab {len(t_tok)} (output rows {vt}), student vocab {len(s_tok)} (output rows {vs})"
+            f"teacher vocab {len(t_tok)}" + (f" (output rows {vt})" if vt else "")
+            + f", student vocab {len(s_tok)}" + (f" (output rows {vs})" if vs else "")
             + ("" if same_vocab else "; their token-to-id maps differ")
             + " (to distil across tokenizers, set objective.cross_tokenizer: true with base uld; docs/method.md)"
         )

@@ -444,11 +444,11 @@ def calibration_examples(cfg: RunConfig, tokenizer):
 
 def batches(examples, pad_token_id: int, batch_size: int) -> list[dict]:
     """Padded batches of examples of similar length (sorted by length: little padding)."""
-    from .data import Collator
+    from .data import Collator, length_batches
 
-    order = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)
     collate = Collator(pad_token_id, pad_to_multiple_of=None)
-    return [collate(order[i: i + batch_size]) for i in range(0, len(order), batch_size)]
+    longest_first = [-len(e.input_ids) for e in examples]  # the order calibration has always used
+    return [collate([examples[i] for i in idx]) for idx in length_batches(longest_first, batch_size)]
 
 
 def build_student(cfg: RunConfig, teacher: nn.Module, tokenizer, *, progress: bool = True,

@@ -234,15 +234,13 @@ def measure(teacher, students: dict, examples: list, *, mta: MTAConfig, pairs: d
     see :func:`mtakd.mta.layers.hidden_widths`)."""
     from tqdm.auto import tqdm
 
-    from .data import Collator
+    from .data import Collator, length_batches
 
     collate = Collator(pad_token_id)
     meters: dict[str, list[Meter]] = {}
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     with torch.inference_mode(), tqdm(total=len(examples), desc="trajectory", unit="example",
                                       disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in length_batches([len(e.input_ids) for e in examples], batch_size):
             batch = collate([examples[i] for i in idx])
             t_hidden = hidden_states(teacher, batch)
             for name, student in students.items():

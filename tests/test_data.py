@@ -11,7 +11,7 @@ import torch
 from mtakd.config import DataConfig, build_config
 from mtakd.data import (
     Collator, DataError, DataStats, Record, SpanSettings, build_examples, describe_examples, format_prompt,
-    load_records, tokenize,
+    length_batches, load_records, tokenize,
 )
 from tests.conftest import build_tokenizer, needs_spacy
 
@@ -239,3 +239,11 @@ def test_collator_pads_right_and_builds_dense_spans():
     assert spans.shape == (2, 2, 5) and spans.dtype == torch.bool
     assert spans[0].int().tolist() == [[1, 0, 0, 0, 0], [0, 1, 1, 0, 0]]
     assert spans[1].int().tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 0, 0]]  # second span is padding
+
+
+def test_length_batches_group_similar_lengths_and_cover_every_item_once():
+    lengths = [5, 1, 9, 3, 3, 7, 2]
+    got = length_batches(lengths, 3)
+    assert got == [[1, 6, 3], [4, 0, 5], [2]]  # shortest first, ties in input order
+    assert sorted(i for b in got for i in b) == list(range(len(lengths)))
+    assert length_batches([], 4) == []

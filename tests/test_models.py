@@ -80,6 +80,10 @@ def test_vocab_mismatch_is_refused(tiny_tokenizer):
                                          num_attention_heads=4, num_key_value_heads=2))
     with pytest.raises(ModelError, match="output rows"):
         check_compatible(a, small, tiny_tokenizer, tiny_tokenizer)
+    # a cached teacher (no model): the tokenizers alone decide
+    with pytest.raises(ModelError, match="token-to-id maps differ"):
+        check_compatible(None, b, tiny_tokenizer, other)
+    check_compatible(None, small, tiny_tokenizer, tiny_tokenizer)
 
 
 def test_save_student_leaves_out_extra_modules_and_reloads(tmp_path, tiny_tokenizer):
