@@ -694,6 +694,7 @@ class StepRunner:
         evaluate_model(
             model, self.models["tok"], self.sets[(path, e.max_samples)], seeds=e.seeds,
             max_new_tokens=e.max_new_tokens, max_prompt_length=e.max_prompt_length, batch_size=e.batch_size,
+            score_batch_size=e.score_batch_size,
             greedy=e.greedy, template=step.cfg.data.template, system_prompt=step.cfg.data.system_prompt,
             out_dir=step.marker.parent, model_name=step.row.label, metrics=step.metrics,
             teacher=self.models["reference"] if "kl" in step.metrics else None, progress=False,

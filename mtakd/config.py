@@ -412,7 +412,8 @@ class EvalConfig(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [10, 20, 30, 40, 50])
     max_new_tokens: int = Field(256, gt=0)
     max_prompt_length: int = Field(256, gt=0)
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(32, gt=0, description="generation: sequences decoded at once (continuous batching)")
+    score_batch_size: int = Field(8, gt=0, description="teacher-forced nll / kl: sequences per forward pass")
     max_samples: int | None = Field(None, gt=0)
     greedy: bool = False
     max_response_length: int | None = Field(

@@ -23,9 +23,10 @@ def run_demo(config: str | Path = DEMO_CONFIG, overrides: list[str] | None = Non
     out = Path(cfg.training.output_dir)
     start = time.perf_counter()
     sets = load_eval_sets(cfg.eval.data, cfg.eval.max_samples)
-    kw = dict(seeds=cfg.eval.seeds, max_new_tokens=cfg.eval.max_new_tokens, max_prompt_length=cfg.eval.max_prompt_length,
-              batch_size=cfg.eval.batch_size, greedy=cfg.eval.greedy, template=cfg.data.template,
-              system_prompt=cfg.data.system_prompt)
+    e = cfg.eval
+    kw = dict(seeds=e.seeds, max_new_tokens=e.max_new_tokens, max_prompt_length=e.max_prompt_length,
+              batch_size=e.batch_size, score_batch_size=e.score_batch_size, greedy=e.greedy,
+              template=cfg.data.template, system_prompt=cfg.data.system_prompt)
 
     print("[1/3] distilling (MTA on skew KL) ...", flush=True)
     student_dir = distill(cfg, overwrite=True)

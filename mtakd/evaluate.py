@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 
 PAPER_SEEDS = (10, 20, 30, 40, 50)
 RUN_CONFIG_FILE = "mtakd_run.json"  # written next to a trained model by `mtakd distill`
+GENERATION_BATCH = 32  # sequences decoded at once; continuous batching keeps them busy (BENCHMARKS.md)
 
 _scorer = None
 
@@ -291,7 +292,8 @@ def decode_batch(model, inputs: dict[str, torch.Tensor], gen_config) -> list[lis
 
 
 def generate(
-    model, tokenizer, prompt_ids: list[list[int]], *, seed: int, gen_config, batch_size: int = 8, desc: str = "",
+    model, tokenizer, prompt_ids: list[list[int]], *, seed: int, gen_config, batch_size: int = GENERATION_BATCH,
+    desc: str = "",
     progress: bool = True, stats: dict | None = None,
 ) -> list[str]:
     """Decoded, stripped responses in the order of ``prompt_ids``. Prompts are taken in order of length and
@@ -322,6 +324,7 @@ def generate(
 
 # ------------------------------------------------------------------------------ teacher-forced
 METRICS = ("rougeL", "nll", "kl")
+SCORE_BATCH = 8  # teacher-forced rows per forward pass: each holds [rows, response, vocabulary] logits
 
 
 def check_same_tokenizer(tokenizer, teacher_tokenizer) -> None:
@@ -382,7 +385,8 @@ def evaluate_model(
     seeds=PAPER_SEEDS,
     max_new_tokens: int = 256,
     max_prompt_length: int = 256,
-    batch_size: int = 8,
+    batch_size: int = GENERATION_BATCH,
+    score_batch_size: int = SCORE_BATCH,
     greedy: bool = False,
     template: str | None = None,
     system_prompt: str | None = None,
@@ -422,7 +426,7 @@ def evaluate_model(
         log.info("greedy decoding is deterministic: one run (seed %d) instead of %d", seeds[0], len(seeds))
         seeds = seeds[:1]
     for name, value in (("max_new_tokens", max_new_tokens), ("max_prompt_length", max_prompt_length),
-                        ("batch_size", batch_size)):
+                        ("batch_size", batch_size), ("score_batch_size", score_batch_size)):
         if value < 1:
             raise ConfigError(f"evaluate: {name} must be positive, got {value}")
     if not sets:
@@ -460,8 +464,8 @@ def evaluate_model(
             set_metrics[name] = {"n": len(records), "prompts_truncated": sum(p.truncated for p in prompts)}
             per_prompt[name] = {}
             if "nll" in metrics or "kl" in metrics:
-                tf = teacher_forced(model, tokenizer, prompts, records, teacher=use_teacher, batch_size=batch_size,
-                                    max_response_length=max_response_length)
+                tf = teacher_forced(model, tokenizer, prompts, records, teacher=use_teacher,
+                                    batch_size=score_batch_size, max_response_length=max_response_length)
                 tokens = np.asarray(tf["tokens"], dtype=float)
                 keep = ["tokens"] + [k for k in ("nll", "kl") if k in metrics]
                 per_prompt[name].update({k: tf[k] for k in keep})
@@ -524,6 +528,7 @@ def evaluate_model(
             "max_prompt_length": max_prompt_length,
             "prompt_truncation": "left (keeps the end of the prompt)",
             "batch_size": batch_size,
+            "score_batch_size": score_batch_size,
             "template": template,
             "system_prompt": system_prompt,
             "eos_token_ids": list(gen_config.eos_token_id),
@@ -715,7 +720,7 @@ def main_evaluate(args) -> int:
     metrics = evaluate_model(
         model, tokenizer, sets, seeds=args.seeds, max_new_tokens=args.max_new_tokens,
         max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, greedy=args.greedy,
-        template=template, system_prompt=system_prompt, out_dir=args.out, model_name=name, metrics=args.metrics,
+        score_batch_size=args.score_batch_size, template=template, system_prompt=system_prompt, out_dir=args.out, model_name=name, metrics=args.metrics,
         teacher=teacher, teacher_tokenizer=teacher_tok, max_response_length=args.max_response_length,
     )
     print(metrics_markdown(metrics))
@@ -747,7 +752,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-prompt-length", type=int, default=256,
                    help="longer prompts keep their last tokens (default 256)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=GENERATION_BATCH,
+                   help=f"generation: sequences decoded at once (continuous batching; default {GENERATION_BATCH})")
+    p.add_argument("--score-batch-size", type=int, default=SCORE_BATCH,
+                   help=f"nll / kl: sequences per forward pass (default {SCORE_BATCH})")
     p.add_argument("--max-response-length", type=int, default=None, metavar="N",
                    help="nll / kl: score only the first N tokens of each reference response (default: all)")
     p.add_argument("--max-samples", type=int, default=None, help="first N records of each set")

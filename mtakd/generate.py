@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from .config import ConfigError
+from .evaluate import GENERATION_BATCH
 from .models import add_source_arguments, source_from_args
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 def generate_file(
     model, tokenizer, source: str, out: str | Path, *, field: str = "output", template: str | None = None,
     system_prompt: str | None = None, max_prompt_length: int = 256, max_new_tokens: int = 256, seed: int = 42,
-    batch_size: int = 8, greedy: bool = False, max_samples: int | None = None, progress: bool = True,
+    batch_size: int = GENERATION_BATCH, greedy: bool = False, max_samples: int | None = None, progress: bool = True,
 ) -> int:
     """Generate a response for every record of ``source`` into ``field`` and write JSONL to ``out``."""
     from .data import DataError, _record, read_rows
@@ -98,7 +99,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-prompt-length", type=int, default=256, help="longer prompts keep their last tokens")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=GENERATION_BATCH,
+                   help=f"sequences decoded at once (continuous batching; default {GENERATION_BATCH})")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--template", choices=["chat", "alpaca", "raw"],
                    help="prompt template (default: the model's training run, else chat if the tokenizer has one)")

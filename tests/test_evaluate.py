@@ -470,8 +470,13 @@ def test_evaluate_nll_only_generates_nothing(tiny, tmp_path, monkeypatch):
         raise AssertionError("generated")
 
     monkeypatch.setattr(evaluate, "generate", no_generation)
+    scored_rows = []
+    tf = evaluate.teacher_forced
+    monkeypatch.setattr(evaluate, "teacher_forced", lambda *a, **k: scored_rows.append(k["batch_size"]) or tf(*a, **k))
     recs = [Record(r.instruction, "", out, r.where) for r, out in zip(_records(3), ["the cat", "a dog", "sky blue"])]
-    m = evaluate_model(model, tok, {"s": recs}, metrics=["nll"], progress=False, out_dir=tmp_path, batch_size=2)
+    m = evaluate_model(model, tok, {"s": recs}, metrics=["nll"], progress=False, out_dir=tmp_path, batch_size=5,
+                       score_batch_size=2)
+    assert scored_rows == [2] and m["protocol"]["score_batch_size"] == 2  # scoring has its own batch size
     s, pp = m["sets"]["s"], m["per_prompt"]["s"]
     assert set(pp) == {"nll", "tokens"} and "mean" not in s and "kl" not in s
     micro = sum(n * t for n, t in zip(pp["nll"], pp["tokens"])) / sum(pp["tokens"])
