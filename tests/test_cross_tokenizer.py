@@ -298,12 +298,24 @@ def test_units_one_tokenizer_cannot_represent_are_dropped_and_counted(tokenizers
 
 # ================================================================================== end to end
 @pytest.fixture(scope="module")
-def cross_student_dir(tmp_path_factory, tokenizers_pair):
-    s_tok, _ = tokenizers_pair
+def cross_student_dir(tmp_path_factory):
+    """A tiny random student with build_other_tokenizer's vocabulary (the teacher: tiny_teacher_dir's)."""
+    s_tok = build_other_tokenizer()
     d = tmp_path_factory.mktemp("cross_student")
     tiny_llama(len(s_tok), layers=2, hidden=16, seed=1).save_pretrained(d)
     s_tok.save_pretrained(d)
     return d
+
+
+def cross_run_config(tmp_path, teacher_dir, student_dir, *, training: dict, data: dict | None = None):
+    """A two-step uld + MTA run across two tokenizers, prompts untruncated (the tokenisations' lengths differ)."""
+    mta = {"hid_level": "unit", "key_layers": [{"student": 1, "teacher": 2, "granularity": "word"},
+                                               {"student": 2, "teacher": 4, "granularity": "phrase"}]}
+    return write_tiny_run_config(
+        tmp_path / "run.yaml", teacher_dir, student_dir, EXAMPLES / "demo.jsonl", tmp_path / "run", tmp_path / "spans",
+        objective={"base": "uld", "cross_tokenizer": True, "mta": mta},
+        training={"max_steps": 2, "report_to": "none", **training},
+        data={"max_prompt_length": 200, "max_length": 400, **(data or {})})
 
 
 @needs_spacy
@@ -312,14 +324,7 @@ def test_cross_tokenizer_distill_with_uld_and_mta_trains_and_resumes(tmp_path, t
 
     from mtakd.cli import main
 
-    cfg = write_tiny_run_config(
-        tmp_path / "run.yaml", tiny_teacher_dir, cross_student_dir, EXAMPLES / "demo.jsonl", tmp_path / "run",
-        tmp_path / "spans",
-        objective={"base": "uld", "cross_tokenizer": True,
-                   "mta": {"hid_level": "unit", "key_layers": [{"student": 1, "teacher": 2, "granularity": "word"},
-                                                               {"student": 2, "teacher": 4, "granularity": "phrase"}]}},
-        training={"max_steps": 2, "save_steps": 1, "report_to": "none"},
-        data={"max_prompt_length": 200, "max_length": 400})  # untruncated: the two tokenisations' lengths differ
+    cfg = cross_run_config(tmp_path, tiny_teacher_dir, cross_student_dir, training={"save_steps": 1})
     assert main(["distill", "--config", str(cfg)]) == 0
     logs = [h for h in json.loads((tmp_path / "run" / "log_history.json").read_text()) if "loss" in h]
     assert len(logs) == 2

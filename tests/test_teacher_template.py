@@ -18,7 +18,7 @@ from mtakd.data import (
     format_prompt,
 )
 from tests.conftest import build_tokenizer, needs_spacy
-from tests.test_cross_tokenizer import build_other_tokenizer
+from tests.test_cross_tokenizer import build_other_tokenizer, cross_run_config, cross_student_dir  # noqa: F401
 
 # Plain words without punctuation next to them: every unit is whole tokens in both tokenizers, so the tokens of
 # a unit's range decode to exactly the unit's text (a range shifted by even one character would not)
@@ -180,34 +180,15 @@ def test_the_real_model_demo_config_is_valid():
     assert cfg.objective.mta.hid_level == "unit" and cfg.data.template == "alpaca"
 
 
-@pytest.fixture(scope="module")
-def other_student_dir(tmp_path_factory):
-    """A tiny random student with build_other_tokenizer's vocabulary (the teacher: tiny_teacher_dir's)."""
-    from tests.conftest import tiny_llama
-
-    tok = build_other_tokenizer()
-    d = tmp_path_factory.mktemp("other_student")
-    tiny_llama(len(tok), layers=2, hidden=16, seed=1).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
 @needs_spacy
-def test_distill_with_the_teachers_own_template_trains(tmp_path, tiny_teacher_dir, other_student_dir):
+def test_distill_with_the_teachers_own_template_trains(tmp_path, tiny_teacher_dir, cross_student_dir):
     import json
     import math
 
     from mtakd.cli import main
-    from tests.conftest import EXAMPLES, write_tiny_run_config
 
-    cfg = write_tiny_run_config(
-        tmp_path / "run.yaml", tiny_teacher_dir, other_student_dir, EXAMPLES / "demo.jsonl", tmp_path / "run",
-        tmp_path / "spans",
-        objective={"base": "uld", "cross_tokenizer": True,
-                   "mta": {"hid_level": "unit", "key_layers": [{"student": 1, "teacher": 2, "granularity": "word"},
-                                                               {"student": 2, "teacher": 4, "granularity": "phrase"}]}},
-        training={"max_steps": 2, "save_steps": 10, "report_to": "none"},
-        data={"max_prompt_length": 200, "max_length": 400, "teacher_template": "own"})  # student: alpaca
+    cfg = cross_run_config(tmp_path, tiny_teacher_dir, cross_student_dir, training={"save_steps": 10},
+                           data={"teacher_template": "own"})  # student: alpaca
     assert main(["distill", "--config", str(cfg)]) == 0
     logs = [h for h in json.loads((tmp_path / "run" / "log_history.json").read_text()) if "loss" in h]
     assert len(logs) == 2 and all(math.isfinite(h[k]) and h[k] > 0 for h in logs
