@@ -850,6 +850,7 @@ def write_report(budget: str, out: Path, units, command: str, n_resamples: int =
         parts += ["## Geometry: L_DSA at the key layers (dev, importance weights)", "",
                   f"Key layers {keys}; every arm measured with the same layer map (`mtakd trajectory`, "
                   f"{GEOMETRY_SAMPLES} dev records); mean over the key layers, mean ± std over training seeds.", "", geo]
+    comparisons, headline, details = {}, [], []
     for a, b in COMPARISONS:
         if a not in runs or b not in runs:
             continue
@@ -858,8 +859,20 @@ def write_report(budget: str, out: Path, units, command: str, n_resamples: int =
             ra, rb = [runs[a][s] for s in seeds], [runs[b][s] for s in seeds]
             if not seeds or not all(k in run_metrics(m) for m in ra + rb):
                 continue
-            parts += [f"### {b} − {a}: {NAMES[k]} (training seeds {', '.join(map(str, seeds))})", "",
-                      comparison_table(a, b, compare(ra, rb, n_resamples, metric=k), n_resamples, k)]
+            result = compare(ra, rb, n_resamples, metric=k)
+            comparisons.setdefault(f"{b} − {a}", {})[k] = {"seeds": seeds, **result}
+            r, f = result["pooled"], (".2f" if k == "rougeL" else ".4f")
+            per_seed = ", ".join(f"{v:+{f}}" for v in r.get("per_seed", [r["mean_diff"]]))
+            headline.append(f"| {b} − {a} | {NAMES[k]} | {', '.join(map(str, seeds))} | {r['n']} | "
+                            f"{r['mean_diff']:+{f}} | {per_seed} | [{r['low']:+{f}}, {r['high']:+{f}}] | "
+                            f"{'yes' if r['low'] > 0 or r['high'] < 0 else 'no'} |")
+            details += [f"### {b} − {a}: {NAMES[k]} (training seeds {', '.join(map(str, seeds))})", "",
+                        comparison_table(a, b, result, n_resamples, k)]
+    if headline:
+        parts += ["## MTA − base, every prompt of every set pooled", "",
+                  "Paired bootstrap over training seeds and prompts (per set below); NLL and KL: lower is better.", "",
+                  "| comparison | metric | training seeds | prompts | mean difference | per training seed | 95% CI "
+                  "| CI excludes 0 |", "|---|---|---|---:|---:|---|---|---|", *headline, "", *details]
     hist = _history(out)
     lines = ["| step kind | finished steps | mean | total |", "|---|---:|---:|---:|"]
     for kind, v in hist.items():
@@ -879,6 +892,7 @@ def write_report(budget: str, out: Path, units, command: str, n_resamples: int =
     report = "\n".join(parts)
     (out / "report.md").write_text(report)
     summary = {"budget": budget, "summary": budget_summary(budget), "command": command, "machine": m,
+               "comparisons": comparisons,
                "arms": {arm: {str(s): {"average": r["average"], "sets": r["sets"]} for s, r in by.items()}
                         for arm, by in runs.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

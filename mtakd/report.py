@@ -120,7 +120,7 @@ def paired_bootstrap(a, b, n_resamples: int = 10000, seed: int = BOOTSTRAP_SEED,
     with several seeds (row s of A paired with row s of B: same seed, same prompts). With seeds, each
     resample draws seeds and prompts with replacement (a two-level bootstrap), so the interval accounts for
     both the training-seed and the prompt variation; ``n`` is the number of prompts, ``seeds`` the number
-    of seeds.
+    of seeds and ``per_seed`` each seed's mean difference.
     """
     d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
     if d.ndim == 1:
@@ -144,7 +144,7 @@ def paired_bootstrap(a, b, n_resamples: int = 10000, seed: int = BOOTSTRAP_SEED,
     low, high = np.percentile(np.concatenate(means), [2.5, 97.5])
     out = {"n": n, "mean_diff": float(d.mean()), "low": float(low), "high": float(high)}
     if n_seeds > 1:
-        out["seeds"] = n_seeds
+        out.update(seeds=n_seeds, per_seed=d.mean(axis=1).tolist())
     return out
 
 

@@ -390,6 +390,12 @@ def test_crash_loses_only_the_running_step_and_rerun_skips_done(quality, tmp_pat
     assert "| SKL+MTA | 2 |" in report and "| teacher | 1 |" in report
     assert "### SKL+MTA − SKL: response NLL (nats/token) (training seeds 1, 2)" in report
     assert "Paired bootstrap over training seeds (2) and prompts" in report
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    nll = summary["comparisons"]["SKL+MTA − SKL"]["nll"]
+    assert nll["seeds"] == [1, 2] and len(nll["pooled"]["per_seed"]) == 2
+    per_seed = ", ".join(f"{v:+.4f}" for v in nll["pooled"]["per_seed"])
+    assert f"| SKL+MTA − SKL | response NLL (nats/token) | 1, 2 | {nll['pooled']['n']} | " in report
+    assert f"| {per_seed} |" in report
 
 
 def test_estimate_remaining(quality, tmp_path):

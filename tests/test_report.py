@@ -162,6 +162,7 @@ def test_bootstrap_over_seeds_and_prompts():
     pooled = paired_bootstrap(a.ravel(), b.ravel(), n_resamples=4000)  # treating seeds × prompts as prompts
     assert two_level["seeds"] == 3 and two_level["n"] == 200 and "seeds" not in one_seed
     assert two_level["mean_diff"] == pytest.approx(np.mean(b - a))
+    assert two_level["per_seed"] == pytest.approx((b - a).mean(axis=1)) and "per_seed" not in one_seed
     assert two_level["low"] < 0 < two_level["high"]  # the seed spread covers 0 ...
     assert pooled["low"] > 0  # ... which a bootstrap over prompts only would miss
     assert two_level["high"] - two_level["low"] > 3 * (pooled["high"] - pooled["low"])
