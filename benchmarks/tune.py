@@ -1,6 +1,6 @@
 """Tune the quality study's learning rate and MTA weights on dev.jsonl only (issue 14), per budget:
 
-    python benchmarks/tune.py --budget {pruned,random} [--out DIR] [--threads N]
+    python benchmarks/tune.py --budget {pruned,random} [--out DIR] [--threads N] [--assets DIR]
 
 Stage 1: SKL at each learning rate of ``LR_GRID`` → the rate with the lowest dev response NLL (ties: KL).
 Stage 2: SKL+MTA at that rate for each (λ_DSA, λ_Hid) of ``LAMBDA_GRID`` → the lowest dev NLL.
@@ -25,9 +25,9 @@ LR_GRID = {"pruned": [1.0e-4, 3.0e-4, 1.0e-3], "random": [3.0e-4, 1.0e-3, 3.0e-3
 LAMBDA_GRID = [(0.5, 0.2), (2.0, 0.2), (8.0, 0.8), (32.0, 3.2)]  # (λ_DSA, λ_Hid); the spec's default is (2, 0.2)
 
 
-def run_point(budget: str, out: Path, row: str, overrides: list[str], threads: int | None) -> dict:
+def run_point(budget: str, out: Path, row: str, overrides: list[str], threads: int | None, assets: Path) -> dict:
     argv = ["--budget", budget, "--only", row, "--sets", "dev", "--metrics", "nll", "kl", "--train-seeds", "42",
-            "--out", str(out), *[a for o in overrides for a in ("--set", o)]]
+            "--out", str(out), "--assets", str(assets), *[a for o in overrides for a in ("--set", o)]]
     if threads:
         argv += ["--threads", str(threads)]
     if quality.main(argv) != 0:
@@ -45,15 +45,16 @@ def main(argv=None) -> int:
     p.add_argument("--budget", required=True, choices=sorted(LR_GRID))
     p.add_argument("--out", type=Path, default=None, help="default: runs/tune-<budget>")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--assets", type=Path, default=quality.DEFAULT_ASSETS, help=f"default: {quality.DEFAULT_ASSETS}")
     args = p.parse_args(argv)
     out = (args.out or quality.REPO / "runs" / f"tune-{args.budget}").resolve()
     lrs = {f"skl_lr{lr:g}": run_point(args.budget, out / f"skl_lr{lr:g}", "skl",
-                                      [f"training.learning_rate={lr}"], args.threads) for lr in LR_GRID[args.budget]}
+                                      [f"training.learning_rate={lr}"], args.threads, args.assets) for lr in LR_GRID[args.budget]}
     lr_key = best(lrs)
     lr = lrs[lr_key]["overrides"][0]
     lams = {f"skl_mta_dsa{a:g}_hid{b:g}": run_point(
         args.budget, out / f"skl_mta_dsa{a:g}_hid{b:g}", "skl_mta",
-        [lr, f"objective.mta.lambda_dsa={a}", f"objective.mta.lambda_hid={b}"], args.threads) for a, b in LAMBDA_GRID}
+        [lr, f"objective.mta.lambda_dsa={a}", f"objective.mta.lambda_hid={b}"], args.threads, args.assets) for a, b in LAMBDA_GRID}
     lam_key = best(lams)
     result = {"budget": args.budget, "criterion": "lowest dev response NLL (ties: KL), training seed 42",
               "lr": lrs, "lambda": lams, "chosen": {"lr": lr, "mta": lams[lam_key]["overrides"][1:]}}
