@@ -80,7 +80,8 @@ class DataStats:
         if self.units_truncated:
             text += f"; {self.units_truncated} semantic units cut by truncation"
         if self.units_cross_dropped:
-            text += f"; {self.units_cross_dropped} semantic units dropped: represented in only one of the two tokenisations"
+            text += (f"; {self.units_cross_dropped} semantic units dropped: represented in only one of the two "
+                     "tokenisations")
         if self.content_not_found:
             text += f"; {self.content_not_found} prompts whose user text the chat template rewrote (no prompt units)"
         return text

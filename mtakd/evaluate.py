@@ -293,8 +293,7 @@ def decode_batch(model, inputs: dict[str, torch.Tensor], gen_config) -> list[lis
 
 def generate(
     model, tokenizer, prompt_ids: list[list[int]], *, seed: int, gen_config, batch_size: int = GENERATION_BATCH,
-    desc: str = "",
-    progress: bool = True, stats: dict | None = None,
+    desc: str = "", progress: bool = True, stats: dict | None = None,
 ) -> list[str]:
     """Decoded, stripped responses in the order of ``prompt_ids``. Prompts are taken in order of length and
     decoded ``batch_size`` at a time by continuous batching (:func:`_decode_stream`): a sequence leaves the
