@@ -9,6 +9,7 @@ allowed.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +48,12 @@ class ModelSource(_Strict):
     trust_remote_code: bool = False
     random_init: bool = Field(False, description="build the architecture of `path` with fresh random weights")
     config_overrides: dict[str, Any] = Field(default_factory=dict, description="model config changes (random_init only)")
+
+    @field_validator("path", "gguf_file")
+    @classmethod
+    def _home(cls, v: str | None) -> str | None:
+        """``~/…`` is the user's home directory, as in a shell (a hub id never starts with ``~``)."""
+        return os.path.expanduser(v) if v and v.startswith("~") else v
 
     @model_validator(mode="after")
     def _overrides_need_random(self):

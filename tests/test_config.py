@@ -50,6 +50,14 @@ def test_student_source_rules():
         build_config({**BASE, "student": {"from_teacher": {"layers": [3, 1]}}})
 
 
+def test_model_paths_starting_with_a_tilde_are_in_the_home_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = build_config({"teacher": {"path": "~/models/t", "gguf_file": "~/g/t.gguf"}, "student": {"path": "org/~s"},
+                        "data": {"train": ["x.jsonl"]}})
+    assert cfg.teacher.path == str(tmp_path / "models" / "t") and cfg.teacher.gguf_file == str(tmp_path / "g" / "t.gguf")
+    assert cfg.student.path == "org/~s"  # a hub id is left alone
+
+
 def test_load_config_file_and_relative_data(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
     cfg_file = tmp_path / "c.yaml"
