@@ -323,7 +323,7 @@ def generate(
 
 # ------------------------------------------------------------------------------ teacher-forced
 METRICS = ("rougeL", "nll", "kl")
-SCORE_BATCH = 8  # teacher-forced rows per forward pass: each holds [rows, response, vocabulary] logits
+SCORE_BATCH = 8  # teacher-forced rows per forward pass (which keeps every layer's [rows, length, width] states)
 
 
 def check_same_tokenizer(tokenizer, teacher_tokenizer) -> None:

@@ -8,9 +8,11 @@ the distillation objectives (MTA_SPEC §2, the logit-distillation base ``L_base`
 
 Batches are right-padded (``input_ids``, ``attention_mask``, ``labels`` with −100 on the prompt and the
 padding), so positions count from each row's first token and a row's values do not depend on its batch.
-Only the logits from the first response position of the batch onwards are computed (``logits_to_keep``),
-and the per-position terms are evaluated on the response positions only, in chunks, so memory stays at
-about one ``[batch, response, vocabulary]`` logits tensor per model.
+Each model runs once per batch with ``logits_to_keep=1`` and its last hidden state is kept at the response
+positions only; the LM head then builds the logits ``CHUNK`` positions at a time, as the training loss does
+(``objective.chunk_size``), so memory holds ``[CHUNK, vocabulary]`` logits, not ``[batch, length, vocabulary]``.
+A model whose logits are more than ``head(last hidden state)`` returns logits from the first response position
+of the batch onwards (``logits_to_keep``), which are then read in the same chunks.
 
 Several models scored against one teacher in one process (``benchmarks/quality.py``) share a
 :class:`TeacherReference`: the teacher runs once per distinct batch.
@@ -26,21 +28,30 @@ import torch.nn.functional as F
 CHUNK = 1024  # response positions per log-softmax chunk
 
 
-def _response_logits(model, batch: dict, first: int) -> torch.Tensor:
-    """Logits predicting tokens ``first .. T−1`` of the batch: ``[B, T − first, V]``."""
+def _response_rows(model, batch: dict, first: int, resp: torch.Tensor):
+    """``(rows, head)`` with ``head(rows[i:j])`` the logits at response positions ``i .. j`` (of the ``N`` positions
+    ``resp`` marks among ``first ..``). For a plain head (:func:`mtakd.trainer._plain_head`): ``rows`` is the last
+    hidden state there, ``[N, d]``, and ``head`` the LM head, so ``[N, V]`` logits are built one chunk at a time, as
+    in training (:class:`mtakd.objectives.base.HiddenHead`); otherwise ``rows`` are the ``[N, V]`` logits."""
+    from .models import unwrap
+    from .trainer import _plain_head
+
     ids = batch["input_ids"]
-    keep = ids.shape[1] - first + 1  # logits at positions first−1 .. T−1; the last predicts nothing
     device = next(model.parameters()).device
-    out = model(input_ids=ids.to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False,
-                logits_to_keep=keep)
-    return out.logits[:, :-1]
+    kw = dict(input_ids=ids.to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
+    resp = resp.to(device)
+    if _plain_head(model):
+        hidden = model(**kw, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        return hidden[:, first - 1 : -1][resp], unwrap(model).get_output_embeddings()
+    # logits at positions first−1 .. T−1; the last predicts nothing
+    return model(**kw, logits_to_keep=ids.shape[1] - first + 1).logits[:, :-1][resp], lambda x: x
 
 
 class TeacherReference:
     """The teacher of the KL, remembering its last hidden state at the response positions of each batch it has
     scored. A batch seen again (the same set scored for another model) costs only the LM head on those
-    ``[N, d]`` states, not a forward pass; ``[N, V]`` logits are never kept. A model whose logits are more than
-    ``head(last hidden state)`` (soft-capping, logit scaling) is run every time."""
+    ``[N, d]`` states, not a forward pass. A model whose logits are more than ``head(last hidden state)``
+    (soft-capping, logit scaling) is run every time."""
 
     def __init__(self, model, remember: bool = True):
         from .trainer import _plain_head
@@ -49,24 +60,21 @@ class TeacherReference:
         self.remember = remember and _plain_head(model)
         self._states: dict[str, torch.Tensor] = {}
 
-    def response_logits(self, batch: dict, first: int, resp: torch.Tensor) -> torch.Tensor:
-        """``[N, V]`` float logits at the response positions ``resp`` (of positions ``first ..``) of ``batch``."""
+    def response_rows(self, batch: dict, first: int, resp: torch.Tensor):
+        """:func:`_response_rows` of the teacher."""
         if not self.remember:
-            return _response_logits(self.model, batch, first)[resp].float()
+            return _response_rows(self.model, batch, first, resp)
         key = hashlib.sha1(b"".join(batch[k].cpu().numpy().tobytes() for k in ("input_ids", "attention_mask", "labels"))
                            + str((tuple(batch["input_ids"].shape), first)).encode()).hexdigest()
         if key not in self._states:
-            device = next(self.model.parameters()).device
-            out = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                             use_cache=False, output_hidden_states=True, logits_to_keep=1)
-            self._states[key] = out.hidden_states[-1][:, first - 1 : -1][resp.to(device)]
-        return self.model.get_output_embeddings()(self._states[key]).float()
+            self._states[key] = _response_rows(self.model, batch, first, resp)
+        return self._states[key]
 
 
 def batch_stats(model, batch: dict, teacher=None) -> dict[str, torch.Tensor]:
     """Per row of a right-padded batch: ``nll`` (summed nats over its response tokens), ``tokens`` (their
     count) and, with ``teacher`` (a model or a :class:`TeacherReference`), ``kl`` (summed KL(teacher ‖ model)
-    over the same positions). One forward pass per model, no gradients."""
+    over the same positions). One forward pass per model, no gradients; logits ``CHUNK`` positions at a time."""
     labels = batch["labels"]
     resp = labels != -100
     if not resp.any():
@@ -76,20 +84,21 @@ def batch_stats(model, batch: dict, teacher=None) -> dict[str, torch.Tensor]:
     labels, resp = labels[:, first:], resp[:, first:]
     rows = resp.nonzero()[:, 0]
     with torch.inference_mode():
-        s_logits = _response_logits(model, batch, first)[resp].float()  # [N, V], N response tokens
+        s_rows, s_head = _response_rows(model, batch, first, resp)  # N response positions
         if teacher is not None and not isinstance(teacher, TeacherReference):
             teacher = TeacherReference(teacher, remember=False)
-        t_logits = teacher.response_logits(batch, first, resp) if teacher is not None else None
-        if t_logits is not None and t_logits.shape[-1] != s_logits.shape[-1]:
-            raise ValueError(f"teacher-forced KL: the teacher has {t_logits.shape[-1]} output rows, the model "
-                             f"{s_logits.shape[-1]}; both must share one tokenizer and vocabulary")
-        target = labels[resp].to(s_logits.device)
+        t_rows, t_head = teacher.response_rows(batch, first, resp) if teacher is not None else (None, None)
+        target = labels[resp].to(s_rows.device)
         nll, kl = torch.empty(len(target)), torch.empty(len(target))
         for i in range(0, len(target), CHUNK):
-            logp = F.log_softmax(s_logits[i:i + CHUNK], -1)
+            logp = F.log_softmax(s_head(s_rows[i:i + CHUNK]).float(), -1)
             nll[i:i + CHUNK] = -logp.gather(-1, target[i:i + CHUNK, None])[:, 0].cpu()
-            if t_logits is not None:
-                logq = F.log_softmax(t_logits[i:i + CHUNK].to(logp.device), -1)
+            if t_rows is not None:
+                t_logits = t_head(t_rows[i:i + CHUNK]).float()
+                if t_logits.shape[-1] != logp.shape[-1]:
+                    raise ValueError(f"teacher-forced KL: the teacher has {t_logits.shape[-1]} output rows, the model "
+                                     f"{logp.shape[-1]}; both must share one tokenizer and vocabulary")
+                logq = F.log_softmax(t_logits.to(logp.device), -1)
                 kl[i:i + CHUNK] = F.kl_div(logp, logq, log_target=True, reduction="none").sum(-1).cpu()
     n_rows = labels.shape[0]
     out = {"nll": torch.zeros(n_rows, dtype=torch.float64).index_add_(0, rows.cpu(), nll.double()),
