@@ -297,7 +297,11 @@ def row_config(row: Row, budget: str, out: Path, data_root: Path = SHARED_DATA, 
         "eval": {"data": [str(data_root / EVAL_SETS[s]) for s in sets],
                  **{k: copy.deepcopy(v) for k, v in b["eval"].items() if v is not None}},
     }
-    mine = [o for o in overrides or [] if row.has_mta or not o.split("=", 1)[0].strip().startswith("objective.mta.")]
+    keys = [o.split("=", 1)[0].strip() for o in overrides or []]
+    owned = [k for k in keys if k in ("training.seed", "training.output_dir")]
+    if owned:
+        raise SystemExit(f"quality: --set {owned[0]} is the study's own (--train-seeds, --out)")
+    mine = [o for o, k in zip(overrides or [], keys) if row.has_mta or not k.startswith("objective.mta.")]
     cfg = apply_overrides(cfg, mine)
     if b.get("teacher_cache") and row.kind == "train" and cfg["objective"]["base"] != "sft" and "cache" not in cfg["teacher"]:
         cfg["teacher"]["cache"] = str(teacher_cache_dir(assets, {"teacher": cfg["teacher"], "data": cfg["data"]}))
@@ -391,9 +395,12 @@ class Step:
         return f"{who}: {what}"
 
     def done(self) -> bool:
+        """Finished, with every metric it asks for (a step once run with fewer metrics runs again)."""
         if self.kind == "train":
             return _trained(Path(self.cfg.training.output_dir))
-        return self.marker.is_file()
+        if self.kind == "geo":
+            return self.marker.is_file()
+        return self.marker.is_file() and set(self.metrics) <= set(_read_json(self.marker).get("metrics", []))
 
 
 def seed_configs(row: Row, cfg, budget: str, out: Path, train_seeds, data_root, sets, overrides, assets=None) -> list:
@@ -542,11 +549,15 @@ def _changed_sections(row: Row, cfg, d: Path) -> list[str]:
     return [k for k in RELEVANT[row.kind] if _differs(prev.get(k), mine[k])]
 
 
+FREE_FORM = ("extra_args", "options", "config_overrides")  # config dicts of the user's keys: compared exactly
+
+
 def _differs(old, new) -> bool:
-    """Values differ, ignoring keys only one side has: a config field added to (or dropped from) mtakd since the
-    unit ran keeps its default, so it does not make a finished unit stale."""
+    """Values differ, ignoring schema keys only one side has: a config field added to (or dropped from) mtakd
+    since the unit ran keeps its default, so it does not make a finished unit stale."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return any(_differs(old[k], new[k]) for k in old.keys() & new.keys())
+        return any(old[k] != new[k] if k in FREE_FORM else _differs(old[k], new[k]) for k in old.keys() & new.keys()) \
+            or any((old.get(k) or {}) != (new.get(k) or {}) for k in FREE_FORM)
     return old != new
 
 
@@ -763,7 +774,7 @@ def arm_runs(units, out: Path) -> dict[str, dict[int | None, dict]]:
     runs: dict = {}
     for row, seed, _ in units:
         d = unit_dir(out, row, seed)
-        if (d / "eval" / "metrics.json").is_file():
+        if merge_unit_metrics(d) is not None:
             runs.setdefault(row.label, {})[seed] = load_run(d / "eval")
     return runs
 
@@ -773,7 +784,7 @@ def _value(m: dict, metric: str) -> float | None:
 
 
 def seeds_table(runs: dict, metric: str) -> str:
-    """Arms × (sets + average): mean ± std (population) over training seeds of each seed's set value."""
+    """Arms × (sets + average): mean ± sample std over training seeds of each seed's set value."""
     from mtakd.report import set_names
 
     sets = set_names({f"{a}/{s}": m for a, by_seed in runs.items() for s, m in by_seed.items()})
@@ -784,7 +795,7 @@ def seeds_table(runs: dict, metric: str) -> str:
         for s in sets + ["average"]:
             vals = [_value(m["sets"].get(s, {}) if s != "average" else m["average"], metric) for m in by_seed.values()]
             vals = [v for v in vals if v is not None]
-            cells.append("–" if not vals else f"{np.mean(vals):{fmt}}" + (f" ± {np.std(vals):{fmt}}" if len(vals) > 1 else ""))
+            cells.append("–" if not vals else f"{np.mean(vals):{fmt}}" + (f" ± {np.std(vals, ddof=1):{fmt}}" if len(vals) > 1 else ""))
         lines.append(f"| {arm} | {len(by_seed)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -814,7 +825,7 @@ def geometry_table(units, out: Path, student: str) -> str | None:
         return None
     keys = [s for s, _ in STUDENTS[student]["key_layers"]]
     init = rows.get("student (initial)", {}).get("initial")
-    cell = lambda v: "–" if not v else f"{np.mean(v):.4f}" + (f" ± {np.std(v):.4f}" if len(v) > 1 else "")  # noqa: E731
+    cell = lambda v: "–" if not v else f"{np.mean(v):.4f}" + (f" ± {np.std(v, ddof=1):.4f}" if len(v) > 1 else "")  # noqa: E731
     lines = ["| arm | seeds | initial | mid-way | end | " + " | ".join(f"end S{k}" for k in keys) + " |",
              "|---|---:|---:|---:|---:|" + "---:|" * len(keys)]
     for arm, by in rows.items():
@@ -831,7 +842,7 @@ def write_report(budget: str, out: Path, units, command: str, n_resamples: int =
     """DIR/report.md and DIR/summary.json from every finished unit: a table per metric (mean ± std over
     training seeds), and for each MTA − base pair the paired bootstrap over training seeds and prompts."""
     from mtakd.report import METRICS as NAMES
-    from mtakd.report import compare, comparison_table, run_metrics
+    from mtakd.report import compare, comparison_table, excludes_zero, run_metrics
 
     runs = arm_runs(units, out)
     if not runs:
@@ -839,8 +850,12 @@ def write_report(budget: str, out: Path, units, command: str, n_resamples: int =
         return None
     present = [k for k in NAMES if any(k in run_metrics(m) for by in runs.values() for m in by.values())]
     parts = [f"# Quality ({budget})", "",
-             "Each cell: mean ± std (population) over training seeds of the set value (ROUGE-L: the mean over "
-             "prompts and sampling seeds; NLL / KL: per response token, micro-averaged over the set).", ""]
+             "Each cell: mean ± sample std over training seeds of the set value (ROUGE-L: the mean over "
+             "prompts and sampling seeds; NLL / KL: per response token, micro-averaged over the set); *average*: "
+             "the mean of the set values.", ""]
+    if BUDGETS[budget].get("student") == "random":
+        parts += [f"*student (initial)* is the random initialisation of seed {BUDGETS[budget]['training']['seed']}; "
+                  "each trained arm starts from the initialisation of its own training seed.", ""]
     for k in present:
         parts += [f"## {NAMES[k]}", "", seeds_table(runs, k)]
     student = BUDGETS[budget].get("student", "selected")
@@ -849,7 +864,7 @@ def write_report(budget: str, out: Path, units, command: str, n_resamples: int =
         keys = ", ".join(f"S{s}→T{t} {g}" for (s, t), g in zip(STUDENTS[student]["key_layers"], GRANULARITY))
         parts += ["## Geometry: L_DSA at the key layers (dev, importance weights)", "",
                   f"Key layers {keys}; every arm measured with the same layer map (`mtakd trajectory`, "
-                  f"{GEOMETRY_SAMPLES} dev records); mean over the key layers, mean ± std over training seeds.", "", geo]
+                  f"{GEOMETRY_SAMPLES} dev records); mean over the key layers, mean ± sample std over training seeds.", "", geo]
     comparisons, headline, details = {}, [], []
     for a, b in COMPARISONS:
         if a not in runs or b not in runs:
@@ -863,16 +878,24 @@ def write_report(budget: str, out: Path, units, command: str, n_resamples: int =
             comparisons.setdefault(f"{b} − {a}", {})[k] = {"seeds": seeds, **result}
             r, f = result["pooled"], (".2f" if k == "rougeL" else ".4f")
             per_seed = ", ".join(f"{v:+{f}}" for v in r.get("per_seed", [r["mean_diff"]]))
+            t = r.get("seed_t")
             headline.append(f"| {b} − {a} | {NAMES[k]} | {', '.join(map(str, seeds))} | {r['n']} | "
                             f"{r['mean_diff']:+{f}} | {per_seed} | [{r['low']:+{f}}, {r['high']:+{f}}] | "
-                            f"{'yes' if r['low'] > 0 or r['high'] < 0 else 'no'} |")
+                            f"{'yes' if excludes_zero((r['low'], r['high'])) else 'no'} | "
+                            + ("–" if t is None else f"[{t[0]:+{f}}, {t[1]:+{f}}] "
+                               f"{'yes' if excludes_zero(t) else 'no'}") + " |")
             details += [f"### {b} − {a}: {NAMES[k]} (training seeds {', '.join(map(str, seeds))})", "",
                         comparison_table(a, b, result, n_resamples, k)]
     if headline:
-        parts += ["## MTA − base, every prompt of every set pooled", "",
-                  "Paired bootstrap over training seeds and prompts (per set below); NLL and KL: lower is better.", "",
+        parts += ["## MTA − base, all prompts of the sets pooled", "",
+                  "Paired bootstrap over training seeds and prompts (per set below); NLL and KL: lower is better, "
+                  "prompts weighted by their response tokens (the micro-average over every scored token, which "
+                  "differs slightly from the tables' *average*, a mean over sets). *t over seeds*: the 95 % "
+                  "t-interval of the per-seed differences (mean ± t·sd/√S), the stricter bound when seeds are few: "
+                  "the bootstrap can only redraw the seeds it has.", "",
                   "| comparison | metric | training seeds | prompts | mean difference | per training seed | 95% CI "
-                  "| CI excludes 0 |", "|---|---|---|---:|---:|---|---|---|", *headline, "", *details]
+                  "| CI excludes 0 | t over seeds, excludes 0 |", "|---|---|---|---:|---:|---|---|---|---|",
+                  *headline, "", *details]
     hist = _history(out)
     lines = ["| step kind | finished steps | mean | total |", "|---|---:|---:|---:|"]
     for kind, v in hist.items():

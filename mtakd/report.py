@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 BOOTSTRAP_SEED = 0
 METRICS = {"rougeL": "ROUGE-L", "nll": "response NLL (nats/token)", "kl": "KL(teacher ‖ model)"}
+PER_TOKEN = ("nll", "kl")  # per-prompt values are means over the response's tokens: compared token-weighted
 
 
 def load_run(run_dir: str | Path) -> dict:
@@ -113,15 +114,22 @@ def plot(runs: dict[str, dict], path: str | Path, metric: str = "rougeL") -> Non
 
 
 # ----------------------------------------------------------------------------------- bootstrap
-def paired_bootstrap(a, b, n_resamples: int = 10000, seed: int = BOOTSTRAP_SEED, chunk: int = 1000) -> dict:
+def paired_bootstrap(a, b, n_resamples: int = 10000, seed: int = BOOTSTRAP_SEED, chunk: int = 1000,
+                     weights=None) -> dict:
     """Mean of B − A over paired items and its 95 % percentile interval from resampling items.
 
     ``a`` and ``b`` are per-prompt values ``[prompts]``, or ``[training seeds, prompts]`` for arms trained
     with several seeds (row s of A paired with row s of B: same seed, same prompts). With seeds, each
     resample draws seeds and prompts with replacement (a two-level bootstrap), so the interval accounts for
     both the training-seed and the prompt variation; ``n`` is the number of prompts, ``seeds`` the number
-    of seeds and ``per_seed`` each seed's mean difference.
+    of seeds, ``per_seed`` each seed's mean difference and ``seed_t`` the t-interval over those means
+    (mean ± t₀.₉₇₅,S−1 · sd / √S): with a handful of seeds the bootstrap, which can only draw from the seeds
+    it has, understates their spread, and the t-interval is the more honest bound on the seed variation.
+    ``weights`` ``[prompts]`` (e.g. each response's token count, for a per-token metric averaged per prompt):
+    every mean is then the weighted one, Σ w·d / Σ w, the micro-average of the per-set tables.
     """
+    from scipy import stats
+
     d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
     if d.ndim == 1:
         d = d[None]
@@ -130,21 +138,26 @@ def paired_bootstrap(a, b, n_resamples: int = 10000, seed: int = BOOTSTRAP_SEED,
                         "[seeds, prompts])")
     if n_resamples < 1:
         raise ConfigError(f"--bootstrap must be positive, got {n_resamples}")
-    rng = np.random.default_rng(seed)
     n_seeds, n = d.shape
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
+    if w.shape != (n,) or (w < 0).any() or w.sum() <= 0:
+        raise DataError(f"paired bootstrap: weights must be {n} non-negative values, not all zero")
+    rng = np.random.default_rng(seed)
     means = []
     for i in range(0, n_resamples, chunk):
         k = min(chunk, n_resamples - i)
         prompts = rng.integers(0, n, size=(k, n))
-        if n_seeds == 1:
-            means.append(d[0][prompts].mean(axis=1))
-        else:
-            seeds = rng.integers(0, n_seeds, size=(k, n_seeds))
-            means.append(d[seeds[:, :, None], prompts[:, None, :]].mean(axis=(1, 2)))
+        seeds = rng.integers(0, n_seeds, size=(k, n_seeds)) if n_seeds > 1 else np.zeros((k, 1), dtype=int)
+        wk = w[prompts]  # [k, n]
+        means.append((d[seeds[:, :, None], prompts[:, None, :]] * wk[:, None, :]).sum(axis=(1, 2))
+                     / (wk.sum(axis=1) * n_seeds))
     low, high = np.percentile(np.concatenate(means), [2.5, 97.5])
-    out = {"n": n, "mean_diff": float(d.mean()), "low": float(low), "high": float(high)}
+    per_seed = d @ w / w.sum()
+    out = {"n": n, "mean_diff": float(per_seed.mean()), "low": float(low), "high": float(high)}
     if n_seeds > 1:
-        out.update(seeds=n_seeds, per_seed=d.mean(axis=1).tolist())
+        half = stats.t.ppf(0.975, n_seeds - 1) * per_seed.std(ddof=1) / np.sqrt(n_seeds)
+        out.update(seeds=n_seeds, per_seed=per_seed.tolist(),
+                   seed_t=[float(per_seed.mean() - half), float(per_seed.mean() + half)])
     return out
 
 
@@ -166,7 +179,9 @@ def compare(run_a, run_b, n_resamples: int = 10000, seed: int = BOOTSTRAP_SEED, 
     """Paired bootstrap of B − A of ``metric`` per shared set and over all their prompts pooled.
 
     ``run_a`` / ``run_b`` are loaded runs, or lists of runs (one per training seed, paired in order: a
-    two-level bootstrap over seeds and prompts, see :func:`paired_bootstrap`)."""
+    two-level bootstrap over seeds and prompts, see :func:`paired_bootstrap`). Per-token metrics (NLL, KL) are
+    weighted by each prompt's response tokens, so a set's mean difference is the difference of its micro-averaged
+    values, and ``pooled`` the micro-average over every token of every shared set."""
     runs_a = run_a if isinstance(run_a, list) else [run_a]
     runs_b = run_b if isinstance(run_b, list) else [run_b]
     if len(runs_a) != len(runs_b):
@@ -175,16 +190,32 @@ def compare(run_a, run_b, n_resamples: int = 10000, seed: int = BOOTSTRAP_SEED, 
     shared = [s for s in runs_a[0]["sets"] if all(s in r["sets"] for r in runs_a + runs_b)]
     if not shared:
         raise DataError("the two runs share no evaluation set")
-    result, all_a, all_b = {}, [], []
+    result, all_a, all_b, all_w = {}, [], [], []
     for s in shared:
         a, b = _per_prompt(runs_a, s, metric), _per_prompt(runs_b, s, metric)
         if a.shape != b.shape:
             raise DataError(f"set {s!r}: the runs scored different numbers of prompts ({a.shape[1]} vs {b.shape[1]})")
-        result[s] = paired_bootstrap(a, b, n_resamples, seed)
+        w = _token_weights(runs_a + runs_b, s) if metric in PER_TOKEN else np.ones(a.shape[1])
+        result[s] = paired_bootstrap(a, b, n_resamples, seed, weights=w)
         all_a.append(a)
         all_b.append(b)
-    result["pooled"] = paired_bootstrap(np.concatenate(all_a, 1), np.concatenate(all_b, 1), n_resamples, seed)
+        all_w.append(w)
+    result["pooled"] = paired_bootstrap(np.concatenate(all_a, 1), np.concatenate(all_b, 1), n_resamples, seed,
+                                        weights=np.concatenate(all_w))
     return result
+
+
+def _token_weights(runs, s: str) -> np.ndarray:
+    """Each prompt's scored response tokens in set ``s`` (the same in every run: one tokenizer, one reference)."""
+    tokens = _per_prompt(runs, s, "tokens")
+    if not (tokens == tokens[0]).all():
+        raise DataError(f"set {s!r}: the runs scored different response tokens per prompt (another tokenizer or "
+                        "max_response_length?); their per-token values cannot be paired")
+    return tokens[0]
+
+
+def excludes_zero(interval) -> bool:
+    return interval[0] > 0 or interval[1] < 0
 
 
 def comparison_table(name_a: str, name_b: str, result: dict, n_resamples: int, metric: str = "rougeL") -> str:
@@ -192,18 +223,25 @@ def comparison_table(name_a: str, name_b: str, result: dict, n_resamples: int, m
             "kl": "KL(teacher ‖ model) per token (lower is better)"}[metric]
     seeds = next(iter(result.values())).get("seeds")
     over = f"training seeds ({seeds}) and prompts" if seeds else "prompts"
+    weighted = " Prompts weighted by their response tokens (the micro-average of the tables)." if metric in PER_TOKEN else ""
     lines = [
         f"Paired bootstrap over {over} ({n_resamples} resamples, seed {BOOTSTRAP_SEED}): "
-        f"{name_b} − {name_a}, {unit}.",
+        f"{name_b} − {name_a}, {unit}.{weighted}"
+        + (" *t over seeds*: mean ± t·sd/√S of the per-seed differences." if seeds else ""),
         "",
-        "| set | n | mean difference | 95% interval | interval excludes 0 |",
-        "|---|---:|---:|---|---|",
+        "| set | n | mean difference | 95% interval | interval excludes 0 |" + (" per seed | t over seeds |" if seeds else ""),
+        "|---|---:|---:|---|---|" + ("---|---|" if seeds else ""),
     ]
+    f = ".2f" if metric == "rougeL" else ".4f"
     for s, r in result.items():
         label = "**all sets pooled**" if s == "pooled" else s
-        sig = "yes" if r["low"] > 0 or r["high"] < 0 else "no"
-        f = ".2f" if metric == "rougeL" else ".4f"
-        lines.append(f"| {label} | {r['n']} | {r['mean_diff']:+{f}} | [{r['low']:+{f}}, {r['high']:+{f}}] | {sig} |")
+        row = (f"| {label} | {r['n']} | {r['mean_diff']:+{f}} | [{r['low']:+{f}}, {r['high']:+{f}}] | "
+               f"{'yes' if excludes_zero((r['low'], r['high'])) else 'no'} |")
+        if seeds:
+            lo, hi = r["seed_t"]
+            row += (f" {', '.join(f'{v:+{f}}' for v in r['per_seed'])} | [{lo:+{f}}, {hi:+{f}}]"
+                    f"{' excludes 0' if excludes_zero(r['seed_t']) else ''} |")
+        lines.append(row)
     return "\n".join(lines) + "\n"
 
 

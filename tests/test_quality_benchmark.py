@@ -153,6 +153,16 @@ def test_study_budgets_plan(quality, tmp_path, budget, student, keys):
 def test_new_config_fields_do_not_make_finished_units_stale(quality):
     assert not quality._differs({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 2, "new_field": 0}, "added": 3})
     assert quality._differs({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}})
+    # the user's own keys (free-form dicts) count, even when only one side has them
+    assert quality._differs({"training": {"extra_args": {}}}, {"training": {"extra_args": {"x": 2}}})
+    assert quality._differs({"objective": {"options": {"y": 1}}}, {"objective": {"options": {"y": 2}}})
+    assert not quality._differs({"objective": {}}, {"objective": {"options": {}}})  # a field added since, empty
+
+
+def test_the_study_owns_seed_and_output_dir(quality, tmp_path):
+    for key in ("training.seed=5", "training.output_dir=/tmp/x"):
+        with pytest.raises(SystemExit, match="study's own"):
+            quality.plan("smoke", tmp_path, overrides=[key])
 
 
 def test_keep_mid_and_geometry_table(quality, tmp_path):
@@ -187,7 +197,7 @@ def test_keep_mid_and_geometry_table(quality, tmp_path):
     fake({"mid": 0.2, "end": 0.1}, quality.unit_dir(out, units[1][0], 1))
     fake({"mid": 0.2, "end": 0.3}, quality.unit_dir(out, units[2][0], 2))
     table = quality.geometry_table(units, out, "random")
-    assert "| SKL | 2 | 0.3000 | 0.2000 ± 0.0000 | 0.2000 ± 0.1000 | 0.2000 ± 0.1000 |" in table
+    assert "| SKL | 2 | 0.3000 | 0.2000 ± 0.0000 | 0.2000 ± 0.1414 | 0.2000 ± 0.1414 |" in table  # sample std
 
 
 def test_budget_docstring_matches(quality):
@@ -355,6 +365,11 @@ def test_steps_cover_rows_seeds_sets_and_metrics(quality, tmp_path):
         "skl/seed1/train", "skl/seed2/train", "skl_mta/seed1/train", "skl_mta/seed2/train"]
     only_tf = quality.build_steps(_units(quality, tmp_path), ["nll"])
     assert {s.kind for s in only_tf} == {"train", "tf"} and all(s.metrics == ("nll",) for s in only_tf if s.kind == "tf")
+    # a step once run with fewer metrics is not done for more
+    step = next(s for s in steps if s.kind == "tf" and s.metrics == ("nll", "kl"))
+    step.marker.parent.mkdir(parents=True)
+    step.marker.write_text(json.dumps({"metrics": ["nll"]}))
+    assert not step.done() and next(s for s in only_tf if s.marker == step.marker).done()
 
 
 def test_crash_loses_only_the_running_step_and_rerun_skips_done(quality, tmp_path, capsys):
@@ -395,7 +410,8 @@ def test_crash_loses_only_the_running_step_and_rerun_skips_done(quality, tmp_pat
     assert nll["seeds"] == [1, 2] and len(nll["pooled"]["per_seed"]) == 2
     per_seed = ", ".join(f"{v:+.4f}" for v in nll["pooled"]["per_seed"])
     assert f"| SKL+MTA − SKL | response NLL (nats/token) | 1, 2 | {nll['pooled']['n']} | " in report
-    assert f"| {per_seed} |" in report
+    lo, hi = nll["pooled"]["seed_t"]
+    assert f"| {per_seed} |" in report and f"| [{lo:+.4f}, {hi:+.4f}] " in report
 
 
 def test_estimate_remaining(quality, tmp_path):

@@ -163,6 +163,9 @@ def test_bootstrap_over_seeds_and_prompts():
     assert two_level["seeds"] == 3 and two_level["n"] == 200 and "seeds" not in one_seed
     assert two_level["mean_diff"] == pytest.approx(np.mean(b - a))
     assert two_level["per_seed"] == pytest.approx((b - a).mean(axis=1)) and "per_seed" not in one_seed
+    per_seed = (b - a).mean(axis=1)
+    half = 4.302653 * per_seed.std(ddof=1) / np.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    assert two_level["seed_t"] == pytest.approx([per_seed.mean() - half, per_seed.mean() + half], rel=1e-5)
     assert two_level["low"] < 0 < two_level["high"]  # the seed spread covers 0 ...
     assert pooled["low"] > 0  # ... which a bootstrap over prompts only would miss
     assert two_level["high"] - two_level["low"] > 3 * (pooled["high"] - pooled["low"])
@@ -172,3 +175,43 @@ def test_bootstrap_over_seeds_and_prompts():
     assert res["s"] == two_level and res["pooled"]["seeds"] == 3
     with pytest.raises(DataError, match="as many runs"):
         compare(ra, rb[:2])
+
+
+def test_weighted_bootstrap_is_the_micro_average_and_matches_a_slow_reference():
+    """Per-token metrics: prompts weighted by their tokens, so the mean difference is the difference of the
+    micro-averaged set values; the interval equals a plain loop over the same resampled indices."""
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(5, 1, size=(2, 30)), rng.normal(4.9, 1, size=(2, 30))
+    w = rng.integers(1, 129, size=30).astype(float)
+    got = paired_bootstrap(a, b, n_resamples=300, weights=w, chunk=7)
+    micro = lambda x: (x * w).sum(axis=1) / w.sum()  # noqa: E731  each seed's micro-average
+    assert got["mean_diff"] == pytest.approx(np.mean(micro(b) - micro(a)))
+    assert got["per_seed"] == pytest.approx(micro(b) - micro(a))
+    draws, ref = np.random.default_rng(report.BOOTSTRAP_SEED), []
+    for lo in range(0, 300, 7):
+        k = min(7, 300 - lo)
+        prompts, seeds = draws.integers(0, 30, size=(k, 30)), draws.integers(0, 2, size=(k, 2))
+        for i in range(k):
+            num = sum(w[p] * (b[s, p] - a[s, p]) for s in seeds[i] for p in prompts[i])
+            ref.append(num / (2 * w[prompts[i]].sum()))
+    assert [got["low"], got["high"]] == pytest.approx(np.percentile(ref, [2.5, 97.5]))
+    assert paired_bootstrap(a, b, n_resamples=300, weights=np.ones(30))["low"] == pytest.approx(
+        paired_bootstrap(a, b, n_resamples=300)["low"])
+    with pytest.raises(DataError, match="weights"):
+        paired_bootstrap(a, b, weights=np.ones(29))
+
+
+def test_compare_weights_nll_by_tokens_and_needs_equal_tokens(tmp_path):
+    ra = _tf_run(tmp_path / "a", {"s": [1.0, 3.0]})
+    rb = _tf_run(tmp_path / "b", {"s": [0.0, 3.0]})
+    for path, tokens in ((ra, [1, 3]), (rb, [1, 3])):
+        m = json.loads((path / "metrics.json").read_text())
+        m["per_prompt"]["s"]["tokens"] = tokens
+        (path / "metrics.json").write_text(json.dumps(m))
+    res = compare(report.load_run(ra), report.load_run(rb), n_resamples=100, metric="nll")
+    assert res["s"]["mean_diff"] == pytest.approx(-1.0 / 4)  # (1 token × −1 + 3 tokens × 0) / 4 tokens
+    m = json.loads((rb / "metrics.json").read_text())
+    m["per_prompt"]["s"]["tokens"] = [2, 3]
+    (rb / "metrics.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match="different response tokens"):
+        compare(report.load_run(ra), report.load_run(rb), n_resamples=100, metric="nll")
