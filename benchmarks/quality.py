@@ -793,9 +793,13 @@ def seeds_table(runs: dict, metric: str) -> str:
     for arm, by_seed in runs.items():
         cells = []
         for s in sets + ["average"]:
-            vals = [_value(m["sets"].get(s, {}) if s != "average" else m["average"], metric) for m in by_seed.values()]
+            # a unit's average counts only once it has every set (mid-study, some are still running)
+            vals = [_value(m["sets"].get(s, {}) if s != "average" else
+                           m["average"] if set(sets) <= set(m["sets"]) else {}, metric) for m in by_seed.values()]
             vals = [v for v in vals if v is not None]
-            cells.append("–" if not vals else f"{np.mean(vals):{fmt}}" + (f" ± {np.std(vals, ddof=1):{fmt}}" if len(vals) > 1 else ""))
+            cells.append("–" if not vals else f"{np.mean(vals):{fmt}}"
+                         + (f" ± {np.std(vals, ddof=1):{fmt}}" if len(vals) > 1 else "")
+                         + (f" ({len(vals)} seeds)" if len(vals) < len(by_seed) else ""))
         lines.append(f"| {arm} | {len(by_seed)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -477,3 +477,10 @@ def test_geometry_steps_on_a_tiny_model(quality, tmp_path, tiny_teacher_dir, mon
     assert set(init["students"]) == {"initial"}
     report = (out / "report.md").read_text()
     assert "## Geometry: L_DSA at the key layers" in report and "| SKL | 1 |" in report
+
+
+def test_seeds_table_marks_cells_with_fewer_seeds(quality):
+    full = {"sets": {"a": {"nll": 1.0}, "b": {"nll": 3.0}}, "average": {"nll": 2.0}}
+    part = {"sets": {"a": {"nll": 2.0}}, "average": {"nll": 2.0}}  # seed 2: set b still running
+    table = quality.seeds_table({"SKL": {1: full, 2: part}}, "nll")
+    assert "| SKL | 2 | 1.5000 ± 0.7071 | 3.0000 (1 seeds) | 2.0000 (1 seeds) |" in table
