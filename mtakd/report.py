@@ -115,7 +115,7 @@ def plot(runs: dict[str, dict], path: str | Path, metric: str = "rougeL") -> Non
 
 # ----------------------------------------------------------------------------------- bootstrap
 def paired_bootstrap(a, b, n_resamples: int = 10000, seed: int = BOOTSTRAP_SEED, chunk: int = 1000,
-                     weights=None) -> dict:
+                     weights=None, strata=None) -> dict:
     """Mean of B − A over paired items and its 95 % percentile interval from resampling items.
 
     ``a`` and ``b`` are per-prompt values ``[prompts]``, or ``[training seeds, prompts]`` for arms trained
@@ -126,7 +126,9 @@ def paired_bootstrap(a, b, n_resamples: int = 10000, seed: int = BOOTSTRAP_SEED,
     (mean ± t₀.₉₇₅,S−1 · sd / √S): with a handful of seeds the bootstrap, which can only draw from the seeds
     it has, understates their spread, and the t-interval is the more honest bound on the seed variation.
     ``weights`` ``[prompts]`` (e.g. each response's token count, for a per-token metric averaged per prompt):
-    every mean is then the weighted one, Σ w·d / Σ w, the micro-average of the per-set tables.
+    every mean is then the weighted one, Σ w·d / Σ w, the micro-average of the per-set tables. ``strata``
+    ``[prompts]`` (e.g. each prompt's evaluation set): prompts are redrawn within their stratum, so every
+    resample keeps each set's size.
     """
     from scipy import stats
 
@@ -142,11 +144,12 @@ def paired_bootstrap(a, b, n_resamples: int = 10000, seed: int = BOOTSTRAP_SEED,
     w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
     if w.shape != (n,) or (w < 0).any() or w.sum() <= 0:
         raise DataError(f"paired bootstrap: weights must be {n} non-negative values, not all zero")
+    groups = [np.arange(n)] if strata is None else [np.flatnonzero(np.asarray(strata) == g) for g in np.unique(strata)]
     rng = np.random.default_rng(seed)
     means = []
     for i in range(0, n_resamples, chunk):
         k = min(chunk, n_resamples - i)
-        prompts = rng.integers(0, n, size=(k, n))
+        prompts = np.concatenate([g[rng.integers(0, len(g), size=(k, len(g)))] for g in groups], axis=1)
         seeds = rng.integers(0, n_seeds, size=(k, n_seeds)) if n_seeds > 1 else np.zeros((k, 1), dtype=int)
         wk = w[prompts]  # [k, n]
         means.append((d[seeds[:, :, None], prompts[:, None, :]] * wk[:, None, :]).sum(axis=(1, 2))
@@ -190,7 +193,7 @@ def compare(run_a, run_b, n_resamples: int = 10000, seed: int = BOOTSTRAP_SEED, 
     shared = [s for s in runs_a[0]["sets"] if all(s in r["sets"] for r in runs_a + runs_b)]
     if not shared:
         raise DataError("the two runs share no evaluation set")
-    result, all_a, all_b, all_w = {}, [], [], []
+    result, all_a, all_b, all_w, strata = {}, [], [], [], []
     for s in shared:
         a, b = _per_prompt(runs_a, s, metric), _per_prompt(runs_b, s, metric)
         if a.shape != b.shape:
@@ -200,8 +203,9 @@ def compare(run_a, run_b, n_resamples: int = 10000, seed: int = BOOTSTRAP_SEED, 
         all_a.append(a)
         all_b.append(b)
         all_w.append(w)
+        strata += [len(all_w)] * len(w)
     result["pooled"] = paired_bootstrap(np.concatenate(all_a, 1), np.concatenate(all_b, 1), n_resamples, seed,
-                                        weights=np.concatenate(all_w))
+                                        weights=np.concatenate(all_w), strata=strata)  # prompts redrawn per set
     return result
 
 

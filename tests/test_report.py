@@ -215,3 +215,17 @@ def test_compare_weights_nll_by_tokens_and_needs_equal_tokens(tmp_path):
     (rb / "metrics.json").write_text(json.dumps(m))
     with pytest.raises(DataError, match="different response tokens"):
         compare(report.load_run(ra), report.load_run(rb), n_resamples=100, metric="nll")
+
+
+def test_stratified_bootstrap_redraws_within_each_set():
+    """With strata, every resample keeps each set's prompts: a set-level shift no longer widens the interval."""
+    rng = np.random.default_rng(4)
+    a = rng.normal(0, 0.1, size=40)
+    b = a + np.r_[np.full(20, 1.0), np.full(20, -1.0)] + rng.normal(0, 0.1, size=40)  # the sets differ by 2
+    strata = [0] * 20 + [1] * 20
+    plain = paired_bootstrap(a, b, n_resamples=2000)
+    by_set = paired_bootstrap(a, b, n_resamples=2000, strata=strata)
+    assert by_set["mean_diff"] == pytest.approx(plain["mean_diff"])
+    assert by_set["high"] - by_set["low"] < 0.2 * (plain["high"] - plain["low"])
+    assert paired_bootstrap(a, b, n_resamples=500, strata=[0] * 40)["low"] == pytest.approx(
+        paired_bootstrap(a, b, n_resamples=500)["low"])  # one stratum: the plain bootstrap
