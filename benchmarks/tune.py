@@ -3,7 +3,8 @@
     python benchmarks/tune.py --budget {pruned,random} [--out DIR] [--threads N] [--assets DIR]
 
 Stage 1: SKL at each learning rate of ``LR_GRID`` → the rate with the lowest dev response NLL (ties: KL).
-Stage 2: SKL+MTA at that rate for each (λ_DSA, λ_Hid) of ``LAMBDA_GRID`` → the lowest dev NLL.
+Stage 2: SKL+MTA at that rate for each (λ_DSA, λ_Hid) of ``LAMBDA_GRID`` → the lowest dev NLL (points named
+``skl_mta_dsa<λ_DSA>_hid<λ_Hid>_lr<rate>``; runs before the first extension of the grid lacked the ``_lr`` part).
 Every point is one ``benchmarks/quality.py`` run (training seed 42, ``--sets dev --metrics nll kl``) in
 ``OUT/<point>/``: resumable, a rerun skips finished points. ``OUT/tune.json`` and ``OUT/tune.md`` hold every
 point's dev NLL and KL and the choice; the evaluation sets are never looked at.
@@ -52,9 +53,11 @@ def main(argv=None) -> int:
                                       [f"training.learning_rate={lr}"], args.threads, args.assets) for lr in LR_GRID[args.budget]}
     lr_key = best(lrs)
     lr = lrs[lr_key]["overrides"][0]
-    lams = {f"skl_mta_dsa{a:g}_hid{b:g}": run_point(
-        args.budget, out / f"skl_mta_dsa{a:g}_hid{b:g}", "skl_mta",
-        [lr, f"objective.mta.lambda_dsa={a}", f"objective.mta.lambda_hid={b}"], args.threads, args.assets) for a, b in LAMBDA_GRID}
+    rate = lr_key.removeprefix("skl_")  # λ points are named by their learning rate too: each rate has its own
+    lams = {f"skl_mta_dsa{a:g}_hid{b:g}_{rate}": run_point(
+        args.budget, out / f"skl_mta_dsa{a:g}_hid{b:g}_{rate}", "skl_mta",
+        [lr, f"objective.mta.lambda_dsa={a}", f"objective.mta.lambda_hid={b}"], args.threads, args.assets)
+        for a, b in LAMBDA_GRID}
     lam_key = best(lams)
     result = {"budget": args.budget, "criterion": "lowest dev response NLL (ties: KL), training seed 42",
               "lr": lrs, "lambda": lams, "chosen": {"lr": lr, "mta": lams[lam_key]["overrides"][1:]}}
