@@ -450,8 +450,15 @@ def _cmd_distill(args) -> int:
     distill(cfg, resume=args.resume, overwrite=args.overwrite)  # logs "student saved to ..." (once)
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():  # leave the group before exit: a process that exits with
-        dist.destroy_process_group()  # it alive may abort in teardown ("terminate called without an active exception")
+    if dist.is_available() and dist.is_initialized():
+        # A rank of a finished multi-process run could still abort in the interpreter's teardown ("terminate
+        # called without an active exception": a native thread destroyed unjoined), even after leaving the
+        # process group. Everything is written by now: leave the group, flush, and exit without that teardown.
+        dist.destroy_process_group()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
