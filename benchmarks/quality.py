@@ -141,6 +141,21 @@ _TRAIN_COMMON = {"learning_rate": 1.0e-4, "lr_scheduler_type": "cosine", "warmup
                  "weight_decay": 0.0, "max_grad_norm": 1.0, "logging_steps": 1, "report_to": ["none"]}
 _STUDY_EVAL = {"max_samples": None, "seeds": [10], "greedy": True, "max_new_tokens": 128, "batch_size": 16,
                "max_prompt_length": 256, "max_response_length": 128}
+
+
+def _study_budget(student: str, max_steps: int, learning_rate: float) -> dict:
+    """A budget of the decisive study (issue 14): teacher cache, a mid-way checkpoint, geometry at init / mid / end,
+    all prompts; learning rate and λ tuned on dev (benchmarks/tune.py; BENCHMARKS.md "Quality")."""
+    return {
+        "student": student, "teacher_cache": True, "metrics": METRICS + ["geometry"],
+        "training": {**_TRAIN_COMMON, "max_steps": max_steps, "per_device_train_batch_size": 8,
+                     "save_steps": max_steps // 2, "learning_rate": learning_rate},
+        "mta": {"lambda_dsa": 8.0, "lambda_hid": 0.8},
+        "data": {"max_prompt_length": 128, "max_length": 256, "max_samples": None},
+        "eval": _STUDY_EVAL,
+    }
+
+
 BUDGETS: dict[str, dict] = {
     "smoke": {
         "training": {**_TRAIN_COMMON, "max_steps": 2, "per_device_train_batch_size": 4, "save_steps": 1000},
@@ -159,23 +174,8 @@ BUDGETS: dict[str, dict] = {
         "eval": {"max_samples": None, "seeds": PAPER_SEEDS, "max_new_tokens": 256, "batch_size": 8,
                  "max_prompt_length": 256},
     },
-    # the decisive study (issue 14): teacher cache, mid-way checkpoint, geometry at init / mid / end, all prompts
-    "pruned": {
-        "student": "pruned", "teacher_cache": True, "metrics": METRICS + ["geometry"],
-        "training": {**_TRAIN_COMMON, "max_steps": 40, "per_device_train_batch_size": 8, "save_steps": 20,
-                     "learning_rate": 3.0e-4},  # tuned on dev (benchmarks/tune.py; BENCHMARKS.md "Quality")
-        "mta": {"lambda_dsa": 8.0, "lambda_hid": 0.8},  # tuned on dev
-        "data": {"max_prompt_length": 128, "max_length": 256, "max_samples": None},
-        "eval": _STUDY_EVAL,
-    },
-    "random": {
-        "student": "random", "teacher_cache": True, "metrics": METRICS + ["geometry"],
-        "training": {**_TRAIN_COMMON, "max_steps": 240, "per_device_train_batch_size": 8, "save_steps": 120,
-                     "learning_rate": 1.0e-3},  # tuned on dev (benchmarks/tune.py; BENCHMARKS.md "Quality")
-        "mta": {"lambda_dsa": 8.0, "lambda_hid": 0.8},  # tuned on dev
-        "data": {"max_prompt_length": 128, "max_length": 256, "max_samples": None},
-        "eval": _STUDY_EVAL,
-    },
+    "pruned": _study_budget("pruned", max_steps=40, learning_rate=3.0e-4),
+    "random": _study_budget("random", max_steps=240, learning_rate=1.0e-3),
 }
 GEOMETRY_SET, GEOMETRY_SAMPLES = "dev", 60  # the geometry steps' data: every dev.jsonl record
 KD_RATIO = 0.5
@@ -556,7 +556,7 @@ def _differs(old, new) -> bool:
     """Values differ, ignoring schema keys only one side has: a config field added to (or dropped from) mtakd
     since the unit ran keeps its default, so it does not make a finished unit stale."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return any(old[k] != new[k] if k in FREE_FORM else _differs(old[k], new[k]) for k in old.keys() & new.keys()) \
+        return any(_differs(old[k], new[k]) for k in old.keys() & new.keys() - set(FREE_FORM)) \
             or any((old.get(k) or {}) != (new.get(k) or {}) for k in FREE_FORM)
     return old != new
 
