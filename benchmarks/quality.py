@@ -395,12 +395,17 @@ class Step:
         return f"{who}: {what}"
 
     def done(self) -> bool:
-        """Finished, with every metric it asks for (a step once run with fewer metrics runs again)."""
+        """Finished, with every metric it asks for (a step once run with fewer metrics runs again), and — for an
+        evaluation of a trained unit — after its student was last written (a retrained student is evaluated
+        again, as ``make`` rebuilds what is older than its input)."""
         if self.kind == "train":
             return _trained(Path(self.cfg.training.output_dir))
-        if self.kind == "geo":
-            return self.marker.is_file()
-        return self.marker.is_file() and set(self.metrics) <= set(_read_json(self.marker).get("metrics", []))
+        if not self.marker.is_file():
+            return False
+        weights = Path(self.cfg.training.output_dir) / "student" / "model.safetensors"
+        if self.row.kind == "train" and weights.is_file() and self.marker.stat().st_mtime < weights.stat().st_mtime:
+            return False
+        return self.kind == "geo" or set(self.metrics) <= set(_read_json(self.marker).get("metrics", []))
 
 
 def seed_configs(row: Row, cfg, budget: str, out: Path, train_seeds, data_root, sets, overrides, assets=None) -> list:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -412,6 +413,25 @@ def test_crash_loses_only_the_running_step_and_rerun_skips_done(quality, tmp_pat
     assert f"| SKL+MTA − SKL | response NLL (nats/token) | 1, 2 | {nll['pooled']['n']} | " in report
     lo, hi = nll["pooled"]["seed_t"]
     assert f"| {per_seed} |" in report and f"| [{lo:+.4f}, {hi:+.4f}] " in report
+
+
+def test_evaluations_of_a_retrained_student_run_again(quality, tmp_path):
+    steps = quality.build_steps(_units(quality, tmp_path))
+    train = next(s for s in steps if s.kind == "train")
+    evals = [s for s in steps if s.kind != "train" and s.dir == train.dir]
+    runner = FakeRunner(quality)
+    for s in [train, *evals]:
+        runner(s)
+    weights = Path(train.cfg.training.output_dir) / "student" / "model.safetensors"
+    weights.write_bytes(b"w")
+    os.utime(weights, (1, 1))  # the student the evaluations measured
+    assert all(s.done() for s in evals)
+    os.utime(weights, None)  # retrained after its evaluations: each of them is stale
+    assert not any(s.done() for s in evals)
+    teacher = [s for s in steps if s.row.kind == "teacher"]  # untrained rows have no student to be newer
+    for s in teacher:
+        runner(s)
+    assert all(s.done() for s in teacher)
 
 
 def test_estimate_remaining(quality, tmp_path):
