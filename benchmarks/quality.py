@@ -785,7 +785,19 @@ def arm_runs(units, out: Path) -> dict[str, dict[int | None, dict]]:
 
 
 def _value(m: dict, metric: str) -> float | None:
+    """A set's value of ``metric``; ``empty``: the % of generations that were empty (ROUGE-L 0 by definition)."""
+    if metric == "empty":
+        return None if "empty_generations" not in m else 100 * m["empty_generations"] / (m["n"] * len(m["per_seed"]))
     return m.get("mean" if metric == "rougeL" else metric)
+
+
+def _average(m: dict, metric: str, sets: list[str]) -> float | None:
+    """A unit's average over ``sets`` (None until it has every set: mid-study, some are still running)."""
+    if not set(sets) <= set(m["sets"]):
+        return None
+    if metric == "empty":
+        return float(np.mean([_value(m["sets"][s], metric) for s in sets]))
+    return _value(m["average"], metric)
 
 
 def seeds_table(runs: dict, metric: str) -> str:
@@ -794,13 +806,12 @@ def seeds_table(runs: dict, metric: str) -> str:
 
     sets = set_names({f"{a}/{s}": m for a, by_seed in runs.items() for s, m in by_seed.items()})
     lines = ["| arm | seeds | " + " | ".join(sets) + " | average |", "|---|---:|" + "---:|" * (len(sets) + 1)]
-    fmt = ".2f" if metric == "rougeL" else ".4f"
+    fmt = {"rougeL": ".2f", "empty": ".0f"}.get(metric, ".4f")
     for arm, by_seed in runs.items():
         cells = []
         for s in sets + ["average"]:
-            # a unit's average counts only once it has every set (mid-study, some are still running)
-            vals = [_value(m["sets"].get(s, {}) if s != "average" else
-                           m["average"] if set(sets) <= set(m["sets"]) else {}, metric) for m in by_seed.values()]
+            vals = [_value(m["sets"].get(s, {}), metric) if s != "average" else _average(m, metric, sets)
+                    for m in by_seed.values()]
             vals = [v for v in vals if v is not None]
             cells.append("–" if not vals else f"{np.mean(vals):{fmt}}"
                          + (f" ± {np.std(vals, ddof=1):{fmt}}" if len(vals) > 1 else "")
@@ -867,6 +878,9 @@ def write_report(budget: str, out: Path, units, command: str, n_resamples: int =
                   "each trained arm starts from the initialisation of its own training seed.", ""]
     for k in present:
         parts += [f"## {NAMES[k]}", "", seeds_table(runs, k)]
+        if k == "rougeL":
+            parts += ["Empty generations (an immediate end-of-turn; ROUGE-L 0), % of prompts:", "",
+                      seeds_table(runs, "empty")]
     student = BUDGETS[budget].get("student", "selected")
     geo = geometry_table(units, out, student)
     if geo:

@@ -504,3 +504,14 @@ def test_seeds_table_marks_cells_with_fewer_seeds(quality):
     part = {"sets": {"a": {"nll": 2.0}}, "average": {"nll": 2.0}}  # seed 2: set b still running
     table = quality.seeds_table({"SKL": {1: full, 2: part}}, "nll")
     assert "| SKL | 2 | 1.5000 ± 0.7071 | 3.0000 (1 seeds) | 2.0000 (1 seeds) |" in table
+
+
+def test_empty_generations_table_is_a_share_of_prompts_and_seeds(quality):
+    def run(empties):  # 4 prompts × 2 sampling seeds per set
+        sets = {s: {"n": 4, "mean": 1.0, "per_seed": {"10": 1.0, "11": 1.0}, "empty_generations": e}
+                for s, e in zip("ab", empties)}
+        return {"sets": sets, "average": {"mean": 1.0}}
+
+    table = quality.seeds_table({"SKL": {1: run([8, 0]), 2: run([4, 2])}}, "empty")
+    assert "| SKL | 2 | 75 ± 35 | 12 ± 18 | 44 ± 9 |" in table  # set b: 0 % and 25 %; averages 50 % and 37.5 %
+    assert "1.0" not in table  # the ROUGE-L averages are not the empty share
