@@ -29,6 +29,7 @@ Rows (ids for ``--only``; the label is the report's row name)
     abl_all_word     SKL+MTA: all-word        the three key layers at word granularity
     abl_all_phrase   SKL+MTA: all-phrase      the three key layers at phrase granularity
     abl_uniform      SKL+MTA: uniform weights mta.weights = uniform (no teacher-attention importance)
+    abl_response_spans SKL+MTA: response spans mta.span_scope = response (no units over the prompt)
 
 Every training row: the same teacher, student, data, training budget and seed; only ``objective``
 differs. Training data ``../shared/data/train/train.jsonl`` (432 records), chat template with SmolLM2's
@@ -135,7 +136,6 @@ STUDENTS = {
         "num_key_value_heads": 2, "head_dim": 64}}, "key_layers": [(4, 15), (6, 21), (8, 30)]},
 }
 PRUNED_CONFIG = REPO / "configs" / "bench-student.yaml"  # how the pruned student is built
-COMPARISONS = [("SKL", "SKL+MTA"), ("FKL", "FKL+MTA")]  # (A, B): paired bootstrap of B − A
 
 _TRAIN_COMMON = {"learning_rate": 1.0e-4, "lr_scheduler_type": "cosine", "warmup_steps": 0.05, "seed": 42,
                  "weight_decay": 0.0, "max_grad_norm": 1.0, "logging_steps": 1, "report_to": ["none"]}
@@ -239,8 +239,12 @@ ROWS = [
         {"base": "skl", "kd_ratio": KD_RATIO, "skew_alpha": 0.1, "mta": _all_granularity("phrase")}, True),
     Row("abl_uniform", "SKL+MTA: uniform weights", "train",
         {"base": "skl", "kd_ratio": KD_RATIO, "skew_alpha": 0.1, "mta": {**MTA, "weights": "uniform"}}, True),
+    Row("abl_response_spans", "SKL+MTA: response spans", "train",
+        {"base": "skl", "kd_ratio": KD_RATIO, "skew_alpha": 0.1, "mta": {**MTA, "span_scope": "response"}}, True),
 ]
 ROW_IDS = [r.id for r in ROWS]
+# (A, B): paired bootstrap of B − A; an ablation against the full method (what the ablated part contributed)
+COMPARISONS = [("SKL", "SKL+MTA"), ("FKL", "FKL+MTA")] + [("SKL+MTA", r.label) for r in ROWS if r.ablation]
 # sections of a row's config that decide its result (the rest is unused by that kind of row)
 RELEVANT = {"teacher": ("teacher", "data", "eval"), "initial": ("teacher", "student", "data", "eval"),
             "train": ("teacher", "student", "data", "objective", "training", "eval")}
@@ -910,7 +914,7 @@ def write_report(budget: str, out: Path, units, command: str, n_resamples: int =
             details += [f"### {b} − {a}: {NAMES[k]} (training seeds {', '.join(map(str, seeds))})", "",
                         comparison_table(a, b, result, n_resamples, k)]
     if headline:
-        parts += ["## MTA − base, all prompts of the sets pooled", "",
+        parts += ["## MTA − base (an ablation: − SKL+MTA), all prompts of the sets pooled", "",
                   "Paired bootstrap over training seeds and prompts (per set below); NLL and KL: lower is better, "
                   "prompts weighted by their response tokens (the micro-average over every scored token, which "
                   "differs slightly from the tables' *average*, a mean over sets). *t over seeds*: the 95 % "
