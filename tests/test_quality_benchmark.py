@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 
 BASE_ROWS = ["teacher", "student_init", "sft", "fkl", "skl", "skl_mta", "fkl_mta"]
-ABLATIONS = ["abl_dsa_only", "abl_hid_only", "abl_all_word", "abl_all_phrase", "abl_uniform"]
+ABLATIONS = ["abl_dsa_only", "abl_hid_only", "abl_all_word", "abl_all_phrase", "abl_uniform", "abl_response_spans"]
 SMOLLM2_10 = [(5, 15, "word"), (7, 21, "phrase"), (10, 30, "phrase")]
 
 
@@ -108,6 +108,7 @@ def test_smoke_plan_and_ablations(quality, tmp_path):
     assert layers(mta["abl_all_word"]) == [(s, t, "word") for s, t, _ in SMOLLM2_10]
     assert layers(mta["abl_all_phrase"]) == [(s, t, "phrase") for s, t, _ in SMOLLM2_10]
     assert mta["abl_uniform"].weights == "uniform" and layers(mta["abl_uniform"]) == SMOLLM2_10
+    assert mta["abl_response_spans"].span_scope == "response" and mta["skl_mta"].span_scope == "all"
 
     # --only selects rows (ablations too) in report order; overrides reach every row, MTA keys only MTA rows
     only = quality.plan("small", tmp_path, only=["skl_mta", "abl_uniform", "skl"],
