@@ -797,11 +797,10 @@ def _value(m: dict, metric: str) -> float | None:
 
 def _average(m: dict, metric: str, sets: list[str]) -> float | None:
     """A unit's average over ``sets`` (None until it has every set: mid-study, some are still running)."""
-    if not set(sets) <= set(m["sets"]):
+    vals = [_value(m["sets"].get(s, {}), metric) for s in sets]
+    if None in vals:
         return None
-    if metric == "empty":
-        return float(np.mean([_value(m["sets"][s], metric) for s in sets]))
-    return _value(m["average"], metric)
+    return float(np.mean(vals)) if metric == "empty" else _value(m["average"], metric)
 
 
 def seeds_table(runs: dict, metric: str) -> str:

@@ -516,3 +516,7 @@ def test_empty_generations_table_is_a_share_of_prompts_and_seeds(quality):
     table = quality.seeds_table({"SKL": {1: run([8, 0]), 2: run([4, 2])}}, "empty")
     assert "| SKL | 2 | 75 ± 35 | 12 ± 18 | 44 ± 9 |" in table  # set b: 0 % and 25 %; averages 50 % and 37.5 %
     assert "1.0" not in table  # the ROUGE-L averages are not the empty share
+    running = run([8, 0])
+    running["sets"]["b"] = {"n": 4, "nll": 2.0}  # set b: teacher-forced done, generation still running
+    table = quality.seeds_table({"SKL": {1: run([8, 0]), 2: running}}, "empty")
+    assert "| SKL | 2 | 100 ± 0 | 0 (1 seeds) | 50 (1 seeds) |" in table
