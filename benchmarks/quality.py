@@ -861,7 +861,8 @@ def geometry_table(units, out: Path, student: str) -> str | None:
     return "\n".join(lines) + "\n"
 
 
-def write_report(budget: str, out: Path, units, command: str, n_resamples: int = 10000) -> str | None:
+def write_report(budget: str, out: Path, units, command: str, n_resamples: int = 10000,
+                 overrides: list[str] | None = None) -> str | None:
     """DIR/report.md and DIR/summary.json from every finished unit: a table per metric (mean ± std over
     training seeds), and for each MTA − base pair the paired bootstrap over training seeds and prompts."""
     from mtakd.report import METRICS as NAMES
@@ -930,6 +931,7 @@ def write_report(budget: str, out: Path, units, command: str, n_resamples: int =
     cfg0 = units[0][2]
     parts += ["## Wall times (every invocation)", "", *lines, "", "## Setup", "",
               f"- command: `{command}`", f"- budget `{budget}`: {budget_summary(budget)}",
+              *([f"- `--set` overrides, replacing the budget's values above: {', '.join(overrides)}"] if overrides else []),
               f"- training seeds: {sorted({s for _, s, _ in units if s is not None})}",
               f"- eval sets: {', '.join(cfg0.eval.data)}",
               f"- machine: {m['cpu']}, {m['cpu_count']} CPUs, torch threads {m['torch_threads']}, CUDA {m['cuda']}; "
@@ -1079,7 +1081,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - start
     shown = plan_units(args, out, report_rows(args.budget, out, ablations=args.ablations, data_root=args.data_root,
                                               sets=args.sets, overrides=args.overrides, assets=args.assets))
-    report = write_report(args.budget, out, shown, command)
+    report = write_report(args.budget, out, shown, command, overrides=args.overrides)
     print(f"total wall time (this invocation): {_fmt_s(wall)}")
     if report:
         print(f"\n{report}\nreport: {out / 'report.md'}")

@@ -403,8 +403,9 @@ def test_crash_loses_only_the_running_step_and_rerun_skips_done(quality, tmp_pat
     assert set(merged["sets"]) == {"dev", "sni"} and merged["metrics"] == ["rougeL", "nll", "kl"]
     assert set(merged["per_prompt"]["dev"]) == {"nll", "tokens", "kl", "rougeL"}
     assert merged["average"]["nll"] == pytest.approx(np.mean([merged["sets"][s]["nll"] for s in ("dev", "sni")]))
-    report = quality.write_report("smoke", tmp_path, units, "test")
+    report = quality.write_report("smoke", tmp_path, units, "test", overrides=["training.learning_rate=0.001"])
     assert "| SKL+MTA | 2 |" in report and "| teacher | 1 |" in report
+    assert "- `--set` overrides, replacing the budget's values above: training.learning_rate=0.001" in report
     assert "### SKL+MTA − SKL: response NLL (nats/token) (training seeds 1, 2)" in report
     assert "Paired bootstrap over training seeds (2) and prompts" in report
     summary = json.loads((tmp_path / "summary.json").read_text())
