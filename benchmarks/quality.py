@@ -883,7 +883,7 @@ def write_report(budget: str, out: Path, units, command: str, n_resamples: int =
     for k in present:
         parts += [f"## {NAMES[k]}", "", seeds_table(runs, k)]
         if k == "rougeL":
-            parts += ["Empty generations (an immediate end-of-turn; ROUGE-L 0), % of prompts:", "",
+            parts += ["Empty generations (nothing but whitespace before the end-of-turn; ROUGE-L 0), % of prompts:", "",
                       seeds_table(runs, "empty")]
     student = BUDGETS[budget].get("student", "selected")
     geo = geometry_table(units, out, student)
