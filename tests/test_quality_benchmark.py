@@ -521,3 +521,28 @@ def test_empty_generations_table_is_a_share_of_prompts_and_seeds(quality):
     running["sets"]["b"] = {"n": 4, "nll": 2.0}  # set b: teacher-forced done, generation still running
     table = quality.seeds_table({"SKL": {1: run([8, 0]), 2: running}}, "empty")
     assert "| SKL | 2 | 100 ± 0 | 0 (1 seeds) | 50 (1 seeds) |" in table
+
+
+def test_first_token_diagnostic_against_a_hand_count():
+    from types import SimpleNamespace
+
+    import torch
+
+    first_token = _module("first_token").first_token
+    vocab, eos, blank, word = 8, 2, 3, 4
+    # the last prompt token decides the next-token logits: 5 → end-of-turn, 6 → a blank token, else a word
+    table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0))
+    table[5, eos], table[6, blank], table[7, word] = 9.0, 9.0, 9.0
+
+    class Model:
+        generation_config = SimpleNamespace(eos_token_id=eos)
+
+        def __call__(self, ids):
+            return SimpleNamespace(logits=table[ids])
+
+    tok = SimpleNamespace(eos_token_id=eos, decode=lambda ids: {blank: "\n\n", eos: "<|im_end|>"}.get(ids[0], "word"))
+    prompts = [SimpleNamespace(ids=ids) for ids in ([1, 5], [6], [0, 6], [7])]
+    out = first_token(Model(), tok, prompts)
+    p_eos = [float(table[i[-1]].softmax(-1)[eos]) for i in ([1, 5], [6], [0, 6], [7])]
+    assert out["p_eos"] == pytest.approx(np.mean(p_eos))
+    assert (out["greedy_eos"], out["greedy_blank"], out["prompts"]) == (0.25, 0.5, 4)
