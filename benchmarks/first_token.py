@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
-SETS = ["dolly", "sni", "selfinst", "vicuna"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import DEFAULT_SETS, EVAL_SETS, SHARED_DATA  # noqa: E402  (the study's sets and data)
 
 
 @torch.no_grad()
@@ -46,14 +47,14 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("study", type=Path, help="a quality study's --out directory")
-    ap.add_argument("--sets", nargs="+", default=SETS)
+    ap.add_argument("--sets", nargs="+", default=DEFAULT_SETS, choices=list(EVAL_SETS))
     ap.add_argument("--out", type=Path, help="JSON with every arm and seed")
     args = ap.parse_args(argv)
     students = sorted(args.study.glob("*/seed*/train/student"))
     if not students:
         raise SystemExit(f"first_token: no trained student under {args.study}/<arm>/seed<N>/train/student")
     tok = load_tokenizer(ModelSource(path=str(students[0])))
-    records = [r for rs in load_eval_sets([str(DATA / f"{s}.jsonl") for s in args.sets]).values() for r in rs]
+    records = [r for rs in load_eval_sets([str(SHARED_DATA / EVAL_SETS[s]) for s in args.sets]).values() for r in rs]
     prompts = encode_prompts(records, tok, template="chat", system_prompt=None, max_prompt_length=256)
     result: dict = {}
     for path in students:

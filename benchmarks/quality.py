@@ -362,8 +362,13 @@ def workload(cfg) -> dict:
     return {"train_records": n_train, "train_steps": steps, "eval_prompts": prompts, "eval_batches": batches}
 
 
+def _student_config(train_dir: Path) -> Path:
+    """The trained student's config.json: written by every save, with the weights (sharded or not)."""
+    return train_dir / "student" / "config.json"
+
+
 def _trained(train_dir: Path) -> bool:
-    return (train_dir / "student" / "config.json").is_file() and (train_dir / "log_history.json").is_file()
+    return _student_config(train_dir).is_file() and (train_dir / "log_history.json").is_file()
 
 
 # ----------------------------------------------------------------------------------------- steps
@@ -387,7 +392,7 @@ class Step:
     @property
     def marker(self) -> Path:
         if self.kind == "train":
-            return Path(self.cfg.training.output_dir) / "student" / "config.json"
+            return _student_config(Path(self.cfg.training.output_dir))
         if self.kind == "geo":
             return self.dir / "geometry" / "trajectory.json"
         return self.dir / "eval" / f"{self.kind}-{self.set_name}" / "metrics.json"
@@ -406,8 +411,8 @@ class Step:
             return _trained(Path(self.cfg.training.output_dir))
         if not self.marker.is_file():
             return False
-        weights = Path(self.cfg.training.output_dir) / "student" / "model.safetensors"
-        if self.row.kind == "train" and weights.is_file() and self.marker.stat().st_mtime < weights.stat().st_mtime:
+        student = _student_config(Path(self.cfg.training.output_dir))
+        if self.row.kind == "train" and student.is_file() and self.marker.stat().st_mtime < student.stat().st_mtime:
             return False
         return self.kind == "geo" or set(self.metrics) <= set(_read_json(self.marker).get("metrics", []))
 
@@ -914,7 +919,7 @@ def write_report(budget: str, out: Path, units, command: str, n_resamples: int =
             details += [f"### {b} − {a}: {NAMES[k]} (training seeds {', '.join(map(str, seeds))})", "",
                         comparison_table(a, b, result, n_resamples, k)]
     if headline:
-        parts += ["## MTA − base (an ablation: − SKL+MTA), all prompts of the sets pooled", "",
+        parts += ["## MTA − base (an ablation − SKL+MTA), all prompts of the sets pooled", "",
                   "Paired bootstrap over training seeds and prompts (per set below); NLL and KL: lower is better, "
                   "prompts weighted by their response tokens (the micro-average over every scored token, which "
                   "differs slightly from the tables' *average*, a mean over sets). *t over seeds*: the 95 % "
