@@ -64,3 +64,11 @@ def test_demo_time_is_one_measured_figure_in_help_and_readme(capsys):
     assert DEMO_TIME in readme
     assert "3–5 min" not in readme and "~10 min" not in readme
     assert "3–5 minutes" not in (REPO / "configs" / "demo.yaml").read_text()
+
+
+def test_evaluate_help_names_every_way_to_give_the_kl_teacher(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "kl (needs --teacher or --teacher-package)" in text
+    assert "teacher for --metrics kl (or --teacher-package)" in text
