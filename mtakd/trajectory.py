@@ -212,19 +212,21 @@ class Meter:
         """The least-squares layers' L_Hid ``[L_fit, examples]`` (batch order), each example scored with the W
         fitted on the other half; a warning when a half has fewer covered tokens (units) than the width."""
         rows = [self.sums[f"rows{k}"] for k in (0, 1)]
-        folds = [k for k in (0, 1) if float(rows[k].max()) > 0]
-        if len(folds) < 2:
-            log.warning("trajectory: least-squares L_Hid of a single example is fitted on the example itself "
-                        "(in-sample: it reads too low); measure two or more examples")
+        has = [float(r.max()) > 0 for r in rows]
+        if has[0] != has[1]:
+            log.warning("trajectory: least-squares L_Hid: only one half of the examples has covered tokens (one "
+                        "example?), so it is fitted on the examples it scores (in-sample: it reads too low); "
+                        "measure two or more examples")
         d = self.kept[0][0].shape[-1]
-        short = [k for k in folds if float(rows[k].min()) < d]
-        if short:
+        folds = [k for k in (0, 1) if has[k]]
+        if any(float(rows[k].min()) < d for k in folds):
             log.warning("trajectory: least-squares L_Hid: %s covered %s per half of the examples, fewer than the "
                         "student's width %d: the fit has more parameters than data and is noisy (it is scored "
                         "on the other half, so it cannot read 0 by fitting exactly); measure more --samples",
                         " / ".join(str(int(rows[k].min())) for k in folds),
                         "units" if self.mta.hid_level == "unit" else "tokens", d)
-        proj = {k: self.least_squares(k if len(folds) < 2 else 1 - k).float()[:, None] for k in folds}
+        source = {k: 1 - k if has[1 - k] else k for k in (0, 1)}  # the other half's W where it has data
+        proj = {k: self.least_squares(source[k]).float()[:, None] for k in (0, 1)}
         out = []
         for xs, yt, wt, ct, fold in self.kept:
             by_fold = {k: hid_per_sequence(xs @ proj[k], yt, wt, ct) for k in {int(f) for f in fold}}

@@ -305,3 +305,13 @@ def test_least_squares_hid_is_not_an_exact_fit_with_fewer_tokens_than_width(hid_
         assert layer["hid_projector"] == tj.LEAST_SQUARES
         assert layer["metrics"]["hid"]["mean"] > 0.3  # about 1 − E[cos] of unrelated states; in-sample read ~0
     assert "fewer than the student's width 64" in caplog.text
+
+
+def test_least_squares_hid_of_one_example_is_in_sample_and_says_so(teacher, caplog):
+    """One example has no other half to fit on: it is fitted on itself, with a warning."""
+    other = tiny_llama(VOCAB, layers=2, seed=2)
+    with caplog.at_level("WARNING", logger="mtakd.trajectory"):
+        r = tj.measure(teacher, {"s": other}, _examples()[:1], mta=MTAConfig(), pairs={"s": tj.layer_pairs(2, 4)},
+                       batch_size=2, progress=False)["s"]
+    assert all(layer["metrics"]["hid"]["mean"] is not None for layer in r)
+    assert "in-sample" in caplog.text
