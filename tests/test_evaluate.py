@@ -546,3 +546,32 @@ def test_kl_needs_the_same_tokenizer(tiny):
     _, tok, _ = tiny
     with pytest.raises(ConfigError, match="teacher's tokenizer .* differs from the model's"):
         evaluate.check_same_tokenizer(tok, build_tokenizer(200))
+
+
+def _tiny_granite(tok, seed, scaling=8.0):
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(seed)
+    return GraniteForCausalLM(GraniteConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, logits_scaling=scaling, tie_word_embeddings=False)).eval()
+
+
+def test_teacher_forced_metrics_follow_heads_that_scale_their_logits(tiny):
+    """Granite divides its logits by config.logits_scaling, which _plain_head cannot see: the runtime guard (the
+    head of the last hidden state against the returned last logits) must send both models to their full logits."""
+    from mtakd.data import Collator, Example
+    from mtakd.metrics import TeacherReference, batch_stats
+
+    _, tok, _ = tiny
+    model, teacher = _tiny_granite(tok, 1), _tiny_granite(tok, 2, scaling=4.0)
+    records = [Record(r.instruction, "", out, r.where) for r, out in zip(_records(3), ["the cat", "a dog runs", "sky"])]
+    prompts = evaluate.encode_prompts(records, tok, template="chat", system_prompt=None, max_prompt_length=64)
+    resps = [tok(r.output, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in records]
+    batch = Collator(tok.pad_token_id, pad_to_multiple_of=None)(
+        [Example(p.ids + r, [-100] * len(p.ids) + r) for p, r in zip(prompts, resps)])
+    for ref in (teacher, TeacherReference(teacher)):
+        got = batch_stats(model, batch, ref)
+        for i, (p, r) in enumerate(zip(prompts, resps)):
+            assert float(got["nll"][i]) / len(r) == pytest.approx(_slow_nll(model, p.ids, r), rel=1e-4)
+            assert float(got["kl"][i]) / len(r) == pytest.approx(_slow_kl(model, teacher, p.ids, r), rel=1e-3)
