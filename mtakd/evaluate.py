@@ -35,8 +35,9 @@ Teacher-forced metrics (no generation, no seeds; :func:`teacher_forced`, :mod:`m
     ``nll``: nats per token of the reference response (the first of a list) plus the end-of-turn token
     (EOS), after the prompt, tokenised together with it as in training (:func:`mtakd.data.tokenize`); per set the
     micro-average over tokens (``nll``, ``ppl``, ``tokens``).
-    ``kl``: KL(teacher ‖ model) over the full vocabulary at the same positions, micro-averaged (``kl``); the
-    teacher must share the model's tokenizer.
+    ``kl``: KL(teacher ‖ model) over the vocabulary at the same positions, micro-averaged (``kl``); the
+    teacher must share the model's tokenizer (:func:`mtakd.models.shared_vocabulary`); padded output rows past the
+    tokenizer's ids are left out, so heads with different numbers of rows compare.
 
 Aggregation
     Per set: the mean over prompts for each seed, then the mean and the population standard deviation
@@ -327,16 +328,6 @@ METRICS = ("rougeL", "nll", "kl")
 SCORE_BATCH = 8  # teacher-forced rows per forward pass (which keeps every layer's [rows, length, width] states)
 
 
-def check_same_tokenizer(tokenizer, teacher_tokenizer) -> None:
-    """KL(teacher ‖ model) compares distributions over one vocabulary: the tokenizers must map the same
-    strings to the same ids."""
-    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ConfigError(
-            f"evaluate --metrics kl: the teacher's tokenizer ({len(teacher_tokenizer)} tokens) differs from the "
-            f"model's ({len(tokenizer)} tokens); the KL over the vocabulary needs one shared tokenizer"
-        )
-
-
 def teacher_forced(model, tokenizer, records: list[Record], *, template: str, system_prompt: str | None = None,
                    max_prompt_length: int = 256, teacher=None, batch_size: int = 8,
                    max_response_length: int | None = None) -> dict[str, list]:
@@ -357,6 +348,7 @@ def teacher_forced(model, tokenizer, records: list[Record], *, template: str, sy
 
     from .data import Collator, DataStats, Example, length_batches, tokenize
     from .metrics import batch_stats
+    from .models import vocabulary_ids
 
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token: the response's end-of-turn token is undefined")
@@ -370,11 +362,12 @@ def teacher_forced(model, tokenizer, records: list[Record], *, template: str, sy
         examples.append(Example(e.input_ids[:keep], e.labels[:keep]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = Collator(pad, pad_to_multiple_of=None)
+    vocab = vocabulary_ids(tokenizer) if teacher is not None else None  # the KL leaves padded output rows out
     out = {"nll": [0.0] * len(examples), "tokens": [0] * len(examples)}
     if teacher is not None:
         out["kl"] = [0.0] * len(examples)
     for idx in length_batches([len(e.input_ids) for e in examples], batch_size):
-        stats = batch_stats(model, collate([examples[i] for i in idx]), teacher)
+        stats = batch_stats(model, collate([examples[i] for i in idx]), teacher, vocab=vocab)
         for k, i in enumerate(idx):
             n = int(stats["tokens"][k])
             out["tokens"][i] = n
@@ -423,7 +416,11 @@ def evaluate_model(
     if "kl" in metrics and teacher is None:
         raise ConfigError("evaluate: metric kl needs a teacher (--teacher / --teacher-package)")
     if teacher_tokenizer is not None:
-        check_same_tokenizer(tokenizer, teacher_tokenizer)
+        from .metrics import TeacherReference
+        from .models import shared_vocabulary
+
+        shared_vocabulary(teacher_tokenizer, tokenizer, teacher.model if isinstance(teacher, TeacherReference)
+                          else teacher, model, student_name="model")
     use_teacher = teacher if "kl" in metrics else None
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -547,7 +544,7 @@ def evaluate_model(
             "nll": "nats per token of the (first) reference response + EOS, teacher-forced; set value = total "
                    "nats / total tokens; ppl = exp(nll)",
             "max_response_length": max_response_length,
-            "kl": "KL(teacher || model) over the full vocabulary, mean over the same positions (micro-average)",
+            "kl": "KL(teacher || model) over the tokenizer's ids (padded output rows left out), mean over the same positions (micro-average)",
         },
         "sets": set_metrics,
         "average": average,
@@ -692,7 +689,7 @@ def run_prompt_format(src: ModelSource) -> dict:
 
 
 def main_evaluate(args) -> int:
-    from .models import load_model, load_tokenizer
+    from .models import load_model, load_tokenizer, shared_vocabulary
 
     if args.max_samples is not None and args.max_samples < 1:
         raise ConfigError(f"evaluate: --max-samples must be positive, got {args.max_samples}")
@@ -717,7 +714,7 @@ def main_evaluate(args) -> int:
     teacher = teacher_tok = None
     if teacher_src is not None:
         teacher_tok = load_tokenizer(teacher_src)
-        check_same_tokenizer(tokenizer, teacher_tok)  # before loading the teacher's weights
+        shared_vocabulary(teacher_tok, tokenizer, student_name="model")  # before loading the teacher's weights
         teacher = load_model(teacher_src)
     log.info("loaded %s in %.1f s", src.describe(), time.perf_counter() - start)
     name = src.describe()

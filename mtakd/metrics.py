@@ -1,5 +1,6 @@
 """Teacher-forced metrics of a causal LM on reference responses: negative log-likelihood (nats per token) and
-KL(teacher ‖ student) over the full vocabulary, at the response positions (labels ≠ −100).
+KL(teacher ‖ student) over the vocabulary (the tokenizer's ids: padded output rows are left out), at the response
+positions (labels ≠ −100).
 
 One implementation for every caller: ``mtakd evaluate --metrics nll kl`` (:mod:`mtakd.evaluate`) and the
 held-out response NLL that ``mtakd student`` reports (:func:`response_nll`). The KL is the forward KL of
@@ -92,10 +93,15 @@ class TeacherReference:
         return rows, head
 
 
-def batch_stats(model, batch: dict, teacher=None) -> dict[str, torch.Tensor]:
+def batch_stats(model, batch: dict, teacher=None, vocab: int | None = None) -> dict[str, torch.Tensor]:
     """Per row of a right-padded batch: ``nll`` (summed nats over its response tokens), ``tokens`` (their
     count) and, with ``teacher`` (a model or a :class:`TeacherReference`), ``kl`` (summed KL(teacher ‖ model)
-    over the same positions). One forward pass per model, no gradients; logits ``CHUNK`` positions at a time."""
+    over the same positions). One forward pass per model, no gradients; logits ``CHUNK`` positions at a time.
+    The KL compares the two distributions on the rows both heads have, cut to the tokenizer's ``vocab`` ids when
+    given (:func:`mtakd.models.shared_vocabulary`): padded output rows are left out, as in training; the NLL is the
+    model's own distribution over all its rows."""
+    from .objectives.base import shared_rows
+
     labels = batch["labels"]
     resp = labels != -100
     if not resp.any():
@@ -115,12 +121,11 @@ def batch_stats(model, batch: dict, teacher=None) -> dict[str, torch.Tensor]:
             logp = F.log_softmax(s_head(s_rows[i:i + CHUNK]).float(), -1)
             nll[i:i + CHUNK] = -logp.gather(-1, target[i:i + CHUNK, None])[:, 0].cpu()
             if t_rows is not None:
-                t_logits = t_head(t_rows[i:i + CHUNK]).float()
-                if t_logits.shape[-1] != logp.shape[-1]:
-                    raise ValueError(f"teacher-forced KL: the teacher has {t_logits.shape[-1]} output rows, the model "
-                                     f"{logp.shape[-1]}; both must share one tokenizer and vocabulary")
-                logq = F.log_softmax(t_logits.to(logp.device), -1)
-                kl[i:i + CHUNK] = F.kl_div(logp, logq, log_target=True, reduction="none").sum(-1).cpu()
+                t_logits = t_head(t_rows[i:i + CHUNK]).float().to(logp.device)
+                v = shared_rows(t_logits.shape[-1], logp.shape[-1], vocab=vocab)
+                logq = F.log_softmax(t_logits[:, :v], -1)
+                logp_v = logp if v == logp.shape[-1] else F.log_softmax(logp[:, :v], -1)  # renormalised on v rows
+                kl[i:i + CHUNK] = F.kl_div(logp_v, logq, log_target=True, reduction="none").sum(-1).cpu()
     n_rows = labels.shape[0]
     out = {"nll": torch.zeros(n_rows, dtype=torch.float64).index_add_(0, rows.cpu(), nll.double()),
            "tokens": resp.sum(1).cpu()}

@@ -540,12 +540,14 @@ def test_cli_metrics_with_teacher(tiny, tmp_path):
 
 
 def test_kl_needs_the_same_tokenizer(tiny):
-    from mtakd.config import ConfigError
+    from mtakd.models import ModelError
     from tests.conftest import build_tokenizer
 
-    _, tok, _ = tiny
-    with pytest.raises(ConfigError, match="teacher's tokenizer .* differs from the model's"):
-        evaluate.check_same_tokenizer(tok, build_tokenizer(200))
+    model, tok, _ = tiny
+    recs = [Record("Q", "", "a dog runs", "m:1")]
+    with pytest.raises(ModelError, match="teacher and model must share a tokenizer .* token-to-id maps differ"):
+        evaluate_model(model, tok, {"s": recs}, metrics=["kl"], teacher=model, teacher_tokenizer=build_tokenizer(200),
+                       progress=False)
 
 
 def _tiny_granite(tok, seed, scaling=8.0):
