@@ -451,7 +451,7 @@ def trajectory(cfg: RunConfig, student_args: list[str], *, data: str | None, sam
     ``[NAME=]SOURCE`` against the config's teacher; write ``out/trajectory.json`` and ``out/trajectory.png``."""
     from .data import SpanSettings, build_examples, load_records
     from .distill import build_models
-    from .models import check_compatible, load_model, load_tokenizer
+    from .models import load_model, load_tokenizer, shared_vocabulary
 
     if samples < 1 or batch_size < 1:
         raise ConfigError(f"trajectory: --samples and --batch-size must be positive, got {samples} and {batch_size}")
@@ -476,7 +476,7 @@ def trajectory(cfg: RunConfig, student_args: list[str], *, data: str | None, sam
         if name in students:
             raise ConfigError(f"--student {arg!r}: two students are named {name!r}; name them with NAME=SOURCE")
         model = load_model(src)
-        check_compatible(teacher, model, tok, load_tokenizer(src))
+        shared_vocabulary(tok, load_tokenizer(src), teacher, model)
         students[name], sources[name] = model, src.describe()
         keys[name] = run_key_layers(src)
         if keys[name] is not None:

@@ -73,6 +73,13 @@ class Objective:
     def __init__(self, cfg: "ObjectiveConfig"):
         self.cfg = cfg
         self.opts = self.Options.model_validate(cfg.options) if self.Options is not None else None
+        self.vocab: int | None = None  # the tokenizer's ids (set_vocabulary); None: every row both heads share
+
+    def set_vocabulary(self, n: int | None) -> None:
+        """Compare the two models' distributions on the first ``n`` rows, the tokenizer's ids
+        (:func:`mtakd.models.vocabulary_ids`): padded output rows (e.g. Qwen2.5-7B's 152,064 against 1.5B's 151,936
+        for 151,665 ids) are ignored. ``distill`` sets it before :meth:`setup`; the CE keeps the student's rows."""
+        self.vocab = n
 
     def __call__(self, student_out, teacher_out, batch: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -143,6 +150,12 @@ class CachedLogProbs:
 
     logp: torch.Tensor
     ids: torch.Tensor | None
+
+
+def shared_rows(*rows: int, vocab: int | None = None) -> int:
+    """The rows two next-token distributions are compared on: those both heads have (``rows``), cut to the
+    tokenizer's ``vocab`` ids when known (:meth:`Objective.set_vocabulary`): padded rows are left out."""
+    return min([*rows, *([vocab] if vocab else [])])
 
 
 def topk_buckets(s_logp: torch.Tensor, t_logp_k: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -375,12 +388,13 @@ class TokenDivergence(Objective):
         """Summed divergence of the student's logit rows ``z`` ``[N, V]`` from the teacher's: logit rows, or
         ``(logp, ids)`` of a teacher cache — top-k (temperature 1, checked when the cache is opened): the (k+1)-bucket
         distributions; full vocabulary (``ids`` None): log-probabilities are logits up to a constant. Padded embedding
-        rows (e.g. Qwen's) are cut to the shared vocabulary."""
+        rows (e.g. Qwen's) are cut off: both sides are compared on :func:`shared_rows`."""
         s = z / self.cfg.temperature
-        if isinstance(tc, tuple) and tc[1] is not None:
+        if isinstance(tc, tuple) and tc[1] is not None:  # the cache's ids are the tokenizer's (< vocab)
+            s = s[:, :shared_rows(s.shape[-1], vocab=self.vocab)]
             return self.divergence(*topk_buckets(F.log_softmax(s, -1), tc[0], tc[1])).sum()
         t = _upcast(tc[0] if isinstance(tc, tuple) else tc) / self.cfg.temperature
-        v = min(s.shape[-1], t.shape[-1])
+        v = shared_rows(s.shape[-1], t.shape[-1], vocab=self.vocab)
         return self.divergence(F.log_softmax(s[:, :v], -1), F.log_softmax(t[:, :v], -1)).sum()
 
     def __call__(self, student_out, teacher_out, batch):
