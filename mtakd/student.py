@@ -591,6 +591,13 @@ def format_table(report: dict) -> str:
     lines.append(f"layers kept: {report['layers']}; calibration: {report['calibration_samples']} samples in "
                  f"{report['calibration_seconds']:.1f} s; NLL in nats per response token on "
                  f"{report.get('held_out_samples', 0)} held-out records")
+    models = report["models"]
+    nll = {k: models.get(k, {}).get("response_nll") for k in ("student", "random_init")}
+    if None not in nll.values() and nll["student"] > nll["random_init"]:
+        lines.append(f"note: the student starts worse than a random init ({nll['student']:.3f} vs "
+                     f"{nll['random_init']:.3f}), as a student pruned in depth and width usually does before "
+                     "distillation: cut blocks and channels break the residual stream the kept weights expect; "
+                     "distillation repairs it fast (docs/students.md)")
     return "\n".join(lines)
 
 

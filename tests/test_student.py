@@ -419,3 +419,19 @@ def test_pruned_smollm2_is_far_better_than_a_random_init(tmp_path):
     models = json.loads((tmp_path / "s" / "student.json").read_text())["models"]
     assert models["student"]["response_nll"] < models["random_init"]["response_nll"] - 2.0
     assert models["teacher"]["response_nll"] < models["student"]["response_nll"]
+
+
+def _report(student_nll: float, random_nll: float) -> dict:
+    row = {"parameters": 1e6, "layers": 2, "hidden": 8, "mlp": 16, "heads": 2, "kv": 1}
+    return {"models": {"teacher": {**row, "response_nll": 2.0}, "student": {**row, "response_nll": student_nll},
+                       "random_init": {**row, "response_nll": random_nll}},
+            "layers": [1, 2], "calibration_samples": 4, "calibration_seconds": 1.0, "held_out_samples": 4}
+
+
+def test_student_table_says_when_the_student_starts_worse_than_random():
+    from mtakd.student import format_table
+
+    worse = format_table(_report(11.5, 10.9))
+    assert "note: the student starts worse than a random init (11.500 vs 10.900)" in worse
+    assert "pruned in depth and width" in worse
+    assert "note:" not in format_table(_report(7.3, 10.9))
