@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from mtakd.cli import main
+from mtakd.objectives.base import CachedLogProbs
 from tests.conftest import EXAMPLES, REPO, needs_spacy, run_subcommand, write_tiny_run_config
 
 COMPONENTS = ("loss", "grad_norm", "learning_rate", "loss_base", "loss_ce", "loss_kd", "loss_dsa", "loss_hid")
@@ -44,6 +45,69 @@ def test_topk_buckets_give_distillkits_symmetric_uniform_kl_and_the_full_diverge
     t_all, ids_all = t.topk(50, -1)
     sb, tb = topk_buckets(s, t_all, ids_all)
     torch.testing.assert_close(kl(tb, sb), kl(t, s))
+
+
+def _confident_pair(v, top_t, tail_t, top_s, tail_s, seed=0):
+    """Teacher and student logits ``[1, 2, V]`` (float32, as the models return them) whose next-token distributions
+    at position 0 put ``top_*`` (scaled to ``1 − tail_*``) on tokens 0..k−1 and ``tail_*`` on the other V − k,
+    spread with the same random proportions on both sides (each below the k-th probability). The student's
+    conditional distribution inside the bucket is then the teacher's, so a divergence on the (k+1) buckets equals
+    the full-vocabulary one: the full vocabulary in float64 is the exact reference."""
+    g = torch.Generator().manual_seed(seed)
+    shape = torch.rand(v - len(top_t), generator=g, dtype=torch.float64) + 0.5
+    shape = shape / shape.sum()
+
+    def logits(top, tail):
+        top = torch.tensor(top, dtype=torch.float64)
+        p = torch.cat([top / top.sum() * (1 - tail), shape * tail])
+        assert p[len(top):].max() < p[:len(top)].min()
+        return p.log().float().expand(1, 2, v).contiguous()
+
+    return logits(top_s, tail_s), logits(top_t, tail_t)
+
+
+def _cached_topk(t_logits, k):
+    """The cache's entry for the one response position of ``t_logits`` (built as `mtakd cache-teacher` does)."""
+    return CachedLogProbs(*t_logits[0, :1].float().log_softmax(-1).topk(k, -1))
+
+
+LABELS = torch.tensor([[-100, 7]])  # one response position: logits at 0 predict token 1
+
+
+def _full_reference(base, s_logits, t_logits, **cfg):
+    """The divergence on the full vocabulary, in float64 (value, gradient in the student's logits at position 0)."""
+    from mtakd.config import ObjectiveConfig
+    from mtakd.objectives import build_objective
+
+    z = s_logits[0, :1].double().requires_grad_()
+    d = build_objective(ObjectiveConfig(base=base, **cfg)).divergence(z.log_softmax(-1),
+                                                                      t_logits[0, :1].double().log_softmax(-1)).sum()
+    d.backward()
+    return float(d.detach()), z.grad[0]
+
+
+def _topk_loss(base, s_logits, cache, chunk_size=0, **cfg):
+    from mtakd.config import ObjectiveConfig
+    from mtakd.objectives import build_objective
+
+    z = s_logits.clone().requires_grad_()
+    loss = build_objective(ObjectiveConfig(base=base, chunk_size=chunk_size, **cfg)).kd_loss(z, cache, LABELS)
+    loss.backward()
+    return float(loss.detach()), z.grad[0, 0].double()
+
+
+@pytest.mark.parametrize("chunk_size", [0, 1])
+def test_a_confident_students_tail_is_resolved_in_log_space(chunk_size):
+    """Issue 24, item 2: the student's bucket 1 − Σ top-k floors at ~6e-8 in float32; teacher tail 1e-3, student
+    tail 1e-9 gave FKL 0.00873 against 0.01282 exact and a 60× too weak tail gradient."""
+    s, t = _confident_pair(1000, [0.4, 0.3, 0.2, 0.1], 1e-3, [0.4, 0.3, 0.2, 0.1], 1e-9)
+    want, want_grad = _full_reference("fkl", s, t)
+    assert want == pytest.approx(0.01282, abs=1e-5)
+    got, grad = _topk_loss("fkl", s, _cached_topk(t, 4), chunk_size)
+    assert got == pytest.approx(want, rel=1e-3)
+    # the gradient in the tail tokens' logits (what pulls the student's tail up to the teacher's)
+    assert grad[4:].sum() == pytest.approx(float(want_grad[4:].sum()), rel=1e-3)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-3, atol=1e-9)
 
 
 @pytest.mark.parametrize("base", ["fkl", "rkl", "skl", "srkl", "js", "gjsd", "tvd", "akl", "distillm"])

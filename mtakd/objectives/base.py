@@ -9,6 +9,7 @@ tokens, temperature, the token mean and the mix with cross-entropy
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
@@ -145,20 +146,26 @@ class CachedLogProbs:
     ids: torch.Tensor | None
 
 
+def log_rest(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``log Σ_{v ∉ ids} p(v)`` per row ``[N, 1]`` from full log-probabilities ``logp [N, V]``: the logsumexp of
+    ``logp`` with the ``ids`` masked, so a vanishing rest keeps its relative precision (``1 − Σ_ids p`` cannot
+    resolve a rest below float32's ~6e-8). With every id masked the result is ``≤ log(tiny)`` (see
+    :func:`topk_buckets`), never NaN, and differentiable."""
+    return logp.scatter(-1, ids, torch.finfo(logp.dtype).min).logsumexp(-1, keepdim=True)
+
+
 def topk_buckets(s_logp: torch.Tensor, t_logp_k: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(student, teacher) log-probabilities ``[N, k+1]`` over the teacher's top-k tokens plus one bucket holding the
     rest of the vocabulary: the student's full distribution ``s_logp [N, V]`` is gathered at ``ids`` and its
-    remaining mass becomes the last bucket; the teacher's bucket is ``1 − Σ top-k`` (DistillKit's
-    ``missing_probability_handling: symmetric_uniform`` for the KL; docs/objectives.md). Both are distributions
-    on k+1 outcomes, so every divergence applies unchanged. A bucket's mass is floored at the smallest normal
-    float (so a vanishing tail gives finite log-probabilities, not ``0·log 0``)."""
+    remaining mass, :func:`log_rest`, becomes the last bucket; the teacher's bucket is ``1 − Σ top-k``
+    (docs/objectives.md). Both are distributions on k+1 outcomes, so every divergence applies unchanged. A bucket's
+    log-mass is floored at ``log`` of the smallest normal float (so an empty bucket gives finite log-probabilities,
+    not ``0·log 0``)."""
     tiny = torch.finfo(s_logp.dtype).tiny
-
-    def with_rest(lp):
-        rest = (-torch.expm1(torch.logsumexp(lp, -1, keepdim=True))).clamp_min(tiny).log()
-        return torch.cat([lp, rest], -1)
-
-    return with_rest(s_logp.gather(-1, ids)), with_rest(_upcast(t_logp_k))
+    t_k = _upcast(t_logp_k)
+    t_rest = (-torch.expm1(torch.logsumexp(t_k, -1, keepdim=True))).clamp_min(tiny).log()
+    s_rest = log_rest(s_logp, ids).clamp_min(math.log(tiny))
+    return torch.cat([s_logp.gather(-1, ids), s_rest], -1), torch.cat([t_k, t_rest], -1)
 
 
 @dataclass
