@@ -38,7 +38,7 @@ from .config import ConfigError, RunConfig, add_config_command
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 2: top-k caches store the teacher's leftover log-mass (`rest`)
 SPLITS = ("train", "validation")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -150,7 +150,8 @@ class TeacherCache:
         self.manifest = json.loads(path.read_text())
         if self.manifest.get("format") != FORMAT:
             raise ConfigError(f"teacher.cache: {self.dir} has cache format {self.manifest.get('format')}, this mtakd "
-                              f"reads format {FORMAT}; rebuild it with `mtakd cache-teacher`")
+                              f"reads format {FORMAT} only; rebuild it with `mtakd cache-teacher --config CFG --out "
+                              f"{self.dir} --overwrite` (docs/teacher_cache.md)")
         if not self.manifest.get("complete"):
             raise ConfigError(f"teacher.cache: {self.dir} is incomplete (the build was interrupted); run the same "
                               "`mtakd cache-teacher` command again to finish it")
@@ -237,7 +238,7 @@ class TeacherCache:
         c, d = int(resp_off[i]), int(resp_off[i + 1])
         out = {"length": b - a, "n_response": d - c, "logp": fh.get_slice("logp")[c:d]}
         if self.top_k:
-            out["ids"] = fh.get_slice("ids")[c:d]
+            out["ids"], out["rest"] = fh.get_slice("ids")[c:d], fh.get_slice("rest")[c:d]
         for l in layers:
             out[f"hidden.{l}"] = fh.get_slice(f"hidden.{l}")[a:b]
             out[f"importance.{l}"] = fh.get_slice(f"importance.{l}")[a:b]
@@ -275,9 +276,13 @@ class TeacherCache:
             hidden[l] = padded(f"hidden.{l}")
             weights[l] = padded(f"importance.{l}")
         logp = torch.cat([e["logp"] for e in entries]).to(device)
-        ids = torch.cat([e["ids"] for e in entries]).to(device=device, dtype=torch.long) if self.top_k else None
+        ids = rest = None
+        if self.top_k:
+            ids = torch.cat([e["ids"] for e in entries]).to(device=device, dtype=torch.long)
+            rest = torch.cat([e["rest"] for e in entries]).to(device)
         importance = torch.stack([weights[k.teacher] for k in self.key_layers]) if self.key_layers else None
-        return SimpleNamespace(logits=CachedLogProbs(logp, ids), hidden_states=tuple(hidden), importance=importance)
+        return SimpleNamespace(logits=CachedLogProbs(logp, ids, rest), hidden_states=tuple(hidden),
+                               importance=importance)
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -399,7 +404,11 @@ def _same_build(old: dict, new: dict) -> bool:
 @torch.no_grad()
 def _teacher_entries(teacher, batch, layers, mta, k, store, device, upcast) -> dict[str, torch.Tensor]:
     """One batch's cache tensors, concatenated over its examples: per token (``hidden.{l}``, ``importance.{l}``),
-    per response position (``logp``, ``ids``) and per example (``lengths``, ``n_response``)."""
+    per response position (``logp``, and for a top-k cache ``ids`` and ``rest``, the teacher's leftover log-mass
+    from its full float32 log-softmax: :meth:`CachedLogProbs.top_k`) and per example (``lengths``,
+    ``n_response``)."""
+    from .objectives.base import CachedLogProbs
+
     ids, mask, labels = (batch[k_].to(device) for k_ in ("input_ids", "attention_mask", "labels"))
     out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=bool(layers), use_cache=False)
     real = mask.bool()
@@ -407,8 +416,8 @@ def _teacher_entries(teacher, batch, layers, mta, k, store, device, upcast) -> d
     logp = F.log_softmax(upcast(out.logits[:, :-1][resp]), -1)
     entries = {"lengths": real.sum(-1).cpu(), "n_response": resp.sum(-1).cpu()}
     if k:
-        values, top = logp.topk(k, dim=-1)
-        entries.update(logp=values.float().cpu(), ids=top.to(torch.int32).cpu())
+        top = CachedLogProbs.top_k(logp, k)
+        entries.update(logp=top.logp.float().cpu(), ids=top.ids.to(torch.int32).cpu(), rest=top.rest.float().cpu())
     else:
         entries["logp"] = logp.to(store).cpu()
     for l in layers:

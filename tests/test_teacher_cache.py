@@ -32,7 +32,7 @@ def test_topk_buckets_give_distillkits_symmetric_uniform_kl_and_the_full_diverge
 
     s, t = _random_logp(6, 50, 0), _random_logp(6, 50, 1)
     t_k, ids = t.topk(8, -1)
-    sb, tb = topk_buckets(s, t_k, ids)
+    sb, tb = topk_buckets(s, t_k, ids, CachedLogProbs.top_k(t, 8).rest)
     assert sb.shape == tb.shape == (6, 9)
     torch.testing.assert_close(sb.exp().sum(-1), torch.ones(6, dtype=torch.float64))
     torch.testing.assert_close(tb.exp().sum(-1), torch.ones(6, dtype=torch.float64))
@@ -43,7 +43,7 @@ def test_topk_buckets_give_distillkits_symmetric_uniform_kl_and_the_full_diverge
     torch.testing.assert_close(kl(tb, sb), want)
     # k = V: the bucket is empty and every divergence is the full-vocabulary one
     t_all, ids_all = t.topk(50, -1)
-    sb, tb = topk_buckets(s, t_all, ids_all)
+    sb, tb = topk_buckets(s, t_all, ids_all, CachedLogProbs.top_k(t, 50).rest)
     torch.testing.assert_close(kl(tb, sb), kl(t, s))
 
 
@@ -68,7 +68,7 @@ def _confident_pair(v, top_t, tail_t, top_s, tail_s, seed=0):
 
 def _cached_topk(t_logits, k):
     """The cache's entry for the one response position of ``t_logits`` (built as `mtakd cache-teacher` does)."""
-    return CachedLogProbs(*t_logits[0, :1].float().log_softmax(-1).topk(k, -1))
+    return CachedLogProbs.top_k(t_logits[0, :1].float().log_softmax(-1), k)
 
 
 LABELS = torch.tensor([[-100, 7]])  # one response position: logits at 0 predict token 1
@@ -104,10 +104,59 @@ def test_a_confident_students_tail_is_resolved_in_log_space(chunk_size):
     want, want_grad = _full_reference("fkl", s, t)
     assert want == pytest.approx(0.01282, abs=1e-5)
     got, grad = _topk_loss("fkl", s, _cached_topk(t, 4), chunk_size)
-    assert got == pytest.approx(want, rel=1e-3)
+    assert got == pytest.approx(want, rel=1e-4)
     # the gradient in the tail tokens' logits (what pulls the student's tail up to the teacher's)
     assert grad[4:].sum() == pytest.approx(float(want_grad[4:].sum()), rel=1e-3)
     torch.testing.assert_close(grad, want_grad, rtol=1e-3, atol=1e-9)
+
+
+@pytest.mark.parametrize("base", ["rkl", "akl", "fkl", "srkl", "js"])
+@pytest.mark.parametrize("chunk_size", [0, 1])
+def test_a_confident_teachers_tail_is_stored_in_log_space(base, chunk_size):
+    """Issue 24, item 1: the teacher's bucket recomputed as 1 − exp(logsumexp(top-k)) from float32 values floors at
+    ~6e-8 (log −87.3 after the floor); teacher tail 1e-9, student tail 0.077 gave rkl 7.10 against 1.96 exact. The
+    cache stores the teacher's leftover log-mass computed from its full log-softmax."""
+    s, t = _confident_pair(1000, [0.4, 0.3, 0.2, 0.1], 1e-9, [0.1, 0.2, 0.3, 0.4], 0.077)
+    want, want_grad = _full_reference(base, s, t)
+    got, grad = _topk_loss(base, s, _cached_topk(t, 4), chunk_size)
+    assert got == pytest.approx(want, rel=1e-4)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-3, atol=1e-7)
+
+
+def test_the_cache_build_stores_the_teachers_leftover_log_mass_from_its_full_log_softmax():
+    """A confident teacher (tiny Llama, large LM head weights): the stored ``rest`` is log Σ_{v ∉ top-k} p(v) of the
+    teacher's own logits, to float32 rounding in log space, far below 1 − Σ top-k's resolution."""
+    from mtakd.objectives.base import _upcast
+    from mtakd.teacher_cache import _teacher_entries
+    from tests.conftest import tiny_llama
+
+    teacher = tiny_llama(64, layers=1, hidden=16)
+    with torch.no_grad():
+        teacher.lm_head.weight.normal_(0, 6, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    labels[:, 4:] = ids[:, 4:]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    entries = _teacher_entries(teacher, batch, [], None, 4, torch.float32, torch.device("cpu"), _upcast)
+    with torch.no_grad():
+        logp = teacher(input_ids=ids).logits[:, :-1][labels[:, 1:].ne(-100)].double().log_softmax(-1)
+    top = logp.topk(4, -1).indices
+    assert torch.equal(entries["ids"].long(), top)
+    want = logp.scatter(-1, top, -torch.inf).logsumexp(-1)
+    assert entries["rest"].shape == want.shape == (10,) and entries["rest"].dtype == torch.float32
+    assert (want < -25).sum() >= 3  # tails far below float32's 1 − Σ resolution (~6e-8, log −16.6)
+    torch.testing.assert_close(entries["rest"].double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_a_format_1_cache_is_refused_with_the_rebuild_command(tmp_path):
+    """Format 1 top-k caches lack the teacher's leftover log-mass: refused, naming the command that rebuilds."""
+    from mtakd.config import ConfigError
+    from mtakd.teacher_cache import TeacherCache
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 1, "complete": True, "top_k": 64}))
+    with pytest.raises(ConfigError, match=r"format 1, this mtakd reads format 2 only; rebuild it with "
+                                          r"`mtakd cache-teacher --config CFG --out .* --overwrite`"):
+        TeacherCache(tmp_path)
 
 
 @pytest.mark.parametrize("base", ["fkl", "rkl", "skl", "srkl", "js", "gjsd", "tvd", "akl", "distillm"])
@@ -124,14 +173,15 @@ def test_every_registered_divergence_runs_on_a_topk_cache(base):
     logits = torch.randn(2, 5, 40, dtype=torch.float64, requires_grad=True)
     t_logits = torch.randn(2, 5, 40, dtype=torch.float64) * 2
     t_logp = torch.log_softmax(t_logits[:, :-1][labels[:, 1:].ne(-100)], -1)
-    values, ids = t_logp.topk(6, -1)
-    loss = obj.kd_loss(logits, CachedLogProbs(values, ids), labels)
+    cache = CachedLogProbs.top_k(t_logp, 6)
+    ids = cache.ids
+    loss = obj.kd_loss(logits, cache, labels)
     assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
     loss.backward()
     outside = torch.ones(n, 40, dtype=torch.bool).scatter(-1, ids, False)
     assert logits.grad[:, :-1][labels[:, 1:].ne(-100)][outside].abs().sum() > 0
     # the student equal to the teacher: zero (to rounding)
-    same = obj.kd_loss(t_logits, CachedLogProbs(values, ids), labels)
+    same = obj.kd_loss(t_logits, cache, labels)
     assert abs(float(same)) < 1e-10
     # a full-vocabulary cache is the online loss
     full = obj.kd_loss(logits.detach(), CachedLogProbs(t_logp, None), labels)
@@ -300,6 +350,14 @@ def test_an_interrupted_build_keeps_its_shards_and_resumes(tiny, monkeypatch):
     assert manifest["complete"] and manifest["top_k"] == 5 and manifest["layers"]["teacher_layers"] == []
     shard = load_file(out / "train-00000.safetensors")
     assert shard["ids"].shape[-1] == shard["logp"].shape[-1] == 5 and shard["lengths"].shape == (4,)
+    assert shard["rest"].shape == shard["ids"].shape[:1] and bool((shard["rest"] < 0).all())  # log leftover mass
+    # ... and the trainer's batches read it back with their rows (example 1 of the first shard)
+    n_tok, n_resp = int(shard["lengths"][1]), int(shard["n_response"][1])
+    labels = torch.tensor([[-100] * (n_tok - n_resp) + [1] * n_resp])
+    got = tc.TeacherCache(out).fetch("train", torch.tensor([1]), torch.ones(1, n_tok, dtype=torch.long), labels).logits
+    first = int(shard["n_response"][0])
+    torch.testing.assert_close(got.rest, shard["rest"][first:first + n_resp], rtol=0, atol=0)
+    torch.testing.assert_close(got.ids, shard["ids"][first:first + n_resp].long(), rtol=0, atol=0)
     # another --top-k into the same directory is refused
     with pytest.raises(FileExistsError, match="other settings"):
         run_subcommand(tc, ["cache-teacher", "--config", str(cfg), "--out", str(out), "--top-k", "7",
