@@ -47,7 +47,7 @@ def test_topk_buckets_give_distillkits_symmetric_uniform_kl_and_the_full_diverge
     torch.testing.assert_close(kl(tb, sb), kl(t, s))
 
 
-def _confident_pair(v, top_t, tail_t, top_s, tail_s, seed=0):
+def _pair_with_tails(v, top_t, tail_t, top_s, tail_s, seed=0):
     """Teacher and student logits ``[1, 2, V]`` (float32, as the models return them) whose next-token distributions
     at position 0 put ``top_*`` (scaled to ``1 − tail_*``) on tokens 0..k−1 and ``tail_*`` on the other V − k,
     spread with the same random proportions on both sides (each below the k-th probability). The student's
@@ -100,7 +100,7 @@ def _topk_loss(base, s_logits, cache, chunk_size=0, **cfg):
 def test_a_confident_students_tail_is_resolved_in_log_space(chunk_size):
     """Issue 24, item 2: the student's bucket 1 − Σ top-k floors at ~6e-8 in float32; teacher tail 1e-3, student
     tail 1e-9 gave FKL 0.00873 against 0.01282 exact and a 60× too weak tail gradient."""
-    s, t = _confident_pair(1000, [0.4, 0.3, 0.2, 0.1], 1e-3, [0.4, 0.3, 0.2, 0.1], 1e-9)
+    s, t = _pair_with_tails(1000, [0.4, 0.3, 0.2, 0.1], 1e-3, [0.4, 0.3, 0.2, 0.1], 1e-9)
     want, want_grad = _full_reference("fkl", s, t)
     assert want == pytest.approx(0.01282, abs=1e-5)
     got, grad = _topk_loss("fkl", s, _cached_topk(t, 4), chunk_size)
@@ -116,7 +116,7 @@ def test_a_confident_teachers_tail_is_stored_in_log_space(base, chunk_size):
     """Issue 24, item 1: the teacher's bucket recomputed as 1 − exp(logsumexp(top-k)) from float32 values floors at
     ~6e-8 (log −87.3 after the floor); teacher tail 1e-9, student tail 0.077 gave rkl 7.10 against 1.96 exact. The
     cache stores the teacher's leftover log-mass computed from its full log-softmax."""
-    s, t = _confident_pair(1000, [0.4, 0.3, 0.2, 0.1], 1e-9, [0.1, 0.2, 0.3, 0.4], 0.077)
+    s, t = _pair_with_tails(1000, [0.4, 0.3, 0.2, 0.1], 1e-9, [0.1, 0.2, 0.3, 0.4], 0.077)
     want, want_grad = _full_reference(base, s, t)
     got, grad = _topk_loss(base, s, _cached_topk(t, 4), chunk_size)
     assert got == pytest.approx(want, rel=1e-4)
@@ -146,6 +146,18 @@ def test_the_cache_build_stores_the_teachers_leftover_log_mass_from_its_full_log
     assert entries["rest"].shape == want.shape == (10,) and entries["rest"].dtype == torch.float32
     assert (want < -25).sum() >= 3  # tails far below float32's 1 − Σ resolution (~6e-8, log −16.6)
     torch.testing.assert_close(entries["rest"].double(), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [0, 1])
+def test_akl_ranks_the_tail_bucket_below_every_top_k_token(chunk_size):
+    """Issue 24, item 10: every token in the bucket has at most the k-th token's probability, so the bucket ranks
+    last in AKL's head/tail split whatever its total mass, and is tail once Σ top-k ≥ μ. Here the teacher's bucket
+    (0.4) outweighs each top-k token and Σ top-4 = 0.6 ≥ μ = 0.5: ranked by mass it took the head."""
+    s, t = _pair_with_tails(1000, [0.3, 0.12, 0.1, 0.08], 0.4, [0.1, 0.2, 0.05, 0.15], 0.5)
+    want, want_grad = _full_reference("akl", s, t, akl_mu=0.5)
+    got, grad = _topk_loss("akl", s, _cached_topk(t, 4), chunk_size, akl_mu=0.5)
+    assert got == pytest.approx(want, rel=1e-5)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-8)
 
 
 def test_a_format_1_cache_is_refused_with_the_rebuild_command(tmp_path):

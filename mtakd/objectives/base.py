@@ -347,6 +347,11 @@ class TokenDivergence(Objective):
         same outcomes works on both."""
         raise NotImplementedError
 
+    def bucket_divergence(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+        """:meth:`divergence` on a top-k cache's ``[N, k+1]`` outcomes (:func:`topk_buckets`; the last one is the
+        bucket). The same formula by default; a divergence that ranks the outcomes (``akl``) overrides it."""
+        return self.divergence(s_logp, t_logp)
+
     def _chunked(self, student, teacher) -> bool:
         return self.cfg.chunk_size > 0 or isinstance(student, HiddenHead) or isinstance(teacher, HiddenHead)
 
@@ -402,7 +407,7 @@ class TokenDivergence(Objective):
         Padded embedding rows (e.g. Qwen's) are cut to the shared vocabulary."""
         s = z / self.cfg.temperature
         if isinstance(tc, CachedLogProbs) and tc.ids is not None:
-            return self.divergence(*topk_buckets(F.log_softmax(s, -1), tc.logp, tc.ids, tc.rest)).sum()
+            return self.bucket_divergence(*topk_buckets(F.log_softmax(s, -1), tc.logp, tc.ids, tc.rest)).sum()
         t = _upcast(tc.logp if isinstance(tc, CachedLogProbs) else tc) / self.cfg.temperature
         v = min(s.shape[-1], t.shape[-1])
         return self.divergence(F.log_softmax(s[:, :v], -1), F.log_softmax(t[:, :v], -1)).sum()
