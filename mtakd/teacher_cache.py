@@ -10,7 +10,8 @@ trainer instead of running the teacher (docs/teacher_cache.md).
   :meth:`mtakd.mta.MTALoss.teacher_importance` (the run's ``center_states`` / ``sigma`` switches) from the
   full-precision states, in float32.
 
-Files: ``manifest.json`` (what the cache was built from: teacher source and weight fingerprint, tokenizer,
+Files: ``manifest.json`` (what the cache was built from: teacher source, its files' fingerprint on disk
+(:func:`teacher_files_fingerprint`, checked on every use) and its weights' fingerprint, tokenizer,
 template, data files' hashes, max lengths, layer map, top-k, dtype, mtakd version) and sharded safetensors,
 ``{split}-{shard:05d}.safetensors`` holding ``shard_size`` consecutive examples each. A shard is written to a
 temporary file and renamed when complete, so an interrupted build keeps its finished shards and resumes after
@@ -97,6 +98,55 @@ def teacher_source(cfg: RunConfig) -> dict:
             "config_overrides": t.config_overrides}
 
 
+def teacher_files_fingerprint(cfg: RunConfig) -> dict:
+    """What decides the teacher's weights, read from disk without loading the model (docs/teacher_cache.md):
+    ``files``, the byte size and sha256 (streamed, 1 MiB at a time) of a local directory's ``config.json`` and
+    every ``*.safetensors`` file, or of a GGUF file (a package's too); for a hub id the ``hub_commit`` the local
+    Hugging Face cache resolves ``teacher.revision`` to (the run loads the tokenizer first, which updates it when
+    online); for a ``random_init`` teacher the configuration's files only and the ``seed`` (``training.seed``)."""
+    from .models import resolve_source
+
+    t = cfg.teacher
+    path, gguf = resolve_source(t)
+    seed = {"seed": cfg.training.seed} if t.random_init else {}
+    if gguf:
+        files = [Path(path) / gguf]
+    elif os.path.isdir(path):
+        files = [Path(path) / "config.json"] + ([] if t.random_init else sorted(Path(path).glob("*.safetensors")))
+    else:
+        return {"hub_commit": _hub_commit(path, t.revision), **seed}
+    return {"files": {f.name: {"bytes": f.stat().st_size, "sha256": _file_sha256(str(f))} for f in files
+                      if f.is_file()}, **seed}
+
+
+def _hub_commit(repo: str, revision: str | None) -> str | None:
+    """The commit a hub model's ``revision`` (default ``main``) resolves to in the local Hugging Face cache, or
+    ``revision`` itself when it is a commit hash; None when the model is not cached."""
+    import re
+
+    from huggingface_hub import try_to_load_from_cache
+
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    found = try_to_load_from_cache(repo, "config.json", revision=revision)
+    return Path(found).parent.name if isinstance(found, str) else None
+
+
+def _fingerprint_changes(cached: dict, run: dict) -> list[str]:
+    """What differs between two :func:`teacher_files_fingerprint` results, file by file."""
+    changes = []
+    for key in sorted(set(cached) | set(run)):
+        a, b = cached.get(key), run.get(key)
+        if a == b:
+            continue
+        if key == "files" and a is not None and b is not None:
+            changes += [f"{n} " + ("changed" if n in a and n in b else "added" if n in b else "removed")
+                        for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n)]
+        else:
+            changes.append(f"{key}: cache {json.dumps(a)}, run {json.dumps(b)}")
+    return changes
+
+
 def _importance_switches(mta) -> dict:
     return {"center_states": mta.center_states, "sigma": mta.sigma}
 
@@ -181,6 +231,9 @@ class TeacherCache:
         src = teacher_source(cfg)
         for k, v in src.items():
             differ(f"teacher.{k}", m["teacher"]["source"].get(k), v)
+        changed = _fingerprint_changes(m["teacher"]["on_disk"], teacher_files_fingerprint(cfg))
+        if changed:
+            problems.append(f"the teacher on disk is not the one the cache was built from ({'; '.join(changed)})")
         if teacher is not None:
             differ("teacher weights (sha256)", m["teacher"]["weights_sha256"], weights_fingerprint(teacher))
         if vocab_rows is not None:
@@ -330,7 +383,8 @@ def build_cache(cfg: RunConfig, out: str | os.PathLike, *, top_k: int = 64, dtyp
     k = min(top_k, vocab_rows)
     identity = {
         "format": FORMAT,
-        "teacher": {"source": teacher_source(cfg), "weights_sha256": weights_fingerprint(teacher),
+        "teacher": {"source": teacher_source(cfg), "on_disk": teacher_files_fingerprint(cfg),
+                    "weights_sha256": weights_fingerprint(teacher),
                     "num_hidden_layers": n_t, "vocab_rows": vocab_rows},
         "tokenizer": {"sha256": tokenizer_fingerprint(tok), "vocab_size": len(tok)},
         "data": data_fingerprint(cfg),

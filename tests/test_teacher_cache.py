@@ -401,3 +401,88 @@ def test_two_cpu_processes_read_their_own_entries(tmp_path, tiny_teacher_dir, ti
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     _assert_same_run(tmp_path / "ddp", tmp_path / "single")
+
+
+# ------------------------------------------------------------------------------------- stale teacher
+def _same_size_rewrite(f):
+    """Other bytes in ``f``, same size and same mtime (what size + mtime cannot tell apart)."""
+    st = f.stat()
+    data = bytearray(f.read_bytes())
+    data[-8:] = bytes(255 - b for b in data[-8:])
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def test_a_cache_whose_local_teacher_was_rewritten_is_refused_without_loading_it(tmp_path, tiny_teacher_dir,
+                                                                                  tiny_narrow_student_dir, capsys):
+    """Issue 24, item 3: re-running a teacher SFT into the same directory kept the old cache valid (the weights'
+    fingerprint was checked only when a student built from the teacher loaded them). The files on disk are
+    fingerprinted at build and at use; the student here is not built from the teacher."""
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher_dir, teacher)
+    cfg = write_tiny_run_config(tmp_path / "run.yaml", teacher, tiny_narrow_student_dir, EXAMPLES / "demo.jsonl",
+                                tmp_path / "run", tmp_path / "spans", data={"max_samples": 8},
+                                objective={"base": "fkl", "mta": {"enabled": False}}, training={"max_steps": 1})
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", "--config", str(cfg), "--out", str(cache), "--top-k", "4"]) == 0
+    assert set(json.loads((cache / "manifest.json").read_text())["teacher"]["on_disk"]["files"]) == {
+        "config.json", "model.safetensors"}
+    _same_size_rewrite(teacher / "model.safetensors")
+    code = main(["distill", "--config", str(cfg), f"teacher.cache={cache}"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "the teacher on disk is not the one the cache was built from (model.safetensors changed)" in err
+    assert "rebuild it with `mtakd cache-teacher`" in err
+    assert not (tmp_path / "run" / "log_history.json").exists()
+
+
+def test_a_random_init_teachers_cache_records_its_seed(tmp_path, tiny_teacher_dir, tiny_narrow_student_dir, capsys):
+    """A random_init teacher is its configuration and the seed: another training.seed is another teacher."""
+    cfg = write_tiny_run_config(tmp_path / "run.yaml", tiny_teacher_dir, tiny_narrow_student_dir,
+                                EXAMPLES / "demo.jsonl", tmp_path / "run", tmp_path / "spans",
+                                teacher={"random_init": True}, data={"max_samples": 8},
+                                objective={"base": "fkl", "mta": {"enabled": False}}, training={"max_steps": 1})
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", "--config", str(cfg), "--out", str(cache), "--top-k", "4"]) == 0
+    on_disk = json.loads((cache / "manifest.json").read_text())["teacher"]["on_disk"]
+    assert on_disk["seed"] == 42 and set(on_disk["files"]) == {"config.json"}  # random weights: no weight files
+    code = main(["distill", "--config", str(cfg), f"teacher.cache={cache}", "training.seed=7"])
+    err = capsys.readouterr().err
+    assert code == 2 and "the teacher on disk is not the one the cache was built from (seed: cache 42, run 7)" in err
+
+
+def test_teacher_fingerprint_of_a_gguf_file_and_of_a_hub_id(tmp_path, monkeypatch):
+    """A GGUF teacher: the file's content (a same-size, same-mtime rewrite changes it), without loading it; a hub id:
+    the commit the local Hugging Face cache resolves the revision to (a pinned commit as given)."""
+    import huggingface_hub.constants
+
+    from mtakd.config import RunConfig
+    from mtakd.teacher_cache import _fingerprint_changes, teacher_files_fingerprint
+
+    def run(**teacher):
+        return RunConfig.model_validate({"teacher": teacher, "student": {"path": "s"}, "data": {"train": ["x"]}})
+
+    gguf = tmp_path / "teacher.Q4.gguf"
+    gguf.write_bytes(os.urandom(4096))
+    cfg = run(path=str(tmp_path), gguf_file=gguf.name)
+    before = teacher_files_fingerprint(cfg)
+    assert set(before) == {"files"} and before["files"]["teacher.Q4.gguf"]["bytes"] == 4096
+    _same_size_rewrite(gguf)
+    assert _fingerprint_changes(before, teacher_files_fingerprint(cfg)) == ["teacher.Q4.gguf changed"]
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    repo = hub / "models--org--tiny"
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    assert teacher_files_fingerprint(run(path="org/tiny")) == {"hub_commit": "a" * 40}
+    (repo / "refs" / "main").write_text("b" * 40)  # a newer main was downloaded (e.g. with the tokenizer)
+    assert teacher_files_fingerprint(run(path="org/tiny")) == {"hub_commit": "b" * 40}
+    assert teacher_files_fingerprint(run(path="org/tiny", revision="c" * 40)) == {"hub_commit": "c" * 40}
+    assert teacher_files_fingerprint(run(path="org/uncached")) == {"hub_commit": None}
