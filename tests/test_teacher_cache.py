@@ -26,7 +26,7 @@ def _random_logp(n, v, seed, scale=3.0):
     return torch.log_softmax(torch.randn(n, v, generator=g, dtype=torch.float64) * scale, -1)
 
 
-def test_topk_buckets_give_distillkits_symmetric_uniform_kl_and_the_full_divergence_at_k_equal_v():
+def test_topk_buckets_give_the_symmetric_uniform_kl_and_the_full_divergence_at_k_equal_v():
     from mtakd.objectives.base import topk_buckets
     from mtakd.objectives.gjsd import kl
 
@@ -36,15 +36,20 @@ def test_topk_buckets_give_distillkits_symmetric_uniform_kl_and_the_full_diverge
     assert sb.shape == tb.shape == (6, 9)
     torch.testing.assert_close(sb.exp().sum(-1), torch.ones(6, dtype=torch.float64))
     torch.testing.assert_close(tb.exp().sum(-1), torch.ones(6, dtype=torch.float64))
-    # DistillKit's sparse KL with missing_probability_handling=symmetric_uniform: the top-k terms plus the
-    # tail term p_rest·log(p_rest / q_rest), with the student's full log-probabilities at the ids
+    # the form of DistillKit's sparse KL with missing_probability_handling=symmetric_uniform (without its clamp of
+    # the missing masses at 1e-6, which these tails do not reach): the top-k terms plus the tail term
+    # p_rest·log(p_rest / q_rest), with the student's full log-probabilities at the ids
     p_rest, q_rest = 1 - t_k.exp().sum(-1), 1 - s.gather(-1, ids).exp().sum(-1)
+    assert bool((p_rest > 1e-6).all() and (q_rest > 1e-6).all())
     want = (t_k.exp() * (t_k - s.gather(-1, ids))).sum(-1) + p_rest * (p_rest / q_rest).log()
     torch.testing.assert_close(kl(tb, sb), want)
     # k = V: the bucket is empty and every divergence is the full-vocabulary one
     t_all, ids_all = t.topk(50, -1)
+    s = s.clone().requires_grad_()
     sb, tb = topk_buckets(s, t_all, ids_all, CachedLogProbs.top_k(t, 50).rest)
     torch.testing.assert_close(kl(tb, sb), kl(t, s))
+    kl(tb, sb).sum().backward()  # the empty buckets (every id masked) give finite gradients
+    assert bool(torch.isfinite(s.grad).all())
 
 
 def _pair_with_tails(v, top_t, tail_t, top_s, tail_s, seed=0):
