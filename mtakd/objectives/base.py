@@ -272,8 +272,8 @@ def chunked_row_loss(student, teacher, mask: torch.Tensor, score, chunk_size: in
     ``student``: the student's ``[B, T, V]`` logits or a :class:`HiddenHead`; ``teacher``: the teacher's logits, a
     :class:`HiddenHead`, a :class:`CachedLogProbs` or None (teacher logits are computed and read under ``no_grad``).
     ``score(s_logits [C, V], t_chunk, lo, hi) -> (loss_sum, *logged_sums)`` scores rows ``lo:hi``; ``s_logits`` is
-    the student's logits of those rows (not yet upcast), ``t_chunk`` the teacher's (a :class:`CachedLogProbs` of a cache; None
-    without a teacher). Gradients equal those of the unchunked computation (:class:`_FusedChunks`); a student
+    the student's logits of those rows (not yet upcast), ``t_chunk`` the teacher's (a cache's
+    :class:`CachedLogProbs` of those rows; None without a teacher). Gradients equal those of the unchunked computation (:class:`_FusedChunks`); a student
     :class:`HiddenHead` gets gradients in its hidden state and its head's parameters, and its full logits are
     never built."""
     b, t1 = mask.shape
