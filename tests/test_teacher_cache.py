@@ -53,8 +53,8 @@ def test_topk_buckets_give_the_symmetric_uniform_kl_and_the_full_divergence_at_k
 
 
 def _pair_with_tails(v, top_t, tail_t, top_s, tail_s, seed=0):
-    """Teacher and student logits ``[1, 2, V]`` (float32, as the models return them) whose next-token distributions
-    at position 0 put ``top_*`` (scaled to ``1 − tail_*``) on tokens 0..k−1 and ``tail_*`` on the other V − k,
+    """Teacher and student logits ``[1, 3, V]`` (float32, as the models return them) whose next-token distributions
+    at every position put ``top_*`` (scaled to ``1 − tail_*``) on tokens 0..k−1 and ``tail_*`` on the other V − k,
     spread with the same random proportions on both sides (each below the k-th probability). The student's
     conditional distribution inside the bucket is then the teacher's, so a divergence on the (k+1) buckets equals
     the full-vocabulary one: the full vocabulary in float64 is the exact reference."""
@@ -66,21 +66,21 @@ def _pair_with_tails(v, top_t, tail_t, top_s, tail_s, seed=0):
         top = torch.tensor(top, dtype=torch.float64)
         p = torch.cat([top / top.sum() * (1 - tail), shape * tail])
         assert p[len(top):].max() < p[:len(top)].min()
-        return p.log().float().expand(1, 2, v).contiguous()
+        return p.log().float().expand(1, 3, v).contiguous()
 
     return logits(top_s, tail_s), logits(top_t, tail_t)
 
 
 def _cached_topk(t_logits, k):
-    """The cache's entry for the one response position of ``t_logits`` (built as `mtakd cache-teacher` does)."""
-    return CachedLogProbs.top_k(t_logits[0, :1].float().log_softmax(-1), k)
+    """The cache's entries for the response positions of ``t_logits`` (built as `mtakd cache-teacher` does)."""
+    return CachedLogProbs.top_k(t_logits[0, :2].float().log_softmax(-1), k)
 
 
-LABELS = torch.tensor([[-100, 7]])  # one response position: logits at 0 predict token 1
+LABELS = torch.tensor([[-100, 7, 8]])  # two response positions (0 and 1), with the same distributions
 
 
 def _full_reference(base, s_logits, t_logits, **cfg):
-    """The divergence on the full vocabulary, in float64 (value, gradient in the student's logits at position 0)."""
+    """The divergence on the full vocabulary, in float64 (value, gradient in the student's logits) at one position."""
     from mtakd.config import ObjectiveConfig
     from mtakd.objectives import build_objective
 
@@ -98,7 +98,7 @@ def _topk_loss(base, s_logits, cache, chunk_size=0, **cfg):
     z = s_logits.clone().requires_grad_()
     loss = build_objective(ObjectiveConfig(base=base, chunk_size=chunk_size, **cfg)).kd_loss(z, cache, LABELS)
     loss.backward()
-    return float(loss.detach()), z.grad[0, 0].double()
+    return float(loss.detach()), z.grad[0, :2].sum(0).double()  # the mean's gradient, summed over the 2 positions
 
 
 @pytest.mark.parametrize("chunk_size", [0, 1])
