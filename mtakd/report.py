@@ -269,7 +269,7 @@ def build_report(run_dirs, out, names=None, compare_names=None, n_resamples: int
         else:
             note = ("Teacher-forced, nats per token of the reference response (+ end of turn); a set's value is "
                     "total nats / total tokens." if k == "nll" else
-                    "Mean over the reference's response positions of KL(teacher ‖ model), full vocabulary.")
+                    "Mean over the reference's response positions of KL(teacher ‖ model) over the tokenizer's ids.")
             parts += [f"# {METRICS[k]}", "", note, "", results_table(runs, k), ""]
             if "rougeL" not in present and k == "nll":
                 parts += [f"![NLL]({png.name})", ""]

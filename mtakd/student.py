@@ -276,9 +276,11 @@ def prune_width(model: nn.Module, sel: Selection) -> nn.Module:
 # --------------------------------------------------------------------------------- importance
 @dataclass
 class Importance:
-    """Scores per teacher layer: ``heads`` [L, H], ``mlp`` [L, F], ``hidden`` [d], ``blocks`` [L]."""
+    """Scores per teacher layer: ``heads`` [L, H], ``mlp`` [L, F], ``hidden`` [d], ``blocks`` [L]; ``groups``
+    [L, KV] scores the kv groups (None: the sum of their query heads' scores)."""
 
     heads: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
     mlp: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     blocks: torch.Tensor | None = None
@@ -323,21 +325,33 @@ def magnitude_importance(model: nn.Module) -> Importance:
 
 
 def activation_importance(model: nn.Module, batches, *, heads=True, mlp=True, hidden=True, blocks=False,
-                          progress: bool = True) -> Importance:
+                          progress: bool = True, aggregation: str = "mtakd") -> Importance:
     """Minitron's activation scores on calibration batches (one forward of the base model per batch, no LM head).
 
-    Per head: the L2 norm of its attention output (the input of o_proj); per MLP neuron: the mean |activation|
-    entering down_proj; per hidden channel: the mean |normalised hidden state| over every block's norms. Each
-    score is the mean over the sequence (padding masked), then the L2 norm over the batch. ``blocks``: per block,
-    the mean over tokens of 1 − cos(block input, block output) (Men et al. 2024, ShortGPT's block influence)."""
+    ``aggregation: mtakd``: per head, the L2 norm of its attention output (the input of o_proj) per token; per
+    MLP neuron, |activation| entering down_proj; per hidden channel, |normalised hidden state| averaged over
+    every block's norms. Each is averaged over the sequence (padding masked), then the L2 norm over the samples
+    is taken; a kv group scores the sum of its query heads.
+
+    ``aggregation: modelopt`` (NVIDIA ModelOpt's Minitron hooks): per channel of the o_proj input, the sequence
+    mean of |x|, then L2 over the samples, then per head the L2 norm over its head_dim channels (a kv group: the
+    L2 norm over its heads' channels); MLP neurons as mtakd; per hidden channel, the sequence mean of |norm
+    output|, L2 over the samples for each norm separately, then the sum over the norms.
+
+    ``blocks``: per block, the mean over tokens of 1 − cos(block input, block output) (Men et al. 2024,
+    ShortGPT's block influence)."""
     from tqdm.auto import tqdm
 
     arch = arch_of(model) if (heads or mlp or hidden) else None
     g = Geometry.of(model.config)
     _, layers = block_list(model)
     n = len(layers)
-    acc = {"heads": torch.zeros(n, g.heads), "mlp": torch.zeros(n, g.mlp), "hidden": torch.zeros(g.hidden),
-           "blocks": torch.zeros(n)}
+    if aggregation not in ("mtakd", "modelopt"):
+        raise ValueError(f"activation_importance: aggregation must be mtakd or modelopt, not {aggregation!r}")
+    modelopt = aggregation == "modelopt"
+    n_norms = len(arch.norms) if arch else 0
+    acc = {"heads": torch.zeros(n, g.heads * g.head_dim if modelopt else g.heads), "mlp": torch.zeros(n, g.mlp),
+           "hidden": torch.zeros(n * n_norms if modelopt else 1, g.hidden), "blocks": torch.zeros(n)}
     cur: dict = {}
 
     def seq_mean(x):  # [B, T, ...] (or [B·T, ...]: OPT flattens inside its MLP) -> [B, ...], mean over real tokens
@@ -350,17 +364,21 @@ def activation_importance(model: nn.Module, batches, *, heads=True, mlp=True, hi
     for l, block in enumerate(layers):
         if heads:
             def head_hook(mod, args, l=l):
-                x = args[0]
-                acc["heads"][l] += seq_mean(x.unflatten(-1, (-1, g.head_dim)).float().norm(dim=-1)).pow(2).sum(0).cpu()
+                x = args[0].float()
+                per = x.abs() if modelopt else x.unflatten(-1, (-1, g.head_dim)).norm(dim=-1)  # channels / heads
+                acc["heads"][l] += seq_mean(per).pow(2).sum(0).cpu()
             hooks.append(block.get_submodule(arch.head_input).register_forward_pre_hook(head_hook))
         if mlp:
             def mlp_hook(mod, args, l=l):
                 acc["mlp"][l] += seq_mean(args[0].abs()).pow(2).sum(0).cpu()
             hooks.append(block.get_submodule(arch.neuron_input).register_forward_pre_hook(mlp_hook))
         if hidden:
-            for name in arch.norms:
-                def norm_hook(mod, args, out):
-                    cur["hidden"] = cur["hidden"] + seq_mean(out.abs())
+            for k, name in enumerate(arch.norms):
+                def norm_hook(mod, args, out, i=l * n_norms + k):
+                    if modelopt:  # L2 over the samples per norm
+                        acc["hidden"][i] += seq_mean(out.abs()).pow(2).sum(0).cpu()
+                    else:
+                        cur["hidden"] = cur["hidden"] + seq_mean(out.abs())
                 hooks.append(block.get_submodule(name).register_forward_hook(norm_hook))
         if blocks:
             def block_hook(mod, args, kwargs, out, l=l):
@@ -377,15 +395,21 @@ def activation_importance(model: nn.Module, batches, *, heads=True, mlp=True, hi
                 mask = batch["attention_mask"].to(model.device)
                 cur.update(mask=mask.float(), lengths=mask.sum(1).clamp(min=1).float(), hidden=0.0)
                 base(input_ids=batch["input_ids"].to(model.device), attention_mask=mask, use_cache=False)
-                if hidden:
-                    acc["hidden"] += (cur["hidden"] / (n * len(arch.norms))).pow(2).sum(0).cpu()
+                if hidden and not modelopt:
+                    acc["hidden"][0] += (cur["hidden"] / (n * n_norms)).pow(2).sum(0).cpu()
                 samples += mask.shape[0]
     finally:
         model.train(was_training)
         for h in hooks:
             h.remove()
-    return Importance(heads=acc["heads"].sqrt() if heads else None, mlp=acc["mlp"].sqrt() if mlp else None,
-                      hidden=acc["hidden"].sqrt() if hidden else None,
+    head_scores = groups = None
+    if heads:
+        head_scores = acc["heads"].sqrt()  # [L, H] (mtakd) or per channel [L, H·head_dim] (modelopt)
+        if modelopt:
+            channels = head_scores.view(n, g.kv, g.heads // g.kv, g.head_dim)  # query heads grouped by kv head
+            head_scores, groups = channels.norm(dim=-1).flatten(1), channels.flatten(2).norm(dim=-1)
+    return Importance(heads=head_scores, groups=groups, mlp=acc["mlp"].sqrt() if mlp else None,
+                      hidden=acc["hidden"].sqrt().sum(0) if hidden else None,
                       blocks=acc["blocks"] / max(samples, 1) if blocks else None,
                       samples=samples, seconds=time.perf_counter() - start)
 
@@ -409,7 +433,7 @@ def select_units(imp: Importance, teacher_geo: Geometry, target: Geometry, layer
         sel.heads, sel.kv = [], []
         for l in layers:
             per_group = imp.heads[l - 1].view(t.kv, r_t)  # query heads grouped by the kv head they read
-            groups = _top(per_group.sum(-1), target.kv)
+            groups = _top(per_group.sum(-1) if imp.groups is None else imp.groups[l - 1], target.kv)
             within = torch.topk(per_group[groups], r_s, dim=-1).indices.sort(-1).values  # [kv', r']
             sel.kv.append(groups)
             sel.heads.append((groups[:, None] * r_t + within).flatten())
@@ -477,7 +501,8 @@ def build_student(cfg: RunConfig, teacher: nn.Module, tokenizer, *, progress: bo
         if ft.calibration.dtype != "teacher" and getattr(torch, ft.calibration.dtype) != teacher.dtype:
             scorer = copy.deepcopy(teacher).to(getattr(torch, ft.calibration.dtype))
         imp = activation_importance(scorer, batches(calib, tokenizer.pad_token_id, ft.calibration.batch_size),
-                                    heads=width, mlp=width, hidden=width, blocks=rank_blocks, progress=progress)
+                                    heads=width, mlp=width, hidden=width, blocks=rank_blocks, progress=progress,
+                                    aggregation=ft.calibration.aggregation)
         report.update(calibration_samples=imp.samples, calibration_seconds=round(imp.seconds, 2),
                       calibration_tokens=sum(len(e.input_ids) for e in calib))
         del scorer

@@ -236,8 +236,10 @@ class TeacherCache:
             problems.append(f"the teacher on disk is not the one the cache was built from ({'; '.join(changed)})")
         if teacher is not None:
             differ("teacher weights (sha256)", m["teacher"]["weights_sha256"], weights_fingerprint(teacher))
-        if vocab_rows is not None:
-            differ("vocabulary rows of the LM head", m["teacher"]["vocab_rows"], vocab_rows)
+        covered = int(m["teacher"].get("vocab", m["teacher"]["vocab_rows"]))  # ids the cached log-probs cover
+        if vocab_rows is not None and self.top_k and vocab_rows < covered:  # (a full-vocabulary cache is cut to it)
+            problems.append(f"the student's LM head has {vocab_rows} output rows, fewer than the {covered} token ids "
+                            "of the cached top-k (its ids could fall outside the student's rows)")
         differ("tokenizer (sha256)", m["tokenizer"]["sha256"], tokenizer_fingerprint(tokenizer))
         data = data_fingerprint(cfg)
         for k, v in data.items():
@@ -354,7 +356,7 @@ def build_cache(cfg: RunConfig, out: str | os.PathLike, *, top_k: int = 64, dtyp
     from . import __version__
     from .data import Collator
     from .distill import build_datasets, resolve
-    from .models import load_model, load_tokenizer
+    from .models import load_model, load_tokenizer, shared_vocabulary
     from .mta import MTALoss, resolve_key_layers
     from .mta.layers import hidden_widths
     from .objectives import build_objective
@@ -380,12 +382,13 @@ def build_cache(cfg: RunConfig, out: str | os.PathLike, *, top_k: int = 64, dtyp
     mta = MTALoss(cfg.objective.mta, keys) if keys else None
     layers = sorted({k.teacher for k in keys})
     vocab_rows = teacher.get_output_embeddings().weight.shape[0]
-    k = min(top_k, vocab_rows)
+    vocab = shared_vocabulary(tok, tok, teacher)  # the tokenizer's ids: padded output rows are not cached
+    k = min(top_k, vocab)
     identity = {
         "format": FORMAT,
         "teacher": {"source": teacher_source(cfg), "on_disk": teacher_files_fingerprint(cfg),
                     "weights_sha256": weights_fingerprint(teacher),
-                    "num_hidden_layers": n_t, "vocab_rows": vocab_rows},
+                    "num_hidden_layers": n_t, "vocab_rows": vocab_rows, "vocab": vocab},
         "tokenizer": {"sha256": tokenizer_fingerprint(tok), "vocab_size": len(tok)},
         "data": data_fingerprint(cfg),
         "layers": {"key_layers": [vars(x) for x in keys], "teacher_layers": layers, "widths": {}},
@@ -435,7 +438,8 @@ def build_cache(cfg: RunConfig, out: str | os.PathLike, *, top_k: int = 64, dtyp
                 parts: dict[str, list] = {}
                 for a in range(lo, hi, bs):
                     batch = collate([data[i] for i in range(a, min(hi, a + bs))])
-                    for name, x in _teacher_entries(teacher, batch, layers, mta, k, store, device, _upcast).items():
+                    for name, x in _teacher_entries(teacher, batch, layers, mta, k, store, device, _upcast,
+                                                    vocab).items():
                         parts.setdefault(name, []).append(x)
                     bar.update(min(hi, a + bs) - a)
                 _save_atomic({name: torch.cat(x).contiguous() for name, x in parts.items()}, path)
@@ -456,18 +460,19 @@ def _same_build(old: dict, new: dict) -> bool:
 
 
 @torch.no_grad()
-def _teacher_entries(teacher, batch, layers, mta, k, store, device, upcast) -> dict[str, torch.Tensor]:
+def _teacher_entries(teacher, batch, layers, mta, k, store, device, upcast, vocab=None) -> dict[str, torch.Tensor]:
     """One batch's cache tensors, concatenated over its examples: per token (``hidden.{l}``, ``importance.{l}``),
     per response position (``logp``, and for a top-k cache ``ids`` and ``rest``, the teacher's leftover log-mass
     from its full float32 log-softmax: :meth:`CachedLogProbs.top_k`) and per example (``lengths``,
-    ``n_response``)."""
+    ``n_response``). The log-probabilities are over the first ``vocab`` rows, the tokenizer's ids (padded output
+    rows left out, as in training)."""
     from .objectives.base import CachedLogProbs
 
     ids, mask, labels = (batch[k_].to(device) for k_ in ("input_ids", "attention_mask", "labels"))
     out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=bool(layers), use_cache=False)
     real = mask.bool()
     resp = labels[:, 1:].ne(-100)
-    logp = F.log_softmax(upcast(out.logits[:, :-1][resp]), -1)
+    logp = F.log_softmax(upcast(out.logits[:, :-1][resp][:, :vocab]), -1)
     entries = {"lengths": real.sum(-1).cpu(), "n_response": resp.sum(-1).cpu()}
     if k:
         top = CachedLogProbs.top_k(logp, k)

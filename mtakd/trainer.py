@@ -148,9 +148,7 @@ class DistillTrainer(Trainer):
             pairs.append((self.teacher, t_out))
         with torch.no_grad():
             for m, out in pairs:
-                got = _hidden_view(m, out).logits
-                a, b = got.head(got.hidden[:, -1]).float(), out.logits[:, -1].float()
-                if a.shape != b.shape or not torch.allclose(a, b, rtol=0.05, atol=0.05 * float(b.abs().max().clamp_min(1))):
+                if not head_reproduces(m, out.hidden_states[-1][:, -1], out.logits[:, -1]):
                     logger.warning("the LM head of %s does not reproduce its logits from the last hidden state: "
                                    "the chunked loss reads full logits instead", type(unwrap(m)).__name__)
                     self._fuse = False
@@ -358,6 +356,16 @@ def _plain_head(model) -> bool:
     cfg = getattr(inner, "config", None)
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     return not any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in ("final_logit_softcapping", "logit_scale"))
+
+
+def head_reproduces(model, hidden: torch.Tensor, logits: torch.Tensor) -> bool:
+    """Whether the model's LM head applied to ``hidden`` (last hidden states, ``[B, d]``) gives the ``logits`` ``[B, V]``
+    the model returned at those positions (e.g. its last, with ``logits_to_keep=1``): False for a head the model
+    post-processes in ways :func:`_plain_head` cannot see from the config (Granite's ``logits_scaling``, a custom
+    forward). The runtime guard of both fused paths: the trainer's chunked loss and the teacher-forced metrics."""
+    with torch.no_grad():
+        a, b = unwrap(model).get_output_embeddings()(hidden).float(), logits.float()
+        return a.shape == b.shape and torch.allclose(a, b, rtol=0.05, atol=0.05 * float(b.abs().max().clamp_min(1)))
 
 
 def _fsync_dir(path: str) -> None:

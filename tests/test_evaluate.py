@@ -412,9 +412,9 @@ def test_teacher_forced_matches_slow_reference_and_ignores_batching(tiny):
     records = [Record(r.instruction, "", out, r.where) for r, out in zip(
         _records(5), ["the cat", "a dog runs in the park with a red ball", "sky", "the sea and the sky", "ok"])]
     prompts = evaluate.encode_prompts(records, tok, template="chat", system_prompt=None, max_prompt_length=64)
-    by_one = evaluate.teacher_forced(model, tok, prompts, records, teacher=teacher, batch_size=1)
-    by_three = evaluate.teacher_forced(model, tok, prompts, records, teacher=teacher, batch_size=3)
-    by_all = evaluate.teacher_forced(model, tok, prompts, records, teacher=teacher, batch_size=5)
+    by_one = evaluate.teacher_forced(model, tok, records, template="chat", max_prompt_length=64, teacher=teacher, batch_size=1)
+    by_three = evaluate.teacher_forced(model, tok, records, template="chat", max_prompt_length=64, teacher=teacher, batch_size=3)
+    by_all = evaluate.teacher_forced(model, tok, records, template="chat", max_prompt_length=64, teacher=teacher, batch_size=5)
     for k in ("nll", "kl"):
         close = pytest.approx(by_one[k], rel=1e-5, abs=1e-6)  # float noise of other batch shapes
         assert by_three[k] == close and by_all[k] == close
@@ -424,7 +424,7 @@ def test_teacher_forced_matches_slow_reference_and_ignores_batching(tiny):
         assert by_one["tokens"][i] == len(resp)
         assert by_one["nll"][i] == pytest.approx(_slow_nll(model, p.ids, resp), rel=1e-4)
         assert by_one["kl"][i] == pytest.approx(_slow_kl(model, teacher, p.ids, resp), rel=1e-3)
-    self_kl = evaluate.teacher_forced(model, tok, prompts, records, teacher=model, batch_size=2)["kl"]
+    self_kl = evaluate.teacher_forced(model, tok, records, template="chat", max_prompt_length=64, teacher=model, batch_size=2)["kl"]
     assert max(abs(v) for v in self_kl) < 1e-5
 
 
@@ -437,13 +437,13 @@ def test_teacher_forced_reads_logits_in_chunks_with_or_without_a_plain_head(tiny
     teacher = _other_model(tok)
     records = [Record(r.instruction, "", out, r.where) for r, out in zip(_records(3), ["the cat", "a dog runs", "sky"])]
     prompts = evaluate.encode_prompts(records, tok, template="chat", system_prompt=None, max_prompt_length=64)
-    whole = evaluate.teacher_forced(model, tok, prompts, records, teacher=teacher, batch_size=3)
+    whole = evaluate.teacher_forced(model, tok, records, template="chat", max_prompt_length=64, teacher=teacher, batch_size=3)
     monkeypatch.setattr(metrics, "CHUNK", 2)
-    chunked = evaluate.teacher_forced(model, tok, prompts, records, teacher=teacher, batch_size=3)
+    chunked = evaluate.teacher_forced(model, tok, records, template="chat", max_prompt_length=64, teacher=teacher, batch_size=3)
     for m in (model, teacher):
         m.config.final_logit_softcapping = 30.0  # not a plain head any more: the full-logits path
     try:
-        capped = evaluate.teacher_forced(model, tok, prompts, records, teacher=teacher, batch_size=3)
+        capped = evaluate.teacher_forced(model, tok, records, template="chat", max_prompt_length=64, teacher=teacher, batch_size=3)
     finally:
         for m in (model, teacher):
             m.config.final_logit_softcapping = None
@@ -463,11 +463,11 @@ def test_teacher_reference_runs_the_teacher_once_per_batch_and_matches(tiny):
     teacher.register_forward_hook(lambda *a: calls.append(1))
     ref = TeacherReference(teacher)
     for student in (model, other, model):  # three models scored against one teacher
-        got = evaluate.teacher_forced(student, tok, prompts, records, teacher=ref, batch_size=3)
-        plain = evaluate.teacher_forced(student, tok, prompts, records, teacher=_other_model(tok), batch_size=3)
+        got = evaluate.teacher_forced(student, tok, records, template="chat", max_prompt_length=64, teacher=ref, batch_size=3)
+        plain = evaluate.teacher_forced(student, tok, records, template="chat", max_prompt_length=64, teacher=_other_model(tok), batch_size=3)
         assert got["kl"] == pytest.approx(plain["kl"], rel=1e-5, abs=1e-7) and got["nll"] == plain["nll"]
     assert len(calls) == 2  # two batches, the teacher's forward pass ran once for each
-    assert max(abs(v) for v in evaluate.teacher_forced(teacher, tok, prompts, records, teacher=ref)["kl"]) < 1e-5
+    assert max(abs(v) for v in evaluate.teacher_forced(teacher, tok, records, template="chat", max_prompt_length=64, teacher=ref)["kl"]) < 1e-5
 
 
 def test_max_response_length_scores_the_first_tokens(tiny):
@@ -479,12 +479,12 @@ def test_max_response_length_scores_the_first_tokens(tiny):
     short_len = len(tok("ok", add_special_tokens=False)["input_ids"])
     cap = 3
     assert len(full) > cap >= short_len
-    got = evaluate.teacher_forced(model, tok, prompts, records, max_response_length=cap)
+    got = evaluate.teacher_forced(model, tok, records, template="chat", max_prompt_length=64, max_response_length=cap)
     assert got["tokens"] == [cap, short_len + 1]  # cut: no end-of-turn token; fits: its EOS is scored
     assert got["nll"][0] == pytest.approx(_slow_nll(model, prompts[0].ids, full[:cap]), rel=1e-4)
-    assert got["nll"][1] == pytest.approx(evaluate.teacher_forced(model, tok, prompts, records)["nll"][1])
+    assert got["nll"][1] == pytest.approx(evaluate.teacher_forced(model, tok, records, template="chat", max_prompt_length=64)["nll"][1])
     with pytest.raises(Exception, match="max_response_length must be positive"):
-        evaluate.teacher_forced(model, tok, prompts, records, max_response_length=0)
+        evaluate.teacher_forced(model, tok, records, template="chat", max_prompt_length=64, max_response_length=0)
 
 
 def test_evaluate_nll_only_generates_nothing(tiny, tmp_path, monkeypatch):
@@ -540,9 +540,81 @@ def test_cli_metrics_with_teacher(tiny, tmp_path):
 
 
 def test_kl_needs_the_same_tokenizer(tiny):
-    from mtakd.config import ConfigError
+    from mtakd.models import ModelError
     from tests.conftest import build_tokenizer
 
+    model, tok, _ = tiny
+    recs = [Record("Q", "", "a dog runs", "m:1")]
+    with pytest.raises(ModelError, match="teacher and model must share a tokenizer .* token-to-id maps differ"):
+        evaluate_model(model, tok, {"s": recs}, metrics=["kl"], teacher=model, teacher_tokenizer=build_tokenizer(200),
+                       progress=False)
+
+
+def _tiny_granite(tok, seed, scaling=8.0):
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(seed)
+    return GraniteForCausalLM(GraniteConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, logits_scaling=scaling, tie_word_embeddings=False)).eval()
+
+
+def test_teacher_forced_metrics_follow_heads_that_scale_their_logits(tiny):
+    """Granite divides its logits by config.logits_scaling, which _plain_head cannot see: the runtime guard (the
+    head of the last hidden state against the returned last logits) must send both models to their full logits."""
+    from mtakd.data import Collator, Example
+    from mtakd.metrics import TeacherReference, batch_stats
+
     _, tok, _ = tiny
-    with pytest.raises(ConfigError, match="teacher's tokenizer .* differs from the model's"):
-        evaluate.check_same_tokenizer(tok, build_tokenizer(200))
+    model, teacher = _tiny_granite(tok, 1), _tiny_granite(tok, 2, scaling=4.0)
+    records = [Record(r.instruction, "", out, r.where) for r, out in zip(_records(3), ["the cat", "a dog runs", "sky"])]
+    prompts = evaluate.encode_prompts(records, tok, template="chat", system_prompt=None, max_prompt_length=64)
+    resps = [tok(r.output, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in records]
+    batch = Collator(tok.pad_token_id, pad_to_multiple_of=None)(
+        [Example(p.ids + r, [-100] * len(p.ids) + r) for p, r in zip(prompts, resps)])
+    for ref in (teacher, TeacherReference(teacher)):
+        got = batch_stats(model, batch, ref)
+        for i, (p, r) in enumerate(zip(prompts, resps)):
+            assert float(got["nll"][i]) / len(r) == pytest.approx(_slow_nll(model, p.ids, r), rel=1e-4)
+            assert float(got["kl"][i]) / len(r) == pytest.approx(_slow_kl(model, teacher, p.ids, r), rel=1e-3)
+
+
+def _metaspace_tokenizer():
+    """A SentencePiece-style (Llama-2 / Mistral-v0.1) tokenizer: Metaspace pre-tokenizer that prepends "▁" to the
+    text, so a response tokenised on its own starts with "▁the" where, after its prompt, it starts with "the"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.train_from_iterator(SENTENCES * 5, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>", unk_token="<unk>")
+
+
+def test_teacher_forced_scores_the_tokens_training_trains_on():
+    """The reference is tokenised together with its prompt, as in training (mtakd.data.tokenize): with a Metaspace
+    tokenizer the response alone would be other tokens ("▁the" for "the" after the prompt's newline)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mtakd.data import DataStats, tokenize
+
+    tok = _metaspace_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=False)).eval()
+    records = [Record("Write a short poem.", "", out, f"m:{i}") for i, out in enumerate(["the sea and the sky", "ok"])]
+    trained = [tokenize(r, tok, template="alpaca", system_prompt=None, max_prompt_length=256, max_length=512,
+                        stats=DataStats()) for r in records]
+    alone = tok(records[0].output, add_special_tokens=False)["input_ids"]
+    assert alone != [t for t in trained[0].labels if t != -100][:len(alone)]  # the tokenizer shows the difference
+    for cap in (None, 3):
+        m = evaluate_model(model, tok, {"s": records}, metrics=["nll"], template="alpaca", progress=False,
+                           max_response_length=cap)
+        for i, e in enumerate(trained):
+            n_prompt = e.labels.count(-100)
+            resp = e.input_ids[n_prompt:][:cap]
+            assert m["per_prompt"]["s"]["tokens"][i] == len(resp)
+            assert m["per_prompt"]["s"]["nll"][i] == pytest.approx(_slow_nll(model, e.input_ids[:n_prompt], resp),
+                                                                    rel=1e-4)

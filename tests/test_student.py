@@ -153,6 +153,102 @@ def test_activation_importance_prunes_the_silenced_units(kind):
     assert arch.grouped == (kind == "llama")
 
 
+def _captured(teacher, batches):
+    """Per batch: the mask, and the inputs of o_proj / down_proj and the outputs of the norms of every block."""
+    arch, (_, layers) = arch_of(teacher), block_list(teacher)
+    seen, hooks = [], []
+    for l, block in enumerate(layers):
+        hooks.append(block.get_submodule(arch.head_input).register_forward_pre_hook(
+            lambda m, a, l=l: seen[-1]["o"].__setitem__(l, a[0].detach().clone())))
+        hooks.append(block.get_submodule(arch.neuron_input).register_forward_pre_hook(
+            lambda m, a, l=l: seen[-1]["down"].__setitem__(l, a[0].detach().clone())))
+        for k, name in enumerate(arch.norms):
+            hooks.append(block.get_submodule(name).register_forward_hook(
+                lambda m, a, out, i=(l, k): seen[-1]["norm"].__setitem__(i, out.detach().clone())))
+    with torch.no_grad():
+        for b in batches:
+            seen.append({"mask": b["attention_mask"], "o": {}, "down": {}, "norm": {}})
+            teacher.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def _by_hand(seen, L, H, KV, hd, norms, modelopt):
+    """Both aggregations with explicit loops over samples, tokens, channels (the reference for the hooks)."""
+    samples = [(b, i) for b in seen for i in range(b["mask"].shape[0])]
+    real = lambda b, i: [t for t in range(b["mask"].shape[1]) if b["mask"][i, t]]  # noqa: E731
+
+    def mean_abs(x, b, i, c):  # sequence mean of |x[., c]| over the real tokens of sample i
+        return sum(abs(float(x[i, t, c])) for t in real(b, i)) / len(real(b, i))
+
+    heads = torch.zeros(L, H)
+    groups = torch.zeros(L, KV)
+    mlp = torch.zeros(L, seen[0]["down"][0].shape[-1])
+    d = seen[0]["norm"][(0, 0)].shape[-1]
+    hidden = torch.zeros(d)
+    for l in range(L):
+        for n in range(mlp.shape[1]):  # neurons: the same in both (ModelOpt's fc2 hook)
+            mlp[l, n] = math.sqrt(sum(mean_abs(b["down"][l], b, i, n) ** 2 for b, i in samples))
+        for h in range(H):
+            if modelopt:  # per channel: mean |x| over the sequence, L2 over samples; then L2 over head_dim
+                per_channel = [math.sqrt(sum(mean_abs(b["o"][l], b, i, h * hd + c) ** 2 for b, i in samples))
+                               for c in range(hd)]
+                heads[l, h] = math.sqrt(sum(v * v for v in per_channel))
+            else:  # per token: L2 over head_dim; mean over the sequence; L2 over samples
+                per_sample = [sum(float(b["o"][l][i, t, h * hd:(h + 1) * hd].norm()) for t in real(b, i))
+                              / len(real(b, i)) for b, i in samples]
+                heads[l, h] = math.sqrt(sum(v * v for v in per_sample))
+        r = H // KV
+        for k in range(KV):
+            groups[l, k] = (math.sqrt(sum(heads[l, k * r + j] ** 2 for j in range(r))) if modelopt
+                            else sum(heads[l, k * r + j] for j in range(r)))
+    for c in range(d):
+        if modelopt:  # per norm: L2 over samples; summed over the norms
+            hidden[c] = sum(math.sqrt(sum(mean_abs(b["norm"][(l, k)], b, i, c) ** 2 for b, i in samples))
+                            for l in range(L) for k in range(len(norms)))
+        else:  # per sample: the mean over the norms; L2 over samples
+            hidden[c] = math.sqrt(sum((sum(mean_abs(b["norm"][(l, k)], b, i, c) for l in range(L)
+                                           for k in range(len(norms))) / (L * len(norms))) ** 2
+                                      for b, i in samples))
+    return heads, groups, mlp, hidden
+
+
+@pytest.mark.parametrize("aggregation", ["mtakd", "modelopt"])
+def test_activation_importance_aggregations_match_a_hand_computation(aggregation):
+    """``calibration.aggregation``: the hooks' scores equal the aggregation written out with loops, on a tiny
+    Llama (4 heads of 8 in 2 kv groups) with padded batches."""
+    teacher = tiny("llama")
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    mask[2, 3:] = 0
+    batches = [{"input_ids": ids(3, 7, s), "attention_mask": mask} for s in range(2)]
+    imp = activation_importance(teacher, batches, progress=False, aggregation=aggregation)
+    heads, groups, mlp, hidden = _by_hand(_captured(teacher, batches), 2, 4, 2, 8, arch_of(teacher).norms,
+                                          aggregation == "modelopt")
+    torch.testing.assert_close(imp.heads, heads, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(imp.mlp, mlp, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(imp.hidden, hidden, rtol=1e-4, atol=1e-5)
+    g = imp.groups if imp.groups is not None else imp.heads.view(2, 2, 2).sum(-1)
+    torch.testing.assert_close(g, groups, rtol=1e-4, atol=1e-5)
+
+
+def test_modelopt_aggregation_ranks_kv_groups_by_l2_and_is_a_config_switch():
+    """A kv group scores the L2 norm of its heads under modelopt (ModelOpt's query-group importance), the sum
+    under mtakd: heads (3, 4 | 5, 0.1) keep group 0 by sum (7 > 5.1), group 1 by L2 (5.001 > 5)."""
+    g = Geometry(32, 48, 4, 2, 8)
+    heads = torch.tensor([[3.0, 4.0, 5.0, 0.1]])
+    assert select_units(Importance(heads=heads), g, Geometry(32, 48, 2, 1, 8), [1]).kv[0].tolist() == [0]
+    l2 = heads.view(1, 2, 2).norm(dim=-1)
+    assert select_units(Importance(heads=heads, groups=l2), g, Geometry(32, 48, 2, 1, 8), [1]).kv[0].tolist() == [1]
+    cfg = build_config({"teacher": {"path": "x"}, "student": {"from_teacher": {"hidden_size": 16,
+                        "calibration": {"aggregation": "modelopt"}}}, "data": {"train": ["x.jsonl"]}})
+    assert cfg.student.from_teacher.calibration.aggregation == "modelopt"
+    assert FromTeacher(hidden_size=16).calibration.aggregation == "mtakd"
+    with pytest.raises(Exception, match="aggregation"):
+        FromTeacher(hidden_size=16, calibration={"aggregation": "nvidia"})
+
+
 @pytest.mark.parametrize("kind,tied", [("llama", False), ("llama", True), ("qwen2", False), ("mistral", True),
                                        ("gpt2", True), ("opt", True)])
 def test_hidden_channel_pruning_saves_and_reloads(tmp_path, kind, tied):

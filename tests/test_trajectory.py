@@ -223,7 +223,8 @@ def test_command_writes_json_plot_and_table(tmp_path, tiny_teacher_dir, tiny_nar
         assert layer["metrics"]["cka"]["pooled"] == pytest.approx(1.0, abs=1e-6)
     assert len(initial["layers"][0]["metrics"]["hid"]["per_example"]) == 6
     table = capsys.readouterr().out
-    assert "| initial | S2→T4 word |" in table and "| self | S4→T4 word |" in table and "(LS W)" in table
+    assert "| initial | S2→T4 word |" in table and "| self | S4→T4 word |" in table and "(LS W, cross-fitted)" in table
+    assert "L_Hid (per token, teacher's w)" in table and result["mta"]["hid_level"] == "token"
 
 
 @needs_spacy
@@ -258,3 +259,59 @@ def test_layers_of_different_widths_are_measured_in_groups():
     for layer in r:
         assert layer["metrics"]["dsa_word_importance"]["mean"] == pytest.approx(0.0, abs=1e-6)
         assert layer["metrics"]["cka"]["pooled"] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("hid_level,weights", [("token", "teacher"), ("unit", "teacher"), ("token", "uniform"),
+                                               ("unit", "uniform"), ("unit", "student")])
+def test_hid_measures_what_the_run_optimised(teacher, hid_level, weights):
+    """With a trained projector, the `hid` column is the training loss's own L_Hid (MTALoss on the same batch)
+    for the run's `hid_level` and `weights`: a unit-level or uniform-weight run is not measured per token with
+    the teacher's importance weights."""
+    from mtakd.mta.loss import MTALoss
+
+    student = tiny_llama(VOCAB, layers=2, hidden=16, seed=4)
+    keys = [KeyLayer(2, 4, "phrase")]
+    mta = MTAConfig(hid_level=hid_level, weights=weights, lambda_hid=1.0)
+    proj = torch.nn.Linear(16, 32, bias=False)
+    torch.nn.init.normal_(proj.weight, generator=torch.Generator().manual_seed(0))
+    r = tj.measure(teacher, {"s": student}, _examples(), mta=mta, pairs={"s": tj.layer_pairs(2, 4, keys)},
+                   projectors={"s": {2: proj}}, batch_size=8, progress=False)["s"]
+    assert r[1]["hid_projector"] == tj.TRAINED
+    batch = Collator(0)(_examples())
+    with torch.no_grad():
+        kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        loss = MTALoss(mta, keys)(student(**kw).hidden_states, teacher(**kw).hidden_states, batch["attention_mask"],
+                                  {f"{g}_spans": batch[f"{g}_spans"] for g in ("word", "phrase")},
+                                  torch.nn.ModuleList([proj]))
+    assert r[1]["metrics"]["hid"]["mean"] == pytest.approx(float(loss["hid"]), rel=1e-5)
+
+
+@pytest.mark.parametrize("hid_level", ["token", "unit"])
+def test_least_squares_hid_is_not_an_exact_fit_with_fewer_tokens_than_width(hid_level, caplog):
+    """Random, unrelated states with fewer covered tokens than the student's width: an in-sample least-squares
+    W fits them exactly (L_Hid ≈ 0, better than any trained projector). Cross-fitted (each half scored with the
+    W of the other half) it reads what unrelated states are, and a warning says the fit is underdetermined."""
+    torch.manual_seed(0)
+    examples = _examples(lengths=(12, 10, 14, 11))  # 47 tokens, fewer than the width 64
+    batch = Collator(0)(examples)
+    b, t = batch["input_ids"].shape
+    hs = tuple(torch.randn(b, t, 64) for _ in range(3))
+    ht = tuple(torch.randn(b, t, 48) for _ in range(3))
+    meter = tj.Meter(tj.layer_pairs(2, 2), MTAConfig(hid_level=hid_level))
+    with caplog.at_level("WARNING", logger="mtakd.trajectory"):
+        meter.update(hs, ht, batch, list(range(len(examples))))
+        r = meter.result()
+    for layer in r:
+        assert layer["hid_projector"] == tj.LEAST_SQUARES
+        assert layer["metrics"]["hid"]["mean"] > 0.3  # about 1 − E[cos] of unrelated states; in-sample read ~0
+    assert "fewer than the student's width 64" in caplog.text
+
+
+def test_least_squares_hid_of_one_example_is_in_sample_and_says_so(teacher, caplog):
+    """One example has no other half to fit on: it is fitted on itself, with a warning."""
+    other = tiny_llama(VOCAB, layers=2, seed=2)
+    with caplog.at_level("WARNING", logger="mtakd.trajectory"):
+        r = tj.measure(teacher, {"s": other}, _examples()[:1], mta=MTAConfig(), pairs={"s": tj.layer_pairs(2, 4)},
+                       batch_size=2, progress=False)["s"]
+    assert all(layer["metrics"]["hid"]["mean"] is not None for layer in r)
+    assert "in-sample" in caplog.text

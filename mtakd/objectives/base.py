@@ -74,6 +74,13 @@ class Objective:
     def __init__(self, cfg: "ObjectiveConfig"):
         self.cfg = cfg
         self.opts = self.Options.model_validate(cfg.options) if self.Options is not None else None
+        self.vocab: int | None = None  # the tokenizer's ids (set_vocabulary); None: every row both heads share
+
+    def set_vocabulary(self, n: int | None) -> None:
+        """Compare the two models' distributions on the first ``n`` rows, the tokenizer's ids
+        (:func:`mtakd.models.vocabulary_ids`): padded output rows (e.g. Qwen2.5-7B's 152,064 against 1.5B's 151,936
+        for 151,665 ids) are ignored. ``distill`` sets it before :meth:`setup`; the CE keeps the student's rows."""
+        self.vocab = n
 
     def __call__(self, student_out, teacher_out, batch: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -162,6 +169,12 @@ class CachedLogProbs:
     def rows(self, lo: int, hi: int) -> "CachedLogProbs":
         cut = lambda x: None if x is None else x[lo:hi]  # noqa: E731
         return CachedLogProbs(self.logp[lo:hi], cut(self.ids), cut(self.rest))
+
+
+def shared_rows(*rows: int, vocab: int | None = None) -> int:
+    """The rows two next-token distributions are compared on: those both heads have (``rows``), cut to the
+    tokenizer's ``vocab`` ids when known (:meth:`Objective.set_vocabulary`): padded rows are left out."""
+    return min([*rows, *([vocab] if vocab else [])])
 
 
 def log_rest(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -404,12 +417,13 @@ class TokenDivergence(Objective):
         """Summed divergence of the student's logit rows ``z`` ``[N, V]`` from the teacher's: logit rows, or a
         :class:`CachedLogProbs` of a teacher cache — top-k (temperature 1, checked when the cache is opened): the
         (k+1)-bucket distributions; full vocabulary (``ids`` None): log-probabilities are logits up to a constant.
-        Padded embedding rows (e.g. Qwen's) are cut to the shared vocabulary."""
+        Padded embedding rows (e.g. Qwen's) are cut off: both sides are compared on :func:`shared_rows`."""
         s = z / self.cfg.temperature
-        if isinstance(tc, CachedLogProbs) and tc.ids is not None:
+        if isinstance(tc, CachedLogProbs) and tc.ids is not None:  # the cache's ids are the tokenizer's (< vocab)
+            s = s[:, :shared_rows(s.shape[-1], vocab=self.vocab)]
             return self.bucket_divergence(*topk_buckets(F.log_softmax(s, -1), tc.logp, tc.ids, tc.rest)).sum()
         t = _upcast(tc.logp if isinstance(tc, CachedLogProbs) else tc) / self.cfg.temperature
-        v = min(s.shape[-1], t.shape[-1])
+        v = shared_rows(s.shape[-1], t.shape[-1], vocab=self.vocab)
         return self.divergence(F.log_softmax(s[:, :v], -1), F.log_softmax(t[:, :v], -1)).sum()
 
     def __call__(self, student_out, teacher_out, batch):

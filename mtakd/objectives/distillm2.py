@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import HiddenHead, Objective, _upcast, chunked_row_loss, cross_entropy, register, response_positions
+from .base import (HiddenHead, Objective, _upcast, chunked_row_loss, cross_entropy, register, response_positions,
+                   shared_rows)
 from .gjsd import kl, log_mixture
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ def _per_sequence_mean(values: torch.Tensor, rows: torch.Tensor, n_rows: int) ->
 def distillm2_divergences(
     s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor, n_pairs: int, *,
     teacher_alpha: float, student_alpha: float, temperature: float = 1.0, detach_mixture: bool = True,
+    vocab: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(SKL on the teacher responses, SRKL on the student responses), each a mean over sequences of the
     per-sequence token mean. Rows ``[0, n_pairs)`` of the ``[2·n_pairs, T, V]`` logits are teacher-response
@@ -75,7 +77,7 @@ def distillm2_divergences(
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[mask]
     s = _upcast(s_logits[:, :-1][mask]) / temperature
     t = _upcast(t_logits[:, :-1][mask]).detach() / temperature
-    v = min(s.shape[-1], t.shape[-1])  # padded embedding rows (e.g. Qwen): the shared vocabulary
+    v = shared_rows(s.shape[-1], t.shape[-1], vocab=vocab)  # padded embedding rows (e.g. Qwen) left out
     s_logp, t_logp = F.log_softmax(s[:, :v], -1), F.log_softmax(t[:, :v], -1)
     on_teacher = rows < n_pairs
     zero = s_logits.sum() * 0.0
@@ -98,7 +100,7 @@ def distillm2_divergences(
 
 def distillm2_chunked(
     student, teacher, labels: torch.Tensor, n_pairs: int, *, teacher_alpha: float, student_alpha: float,
-    temperature: float, detach_mixture: bool, beta: float, kd_ratio: float, chunk_size: int,
+    temperature: float, detach_mixture: bool, beta: float, kd_ratio: float, chunk_size: int, vocab: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(L_base, CE, SKL, SRKL)`` of :func:`distillm2_divergences` and :class:`DistiLLM2`, computed ``chunk_size``
     response positions at a time (:func:`~mtakd.objectives.base.chunked_row_loss`): each position's per-sequence
@@ -118,7 +120,7 @@ def distillm2_chunked(
     def score(z, t, lo, hi):
         z = _upcast(z)
         s, t = z / temperature, _upcast(t) / temperature
-        v = min(s.shape[-1], t.shape[-1])
+        v = shared_rows(s.shape[-1], t.shape[-1], vocab=vocab)
         s_logp, t_logp = F.log_softmax(s[:, :v], -1), F.log_softmax(t[:, :v], -1)
         pick, w = on_teacher[lo:hi], weight[lo:hi].to(s.dtype)
         skl = (w[pick] * kl(t_logp[pick], log_mixture(t_logp[pick], s_logp[pick], teacher_alpha))).sum()
@@ -222,14 +224,14 @@ class DistiLLM2(Objective):
                 student_out.logits, teacher_out.logits, labels, n,
                 teacher_alpha=self.opts.teacher_alpha or alpha, student_alpha=self.opts.student_alpha or alpha,
                 temperature=self.cfg.temperature, detach_mixture=self.opts.detach_mixture, beta=beta,
-                kd_ratio=self.cfg.kd_ratio, chunk_size=self.cfg.chunk_size,
+                kd_ratio=self.cfg.kd_ratio, chunk_size=self.cfg.chunk_size, vocab=self.vocab,
             )
             kd = (2 - beta) * skl + beta * srkl
             return {"loss": loss, "ce": ce.detach(), "kd": kd.detach(), "skl": skl.detach(), "srkl": srkl.detach()}
         skl, srkl = distillm2_divergences(
             student_out.logits, teacher_out.logits, labels, n,
             teacher_alpha=self.opts.teacher_alpha or alpha, student_alpha=self.opts.student_alpha or alpha,
-            temperature=self.cfg.temperature, detach_mixture=self.opts.detach_mixture,
+            temperature=self.cfg.temperature, detach_mixture=self.opts.detach_mixture, vocab=self.vocab,
         )
         beta = self.beta()
         kd = (2 - beta) * skl + beta * srkl

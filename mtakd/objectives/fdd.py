@@ -53,7 +53,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from ..models import unwrap
-from .base import Objective, TokenDivergence, _upcast, register, response_positions
+from .base import Objective, TokenDivergence, _upcast, register, response_positions, shared_rows
 
 
 class FDDOptions(BaseModel):
@@ -125,7 +125,7 @@ def trajectory(opts: FDDOptions, n_student: int, n_teacher: int) -> list[tuple[i
 
 # ------------------------------------------------------------------------------ functional core
 def fdd_terms(s_points, t_points, s_maps, t_maps, divergence, *, temperature: float = 1.0, checkpoint: bool = False,
-              variant: str = "paper"):
+              variant: str = "paper", vocab: int | None = None):
     """Layer-wise and feature-delta terms along a trajectory of P points.
 
     ``s_points[i]`` / ``t_points[i]``: the student's / teacher's ``[N, ·]`` inputs of point i (hidden
@@ -143,7 +143,7 @@ def fdd_terms(s_points, t_points, s_maps, t_maps, divergence, *, temperature: fl
 
     def step(i, *tensors):
         zs, zt = s_maps[i](tensors[0]), t_maps[i](tensors[1])
-        v = min(zs.shape[-1], zt.shape[-1])
+        v = shared_rows(zs.shape[-1], zt.shape[-1], vocab=vocab)  # padded rows left out
         out = []
         if i < p - 1 or reference:
             out.append(divergence(logp(zs, v), logp(zt.detach(), v)).mean())
@@ -229,6 +229,10 @@ class FDD(Objective):
         self.fkl = OBJECTIVES["fkl"](cfg).divergence  # the reference variant's layer term
         self.points: list[tuple[int, int]] | None = None
 
+    def set_vocabulary(self, n: int | None) -> None:
+        super().set_vocabulary(n)
+        self.kd.set_vocabulary(n)  # the logit KD's base
+
     def setup(self, run_cfg, tokenizer, student, teacher) -> None:
         self.points = trajectory(self.opts, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
 
@@ -266,7 +270,7 @@ class FDD(Objective):
                 layer, delta = fdd_terms(
                     s_points, t_points, s_maps, t_maps, self.fkl if reference else self.kd.divergence,
                     temperature=REFERENCE_TEMPERATURE if reference else self.cfg.temperature,
-                    checkpoint=self.opts.checkpoint, variant=self.opts.variant,
+                    checkpoint=self.opts.checkpoint, variant=self.opts.variant, vocab=self.vocab,
                 )
             else:
                 layer = delta = []

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .base import CachedLogProbs, HiddenHead, response_positions
+from .base import CachedLogProbs, HiddenHead, response_positions, shared_rows
 
 if TYPE_CHECKING:
     from ..config import ObjectiveConfig
@@ -125,7 +125,7 @@ def fused_base_loss(obj, student, teacher, labels: torch.Tensor, kd_ratio: float
     why = _why_not(obj, student, teacher)
     if why is None:
         return liger_base_loss(liger_kernels(), student, teacher, labels, beta=liger_beta(obj.cfg),
-                               temperature=obj.cfg.temperature, kd_ratio=kd_ratio, with_ce=with_ce)
+                               temperature=obj.cfg.temperature, kd_ratio=kd_ratio, with_ce=with_ce, vocab=obj.vocab)
     if obj.cfg.fused_kernel == "liger":
         raise FusedKernelError(f"objective.fused_kernel: liger cannot compute the loss: {why}")
     _note_fallback(why)
@@ -133,10 +133,10 @@ def fused_base_loss(obj, student, teacher, labels: torch.Tensor, kd_ratio: float
 
 
 def liger_base_loss(kernels: LigerKernels, student: HiddenHead, teacher: HiddenHead, labels: torch.Tensor, *,
-                    beta: float, temperature: float, kd_ratio: float, with_ce: bool = True):
+                    beta: float, temperature: float, kd_ratio: float, with_ce: bool = True, vocab: int | None = None):
     """``(L_base, CE, KD)`` exactly as :meth:`TokenDivergence.base_loss` defines them — token means over the response
     positions (``labels`` ≠ −100 at t + 1), KD at ``temperature`` over the vocabulary both heads share (padded
-    embedding rows cut off), CE over the student's whole vocabulary — with Liger's kernels on the response rows
+    embedding rows cut off: :func:`~mtakd.objectives.base.shared_rows`), CE over the student's whole vocabulary — with Liger's kernels on the response rows
     of both models' last hidden states. ``with_ce`` False: CE is not computed (0)."""
     mask, targets = response_positions(labels)
     y = targets[mask]
@@ -147,7 +147,7 @@ def liger_base_loss(kernels: LigerKernels, student: HiddenHead, teacher: HiddenH
     if y.numel() == 0:
         zero = h_s.sum() * 0.0 + w_s.sum() * 0.0
         return zero, zero.detach(), zero.detach()
-    v = min(w_s.shape[0], w_t.shape[0])
+    v = shared_rows(w_s.shape[0], w_t.shape[0], vocab=vocab)
     kd = kernels.jsd(jsd_beta=beta, temperature=temperature)(h_s, w_s[:v], h_t, w_t[:v], None)
     ce = kernels.cross_entropy(reduction="mean")(w_s, h_s, y) if with_ce else kd.detach() * 0.0
     return (1 - kd_ratio) * ce + kd_ratio * kd, ce, kd
