@@ -10,7 +10,8 @@ trainer instead of running the teacher (docs/teacher_cache.md).
   :meth:`mtakd.mta.MTALoss.teacher_importance` (the run's ``center_states`` / ``sigma`` switches) from the
   full-precision states, in float32.
 
-Files: ``manifest.json`` (what the cache was built from: teacher source and weight fingerprint, tokenizer,
+Files: ``manifest.json`` (what the cache was built from: teacher source, its files' fingerprint on disk
+(:func:`teacher_files_fingerprint`, checked on every use) and its weights' fingerprint, tokenizer,
 template, data files' hashes, max lengths, layer map, top-k, dtype, mtakd version) and sharded safetensors,
 ``{split}-{shard:05d}.safetensors`` holding ``shard_size`` consecutive examples each. A shard is written to a
 temporary file and renamed when complete, so an interrupted build keeps its finished shards and resumes after
@@ -38,7 +39,7 @@ from .config import ConfigError, RunConfig, add_config_command
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 2: top-k caches store the teacher's leftover log-mass (`rest`)
 SPLITS = ("train", "validation")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -97,6 +98,55 @@ def teacher_source(cfg: RunConfig) -> dict:
             "config_overrides": t.config_overrides}
 
 
+def teacher_files_fingerprint(cfg: RunConfig) -> dict:
+    """What decides the teacher's weights, read from disk without loading the model (docs/teacher_cache.md):
+    ``files``, the byte size and sha256 (streamed, 1 MiB at a time) of a local directory's ``config.json`` and
+    every ``*.safetensors`` file, or of a GGUF file (a package's too); for a hub id the ``hub_commit`` the local
+    Hugging Face cache resolves ``teacher.revision`` to (the run loads the tokenizer first, which updates it when
+    online); for a ``random_init`` teacher the configuration's files only and the ``seed`` (``training.seed``)."""
+    from .models import resolve_source
+
+    t = cfg.teacher
+    path, gguf = resolve_source(t)
+    seed = {"seed": cfg.training.seed} if t.random_init else {}
+    if gguf:
+        files = [Path(path) / gguf]
+    elif os.path.isdir(path):
+        files = [Path(path) / "config.json"] + ([] if t.random_init else sorted(Path(path).glob("*.safetensors")))
+    else:
+        return {"hub_commit": _hub_commit(path, t.revision), **seed}
+    return {"files": {f.name: {"bytes": f.stat().st_size, "sha256": _file_sha256(str(f))} for f in files
+                      if f.is_file()}, **seed}
+
+
+def _hub_commit(repo: str, revision: str | None) -> str | None:
+    """The commit a hub model's ``revision`` (default ``main``) resolves to in the local Hugging Face cache, or
+    ``revision`` itself when it is a commit hash; None when the model is not cached."""
+    import re
+
+    from huggingface_hub import try_to_load_from_cache
+
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    found = try_to_load_from_cache(repo, "config.json", revision=revision)
+    return Path(found).parent.name if isinstance(found, str) else None
+
+
+def _fingerprint_changes(cached: dict, run: dict) -> list[str]:
+    """What differs between two :func:`teacher_files_fingerprint` results, file by file."""
+    changes = []
+    for key in sorted(set(cached) | set(run)):
+        a, b = cached.get(key), run.get(key)
+        if a == b:
+            continue
+        if key == "files" and a is not None and b is not None:
+            changes += [f"{n} " + ("changed" if n in a and n in b else "added" if n in b else "removed")
+                        for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n)]
+        else:
+            changes.append(f"{key}: cache {json.dumps(a)}, run {json.dumps(b)}")
+    return changes
+
+
 def _importance_switches(mta) -> dict:
     return {"center_states": mta.center_states, "sigma": mta.sigma}
 
@@ -150,7 +200,8 @@ class TeacherCache:
         self.manifest = json.loads(path.read_text())
         if self.manifest.get("format") != FORMAT:
             raise ConfigError(f"teacher.cache: {self.dir} has cache format {self.manifest.get('format')}, this mtakd "
-                              f"reads format {FORMAT}; rebuild it with `mtakd cache-teacher`")
+                              f"reads format {FORMAT} only; rebuild it with `mtakd cache-teacher --config CFG --out "
+                              f"{self.dir} --overwrite` (docs/teacher_cache.md)")
         if not self.manifest.get("complete"):
             raise ConfigError(f"teacher.cache: {self.dir} is incomplete (the build was interrupted); run the same "
                               "`mtakd cache-teacher` command again to finish it")
@@ -180,6 +231,9 @@ class TeacherCache:
         src = teacher_source(cfg)
         for k, v in src.items():
             differ(f"teacher.{k}", m["teacher"]["source"].get(k), v)
+        changed = _fingerprint_changes(m["teacher"]["on_disk"], teacher_files_fingerprint(cfg))
+        if changed:
+            problems.append(f"the teacher on disk is not the one the cache was built from ({'; '.join(changed)})")
         if teacher is not None:
             differ("teacher weights (sha256)", m["teacher"]["weights_sha256"], weights_fingerprint(teacher))
         covered = int(m["teacher"].get("vocab", m["teacher"]["vocab_rows"]))  # ids the cached log-probs cover
@@ -239,7 +293,7 @@ class TeacherCache:
         c, d = int(resp_off[i]), int(resp_off[i + 1])
         out = {"length": b - a, "n_response": d - c, "logp": fh.get_slice("logp")[c:d]}
         if self.top_k:
-            out["ids"] = fh.get_slice("ids")[c:d]
+            out["ids"], out["rest"] = fh.get_slice("ids")[c:d], fh.get_slice("rest")[c:d]
         for l in layers:
             out[f"hidden.{l}"] = fh.get_slice(f"hidden.{l}")[a:b]
             out[f"importance.{l}"] = fh.get_slice(f"importance.{l}")[a:b]
@@ -277,9 +331,13 @@ class TeacherCache:
             hidden[l] = padded(f"hidden.{l}")
             weights[l] = padded(f"importance.{l}")
         logp = torch.cat([e["logp"] for e in entries]).to(device)
-        ids = torch.cat([e["ids"] for e in entries]).to(device=device, dtype=torch.long) if self.top_k else None
+        ids = rest = None
+        if self.top_k:
+            ids = torch.cat([e["ids"] for e in entries]).to(device=device, dtype=torch.long)
+            rest = torch.cat([e["rest"] for e in entries]).to(device)
         importance = torch.stack([weights[k.teacher] for k in self.key_layers]) if self.key_layers else None
-        return SimpleNamespace(logits=CachedLogProbs(logp, ids), hidden_states=tuple(hidden), importance=importance)
+        return SimpleNamespace(logits=CachedLogProbs(logp, ids, rest), hidden_states=tuple(hidden),
+                               importance=importance)
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -328,7 +386,8 @@ def build_cache(cfg: RunConfig, out: str | os.PathLike, *, top_k: int = 64, dtyp
     k = min(top_k, vocab)
     identity = {
         "format": FORMAT,
-        "teacher": {"source": teacher_source(cfg), "weights_sha256": weights_fingerprint(teacher),
+        "teacher": {"source": teacher_source(cfg), "on_disk": teacher_files_fingerprint(cfg),
+                    "weights_sha256": weights_fingerprint(teacher),
                     "num_hidden_layers": n_t, "vocab_rows": vocab_rows, "vocab": vocab},
         "tokenizer": {"sha256": tokenizer_fingerprint(tok), "vocab_size": len(tok)},
         "data": data_fingerprint(cfg),
@@ -403,8 +462,12 @@ def _same_build(old: dict, new: dict) -> bool:
 @torch.no_grad()
 def _teacher_entries(teacher, batch, layers, mta, k, store, device, upcast, vocab=None) -> dict[str, torch.Tensor]:
     """One batch's cache tensors, concatenated over its examples: per token (``hidden.{l}``, ``importance.{l}``),
-    per response position (``logp``, ``ids``) and per example (``lengths``, ``n_response``). The log-probabilities
-    are over the first ``vocab`` rows, the tokenizer's ids (padded output rows left out, as in training)."""
+    per response position (``logp``, and for a top-k cache ``ids`` and ``rest``, the teacher's leftover log-mass
+    from its full float32 log-softmax: :meth:`CachedLogProbs.top_k`) and per example (``lengths``,
+    ``n_response``). The log-probabilities are over the first ``vocab`` rows, the tokenizer's ids (padded output
+    rows left out, as in training)."""
+    from .objectives.base import CachedLogProbs
+
     ids, mask, labels = (batch[k_].to(device) for k_ in ("input_ids", "attention_mask", "labels"))
     out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=bool(layers), use_cache=False)
     real = mask.bool()
@@ -412,8 +475,8 @@ def _teacher_entries(teacher, batch, layers, mta, k, store, device, upcast, voca
     logp = F.log_softmax(upcast(out.logits[:, :-1][resp][:, :vocab]), -1)
     entries = {"lengths": real.sum(-1).cpu(), "n_response": resp.sum(-1).cpu()}
     if k:
-        values, top = logp.topk(k, dim=-1)
-        entries.update(logp=values.float().cpu(), ids=top.to(torch.int32).cpu())
+        top = CachedLogProbs.top_k(logp, k)
+        entries.update(logp=top.logp.float().cpu(), ids=top.ids.to(torch.int32).cpu(), rest=top.rest.float().cpu())
     else:
         entries["logp"] = logp.to(store).cpu()
     for l in layers:

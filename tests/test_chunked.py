@@ -86,7 +86,7 @@ def test_chunked_on_a_teacher_cache(name, top_k):
     hidden, head, t_hidden, t_head = make_sides()
     with torch.no_grad():
         t_logp = torch.log_softmax(t_head(t_hidden)[:, :-1][mask], -1)
-    cache = CachedLogProbs(t_logp, None) if top_k is None else CachedLogProbs(*t_logp.topk(top_k, -1))
+    cache = CachedLogProbs(t_logp, None) if top_k is None else CachedLogProbs.top_k(t_logp, top_k)
     results = []
     for chunk, fused in [(0, False), (2, True)]:
         hidden.grad = None

@@ -99,7 +99,7 @@ def test_a_topk_and_a_full_cache_on_a_padded_student():
     s, t = _logits(N_IDS + PAD_S, 4), _logits(N_IDS, 5)
     mask = LABELS[:, 1:].ne(-100)
     t_logp = torch.log_softmax(t[:, :-1][mask], -1)
-    for cached in (CachedLogProbs(t_logp, None), CachedLogProbs(*t_logp.topk(6, -1))):
+    for cached in (CachedLogProbs(t_logp, None), CachedLogProbs.top_k(t_logp, 6)):
         torch.testing.assert_close(obj.kd_loss(s, cached, LABELS), plain.kd_loss(s[..., :N_IDS], cached, LABELS))
 
 

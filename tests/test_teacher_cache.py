@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from mtakd.cli import main
+from mtakd.objectives.base import CachedLogProbs
 from tests.conftest import EXAMPLES, REPO, needs_spacy, run_subcommand, write_tiny_run_config
 
 COMPONENTS = ("loss", "grad_norm", "learning_rate", "loss_base", "loss_ce", "loss_kd", "loss_dsa", "loss_hid")
@@ -25,25 +26,154 @@ def _random_logp(n, v, seed, scale=3.0):
     return torch.log_softmax(torch.randn(n, v, generator=g, dtype=torch.float64) * scale, -1)
 
 
-def test_topk_buckets_give_distillkits_symmetric_uniform_kl_and_the_full_divergence_at_k_equal_v():
+def test_topk_buckets_give_the_symmetric_uniform_kl_and_the_full_divergence_at_k_equal_v():
     from mtakd.objectives.base import topk_buckets
     from mtakd.objectives.gjsd import kl
 
     s, t = _random_logp(6, 50, 0), _random_logp(6, 50, 1)
     t_k, ids = t.topk(8, -1)
-    sb, tb = topk_buckets(s, t_k, ids)
+    sb, tb = topk_buckets(s, t_k, ids, CachedLogProbs.top_k(t, 8).rest)
     assert sb.shape == tb.shape == (6, 9)
     torch.testing.assert_close(sb.exp().sum(-1), torch.ones(6, dtype=torch.float64))
     torch.testing.assert_close(tb.exp().sum(-1), torch.ones(6, dtype=torch.float64))
-    # DistillKit's sparse KL with missing_probability_handling=symmetric_uniform: the top-k terms plus the
-    # tail term p_rest·log(p_rest / q_rest), with the student's full log-probabilities at the ids
+    # the form of DistillKit's sparse KL with missing_probability_handling=symmetric_uniform (without its clamp of
+    # the missing masses at 1e-6, which these tails do not reach): the top-k terms plus the tail term
+    # p_rest·log(p_rest / q_rest), with the student's full log-probabilities at the ids
     p_rest, q_rest = 1 - t_k.exp().sum(-1), 1 - s.gather(-1, ids).exp().sum(-1)
+    assert bool((p_rest > 1e-6).all() and (q_rest > 1e-6).all())
     want = (t_k.exp() * (t_k - s.gather(-1, ids))).sum(-1) + p_rest * (p_rest / q_rest).log()
     torch.testing.assert_close(kl(tb, sb), want)
     # k = V: the bucket is empty and every divergence is the full-vocabulary one
     t_all, ids_all = t.topk(50, -1)
-    sb, tb = topk_buckets(s, t_all, ids_all)
+    s = s.clone().requires_grad_()
+    sb, tb = topk_buckets(s, t_all, ids_all, CachedLogProbs.top_k(t, 50).rest)
     torch.testing.assert_close(kl(tb, sb), kl(t, s))
+    kl(tb, sb).sum().backward()  # the empty buckets (every id masked) give finite gradients
+    assert bool(torch.isfinite(s.grad).all())
+
+
+def _pair_with_tails(v, top_t, tail_t, top_s, tail_s, seed=0):
+    """Teacher and student logits ``[1, 3, V]`` (float32, as the models return them) whose next-token distributions
+    at every position put ``top_*`` (scaled to ``1 − tail_*``) on tokens 0..k−1 and ``tail_*`` on the other V − k,
+    spread with the same random proportions on both sides (each below the k-th probability). The student's
+    conditional distribution inside the bucket is then the teacher's, so a divergence on the (k+1) buckets equals
+    the full-vocabulary one: the full vocabulary in float64 is the exact reference."""
+    g = torch.Generator().manual_seed(seed)
+    shape = torch.rand(v - len(top_t), generator=g, dtype=torch.float64) + 0.5
+    shape = shape / shape.sum()
+
+    def logits(top, tail):
+        top = torch.tensor(top, dtype=torch.float64)
+        p = torch.cat([top / top.sum() * (1 - tail), shape * tail])
+        assert p[len(top):].max() < p[:len(top)].min()
+        return p.log().float().expand(1, 3, v).contiguous()
+
+    return logits(top_s, tail_s), logits(top_t, tail_t)
+
+
+def _cached_topk(t_logits, k):
+    """The cache's entries for the response positions of ``t_logits`` (built as `mtakd cache-teacher` does)."""
+    return CachedLogProbs.top_k(t_logits[0, :2].float().log_softmax(-1), k)
+
+
+LABELS = torch.tensor([[-100, 7, 8]])  # two response positions (0 and 1), with the same distributions
+
+
+def _full_reference(base, s_logits, t_logits, **cfg):
+    """The divergence on the full vocabulary, in float64 (value, gradient in the student's logits) at one position."""
+    from mtakd.config import ObjectiveConfig
+    from mtakd.objectives import build_objective
+
+    z = s_logits[0, :1].double().requires_grad_()
+    d = build_objective(ObjectiveConfig(base=base, **cfg)).divergence(z.log_softmax(-1),
+                                                                      t_logits[0, :1].double().log_softmax(-1)).sum()
+    d.backward()
+    return float(d.detach()), z.grad[0]
+
+
+def _topk_loss(base, s_logits, cache, chunk_size=0, **cfg):
+    from mtakd.config import ObjectiveConfig
+    from mtakd.objectives import build_objective
+
+    z = s_logits.clone().requires_grad_()
+    loss = build_objective(ObjectiveConfig(base=base, chunk_size=chunk_size, **cfg)).kd_loss(z, cache, LABELS)
+    loss.backward()
+    return float(loss.detach()), z.grad[0, :2].sum(0).double()  # the mean's gradient, summed over the 2 positions
+
+
+@pytest.mark.parametrize("chunk_size", [0, 1])
+def test_a_confident_students_tail_is_resolved_in_log_space(chunk_size):
+    """Issue 24, item 2: the student's bucket 1 − Σ top-k floors at ~6e-8 in float32; teacher tail 1e-3, student
+    tail 1e-9 gave FKL 0.00873 against 0.01282 exact and a 60× too weak tail gradient."""
+    s, t = _pair_with_tails(1000, [0.4, 0.3, 0.2, 0.1], 1e-3, [0.4, 0.3, 0.2, 0.1], 1e-9)
+    want, want_grad = _full_reference("fkl", s, t)
+    assert want == pytest.approx(0.01282, abs=1e-5)
+    got, grad = _topk_loss("fkl", s, _cached_topk(t, 4), chunk_size)
+    assert got == pytest.approx(want, rel=1e-4)
+    # the gradient in the tail tokens' logits (what pulls the student's tail up to the teacher's)
+    assert grad[4:].sum() == pytest.approx(float(want_grad[4:].sum()), rel=1e-3)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-3, atol=1e-9)
+
+
+@pytest.mark.parametrize("base", ["rkl", "akl", "fkl", "srkl", "js"])
+@pytest.mark.parametrize("chunk_size", [0, 1])
+def test_a_confident_teachers_tail_is_stored_in_log_space(base, chunk_size):
+    """Issue 24, item 1: the teacher's bucket recomputed as 1 − exp(logsumexp(top-k)) from float32 values floors at
+    ~6e-8 (log −87.3 after the floor); teacher tail 1e-9, student tail 0.077 gave rkl 7.10 against 1.96 exact. The
+    cache stores the teacher's leftover log-mass computed from its full log-softmax."""
+    s, t = _pair_with_tails(1000, [0.4, 0.3, 0.2, 0.1], 1e-9, [0.1, 0.2, 0.3, 0.4], 0.077)
+    want, want_grad = _full_reference(base, s, t)
+    got, grad = _topk_loss(base, s, _cached_topk(t, 4), chunk_size)
+    assert got == pytest.approx(want, rel=1e-4)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-3, atol=1e-7)
+
+
+def test_the_cache_build_stores_the_teachers_leftover_log_mass_from_its_full_log_softmax():
+    """A confident teacher (tiny Llama, large LM head weights): the stored ``rest`` is log Σ_{v ∉ top-k} p(v) of the
+    teacher's own logits, to float32 rounding in log space, far below 1 − Σ top-k's resolution."""
+    from mtakd.objectives.base import _upcast
+    from mtakd.teacher_cache import _teacher_entries
+    from tests.conftest import tiny_llama
+
+    teacher = tiny_llama(64, layers=1, hidden=16)
+    with torch.no_grad():
+        teacher.lm_head.weight.normal_(0, 6, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    labels[:, 4:] = ids[:, 4:]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    entries = _teacher_entries(teacher, batch, [], None, 4, torch.float32, torch.device("cpu"), _upcast)
+    with torch.no_grad():
+        logp = teacher(input_ids=ids).logits[:, :-1][labels[:, 1:].ne(-100)].double().log_softmax(-1)
+    top = logp.topk(4, -1).indices
+    assert torch.equal(entries["ids"].long(), top)
+    want = logp.scatter(-1, top, -torch.inf).logsumexp(-1)
+    assert entries["rest"].shape == want.shape == (10,) and entries["rest"].dtype == torch.float32
+    assert (want < -25).sum() >= 3  # tails far below float32's 1 − Σ resolution (~6e-8, log −16.6)
+    torch.testing.assert_close(entries["rest"].double(), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [0, 1])
+def test_akl_ranks_the_tail_bucket_below_every_top_k_token(chunk_size):
+    """Issue 24, item 10: every token in the bucket has at most the k-th token's probability, so the bucket ranks
+    last in AKL's head/tail split whatever its total mass, and is tail once Σ top-k ≥ μ. Here the teacher's bucket
+    (0.4) outweighs each top-k token and Σ top-4 = 0.6 ≥ μ = 0.5: ranked by mass it took the head."""
+    s, t = _pair_with_tails(1000, [0.3, 0.12, 0.1, 0.08], 0.4, [0.1, 0.2, 0.05, 0.15], 0.5)
+    want, want_grad = _full_reference("akl", s, t, akl_mu=0.5)
+    got, grad = _topk_loss("akl", s, _cached_topk(t, 4), chunk_size, akl_mu=0.5)
+    assert got == pytest.approx(want, rel=1e-5)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-8)
+
+
+def test_a_format_1_cache_is_refused_with_the_rebuild_command(tmp_path):
+    """Format 1 top-k caches lack the teacher's leftover log-mass: refused, naming the command that rebuilds."""
+    from mtakd.config import ConfigError
+    from mtakd.teacher_cache import TeacherCache
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 1, "complete": True, "top_k": 64}))
+    with pytest.raises(ConfigError, match=r"format 1, this mtakd reads format 2 only; rebuild it with "
+                                          r"`mtakd cache-teacher --config CFG --out .* --overwrite`"):
+        TeacherCache(tmp_path)
 
 
 @pytest.mark.parametrize("base", ["fkl", "rkl", "skl", "srkl", "js", "gjsd", "tvd", "akl", "distillm"])
@@ -60,14 +190,15 @@ def test_every_registered_divergence_runs_on_a_topk_cache(base):
     logits = torch.randn(2, 5, 40, dtype=torch.float64, requires_grad=True)
     t_logits = torch.randn(2, 5, 40, dtype=torch.float64) * 2
     t_logp = torch.log_softmax(t_logits[:, :-1][labels[:, 1:].ne(-100)], -1)
-    values, ids = t_logp.topk(6, -1)
-    loss = obj.kd_loss(logits, CachedLogProbs(values, ids), labels)
+    cache = CachedLogProbs.top_k(t_logp, 6)
+    ids = cache.ids
+    loss = obj.kd_loss(logits, cache, labels)
     assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
     loss.backward()
     outside = torch.ones(n, 40, dtype=torch.bool).scatter(-1, ids, False)
     assert logits.grad[:, :-1][labels[:, 1:].ne(-100)][outside].abs().sum() > 0
     # the student equal to the teacher: zero (to rounding)
-    same = obj.kd_loss(t_logits, CachedLogProbs(values, ids), labels)
+    same = obj.kd_loss(t_logits, cache, labels)
     assert abs(float(same)) < 1e-10
     # a full-vocabulary cache is the online loss
     full = obj.kd_loss(logits.detach(), CachedLogProbs(t_logp, None), labels)
@@ -236,6 +367,14 @@ def test_an_interrupted_build_keeps_its_shards_and_resumes(tiny, monkeypatch):
     assert manifest["complete"] and manifest["top_k"] == 5 and manifest["layers"]["teacher_layers"] == []
     shard = load_file(out / "train-00000.safetensors")
     assert shard["ids"].shape[-1] == shard["logp"].shape[-1] == 5 and shard["lengths"].shape == (4,)
+    assert shard["rest"].shape == shard["ids"].shape[:1] and bool((shard["rest"] < 0).all())  # log leftover mass
+    # ... and the trainer's batches read it back with their rows (example 1 of the first shard)
+    n_tok, n_resp = int(shard["lengths"][1]), int(shard["n_response"][1])
+    labels = torch.tensor([[-100] * (n_tok - n_resp) + [1] * n_resp])
+    got = tc.TeacherCache(out).fetch("train", torch.tensor([1]), torch.ones(1, n_tok, dtype=torch.long), labels).logits
+    first = int(shard["n_response"][0])
+    torch.testing.assert_close(got.rest, shard["rest"][first:first + n_resp], rtol=0, atol=0)
+    torch.testing.assert_close(got.ids, shard["ids"][first:first + n_resp].long(), rtol=0, atol=0)
     # another --top-k into the same directory is refused
     with pytest.raises(FileExistsError, match="other settings"):
         run_subcommand(tc, ["cache-teacher", "--config", str(cfg), "--out", str(out), "--top-k", "7",
@@ -267,3 +406,88 @@ def test_two_cpu_processes_read_their_own_entries(tmp_path, tiny_teacher_dir, ti
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     _assert_same_run(tmp_path / "ddp", tmp_path / "single")
+
+
+# ------------------------------------------------------------------------------------- stale teacher
+def _same_size_rewrite(f):
+    """Other bytes in ``f``, same size and same mtime (what size + mtime cannot tell apart)."""
+    st = f.stat()
+    data = bytearray(f.read_bytes())
+    data[-8:] = bytes(255 - b for b in data[-8:])
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def test_a_cache_whose_local_teacher_was_rewritten_is_refused_without_loading_it(tmp_path, tiny_teacher_dir,
+                                                                                  tiny_narrow_student_dir, capsys):
+    """Issue 24, item 3: re-running a teacher SFT into the same directory kept the old cache valid (the weights'
+    fingerprint was checked only when a student built from the teacher loaded them). The files on disk are
+    fingerprinted at build and at use; the student here is not built from the teacher."""
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher_dir, teacher)
+    cfg = write_tiny_run_config(tmp_path / "run.yaml", teacher, tiny_narrow_student_dir, EXAMPLES / "demo.jsonl",
+                                tmp_path / "run", tmp_path / "spans", data={"max_samples": 8},
+                                objective={"base": "fkl", "mta": {"enabled": False}}, training={"max_steps": 1})
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", "--config", str(cfg), "--out", str(cache), "--top-k", "4"]) == 0
+    assert set(json.loads((cache / "manifest.json").read_text())["teacher"]["on_disk"]["files"]) == {
+        "config.json", "model.safetensors"}
+    _same_size_rewrite(teacher / "model.safetensors")
+    code = main(["distill", "--config", str(cfg), f"teacher.cache={cache}"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "the teacher on disk is not the one the cache was built from (model.safetensors changed)" in err
+    assert "rebuild it with `mtakd cache-teacher`" in err
+    assert not (tmp_path / "run" / "log_history.json").exists()
+
+
+def test_a_random_init_teachers_cache_records_its_seed(tmp_path, tiny_teacher_dir, tiny_narrow_student_dir, capsys):
+    """A random_init teacher is its configuration and the seed: another training.seed is another teacher."""
+    cfg = write_tiny_run_config(tmp_path / "run.yaml", tiny_teacher_dir, tiny_narrow_student_dir,
+                                EXAMPLES / "demo.jsonl", tmp_path / "run", tmp_path / "spans",
+                                teacher={"random_init": True}, data={"max_samples": 8},
+                                objective={"base": "fkl", "mta": {"enabled": False}}, training={"max_steps": 1})
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", "--config", str(cfg), "--out", str(cache), "--top-k", "4"]) == 0
+    on_disk = json.loads((cache / "manifest.json").read_text())["teacher"]["on_disk"]
+    assert on_disk["seed"] == 42 and set(on_disk["files"]) == {"config.json"}  # random weights: no weight files
+    code = main(["distill", "--config", str(cfg), f"teacher.cache={cache}", "training.seed=7"])
+    err = capsys.readouterr().err
+    assert code == 2 and "the teacher on disk is not the one the cache was built from (seed: cache 42, run 7)" in err
+
+
+def test_teacher_fingerprint_of_a_gguf_file_and_of_a_hub_id(tmp_path, monkeypatch):
+    """A GGUF teacher: the file's content (a same-size, same-mtime rewrite changes it), without loading it; a hub id:
+    the commit the local Hugging Face cache resolves the revision to (a pinned commit as given)."""
+    import huggingface_hub.constants
+
+    from mtakd.config import RunConfig
+    from mtakd.teacher_cache import _fingerprint_changes, teacher_files_fingerprint
+
+    def run(**teacher):
+        return RunConfig.model_validate({"teacher": teacher, "student": {"path": "s"}, "data": {"train": ["x"]}})
+
+    gguf = tmp_path / "teacher.Q4.gguf"
+    gguf.write_bytes(os.urandom(4096))
+    cfg = run(path=str(tmp_path), gguf_file=gguf.name)
+    before = teacher_files_fingerprint(cfg)
+    assert set(before) == {"files"} and before["files"]["teacher.Q4.gguf"]["bytes"] == 4096
+    _same_size_rewrite(gguf)
+    assert _fingerprint_changes(before, teacher_files_fingerprint(cfg)) == ["teacher.Q4.gguf changed"]
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    repo = hub / "models--org--tiny"
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    assert teacher_files_fingerprint(run(path="org/tiny")) == {"hub_commit": "a" * 40}
+    (repo / "refs" / "main").write_text("b" * 40)  # a newer main was downloaded (e.g. with the tokenizer)
+    assert teacher_files_fingerprint(run(path="org/tiny")) == {"hub_commit": "b" * 40}
+    assert teacher_files_fingerprint(run(path="org/tiny", revision="c" * 40)) == {"hub_commit": "c" * 40}
+    assert teacher_files_fingerprint(run(path="org/uncached")) == {"hub_commit": None}

@@ -11,6 +11,8 @@ ranked strictly before it is < μ; the top token is always in the head. At μ = 
 split (tail = ascending cumulative mass < 0.5) except on an exact cumulative mass of 0.5, where
 DSKD puts the next token in the head too. (DSKD thresholds the *ascending* cumulative sum at μ,
 which for μ ≠ 0.5 amounts to our split at 1 − μ.) If p = q both gaps are 0 and AKL is 0.
+
+On a top-k teacher cache the teacher's tail bucket ranks after its top-k tokens (:meth:`AdaptiveKL.bucket_divergence`).
 """
 
 import torch
@@ -22,9 +24,20 @@ from .gjsd import kl
 @register("akl")
 class AdaptiveKL(TokenDivergence):
     def divergence(self, s_logp, t_logp):
+        return self._weighted(s_logp, t_logp, rank=t_logp.exp())
+
+    def bucket_divergence(self, s_logp, t_logp):
+        """On a top-k cache's k + 1 outcomes: every token in the bucket (the last outcome) has at most the k-th
+        token's probability, so the bucket ranks after every top-k token whatever its total mass: it is tail once
+        Σ top-k ≥ μ, and (as one outcome) head otherwise."""
+        p = t_logp.exp()
+        return self._weighted(s_logp, t_logp, rank=torch.cat([p[:, :-1], torch.full_like(p[:, -1:], -1.0)], -1))
+
+    def _weighted(self, s_logp, t_logp, rank):
+        """AKL with the teacher's outcomes ordered by ``rank`` (descending, stable) for the head/tail split."""
         p, q = t_logp.exp().detach(), s_logp.exp().detach()
-        p_sorted, order = p.sort(dim=-1, descending=True, stable=True)
-        cum = p_sorted.cumsum(-1)
+        order = rank.detach().argsort(dim=-1, descending=True, stable=True)
+        cum = p.gather(-1, order).cumsum(-1)
         head = torch.cat([torch.ones_like(cum[:, :1], dtype=torch.bool), cum[:, :-1] < self.cfg.akl_mu], -1)
         gap = (p - q).abs().gather(-1, order)
         g_head, g_tail = (gap * head).sum(-1), (gap * ~head).sum(-1)

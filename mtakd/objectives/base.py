@@ -9,6 +9,7 @@ tokens, temperature, the token mean and the mix with cross-entropy
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
@@ -145,11 +146,29 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class CachedLogProbs:
     """The teacher's next-token log-probabilities at a batch's response positions, read from a teacher cache
     (:mod:`mtakd.teacher_cache`), in the order :func:`response_positions` selects them: ``logp [N, k]`` with the
-    token ids ``ids [N, k]`` of its top-k, or ``ids`` None when ``logp`` covers the whole vocabulary ``[N, V]``.
-    Stands in for the teacher's ``logits`` in :meth:`TokenDivergence.kd_loss`."""
+    token ids ``ids [N, k]`` of its top-k and ``rest [N]``, the log of the teacher's mass outside them (computed
+    from its full distribution when the cache was built, :meth:`top_k`), or ``ids`` and ``rest`` None when ``logp``
+    covers the whole vocabulary ``[N, V]``. Stands in for the teacher's ``logits`` in
+    :meth:`TokenDivergence.kd_loss`."""
 
     logp: torch.Tensor
     ids: torch.Tensor | None
+    rest: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if (self.ids is None) != (self.rest is None):
+            raise ValueError("a top-k CachedLogProbs needs both ids and rest (the teacher's leftover log-mass)")
+
+    @classmethod
+    def top_k(cls, logp: torch.Tensor, k: int) -> "CachedLogProbs":
+        """The top-k entry of full log-probabilities ``logp [N, V]``: values, ids and the leftover log-mass
+        :func:`log_rest` (what ``mtakd cache-teacher --top-k k`` stores)."""
+        values, ids = logp.topk(k, dim=-1)
+        return cls(values, ids, log_rest(logp, ids).squeeze(-1))
+
+    def rows(self, lo: int, hi: int) -> "CachedLogProbs":
+        cut = lambda x: None if x is None else x[lo:hi]  # noqa: E731
+        return CachedLogProbs(self.logp[lo:hi], cut(self.ids), cut(self.rest))
 
 
 def shared_rows(*rows: int, vocab: int | None = None) -> int:
@@ -158,20 +177,26 @@ def shared_rows(*rows: int, vocab: int | None = None) -> int:
     return min([*rows, *([vocab] if vocab else [])])
 
 
-def topk_buckets(s_logp: torch.Tensor, t_logp_k: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def log_rest(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``log Σ_{v ∉ ids} p(v)`` per row ``[N, 1]`` from full log-probabilities ``logp [N, V]``: the logsumexp of
+    ``logp`` with the ``ids`` masked, so a vanishing rest keeps its relative precision (``1 − Σ_ids p`` cannot
+    resolve a rest below float32's ~6e-8). With every id masked the result is ``≤ log(tiny)`` (see
+    :func:`topk_buckets`), never NaN, and differentiable."""
+    return logp.scatter(-1, ids, torch.finfo(logp.dtype).min).logsumexp(-1, keepdim=True)
+
+
+def topk_buckets(s_logp: torch.Tensor, t_logp_k: torch.Tensor, ids: torch.Tensor,
+                 t_rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(student, teacher) log-probabilities ``[N, k+1]`` over the teacher's top-k tokens plus one bucket holding the
     rest of the vocabulary: the student's full distribution ``s_logp [N, V]`` is gathered at ``ids`` and its
-    remaining mass becomes the last bucket; the teacher's bucket is ``1 − Σ top-k`` (DistillKit's
-    ``missing_probability_handling: symmetric_uniform`` for the KL; docs/objectives.md). Both are distributions
-    on k+1 outcomes, so every divergence applies unchanged. A bucket's mass is floored at the smallest normal
-    float (so a vanishing tail gives finite log-probabilities, not ``0·log 0``)."""
-    tiny = torch.finfo(s_logp.dtype).tiny
-
-    def with_rest(lp):
-        rest = (-torch.expm1(torch.logsumexp(lp, -1, keepdim=True))).clamp_min(tiny).log()
-        return torch.cat([lp, rest], -1)
-
-    return with_rest(s_logp.gather(-1, ids)), with_rest(_upcast(t_logp_k))
+    remaining mass, :func:`log_rest`, becomes the last bucket; the teacher's bucket is its cached leftover log-mass
+    ``t_rest [N]`` (docs/objectives.md). Both are distributions on k+1 outcomes, so every divergence applies
+    unchanged. A bucket's log-mass is floored at ``log`` of the smallest normal float (an empty bucket, k = V,
+    gives finite log-probabilities, not ``0·log 0``)."""
+    floor = math.log(torch.finfo(s_logp.dtype).tiny)
+    s_rest = log_rest(s_logp, ids).clamp_min(floor)
+    t_rest = _upcast(t_rest).unsqueeze(-1).clamp_min(floor)
+    return torch.cat([s_logp.gather(-1, ids), s_rest], -1), torch.cat([_upcast(t_logp_k), t_rest], -1)
 
 
 @dataclass
@@ -205,10 +230,9 @@ class _Rows:
         return x if self.head is None else self.head(x)
 
     def chunk(self, lo: int, hi: int):
-        """The teacher's logits of rows ``lo:hi``, or ``(logp, ids)`` of a cache."""
+        """The teacher's logits of rows ``lo:hi``, or the cache's :class:`CachedLogProbs` of those rows."""
         if self.cached is not None:
-            ids = None if self.cached.ids is None else self.cached.ids[lo:hi]
-            return self.cached.logp[lo:hi], ids
+            return self.cached.rows(lo, hi)
         return self.logits(self.rows(lo, hi))
 
 
@@ -261,8 +285,8 @@ def chunked_row_loss(student, teacher, mask: torch.Tensor, score, chunk_size: in
     ``student``: the student's ``[B, T, V]`` logits or a :class:`HiddenHead`; ``teacher``: the teacher's logits, a
     :class:`HiddenHead`, a :class:`CachedLogProbs` or None (teacher logits are computed and read under ``no_grad``).
     ``score(s_logits [C, V], t_chunk, lo, hi) -> (loss_sum, *logged_sums)`` scores rows ``lo:hi``; ``s_logits`` is
-    the student's logits of those rows (not yet upcast), ``t_chunk`` the teacher's (``(logp, ids)`` of a cache; None
-    without a teacher). Gradients equal those of the unchunked computation (:class:`_FusedChunks`); a student
+    the student's logits of those rows (not yet upcast), ``t_chunk`` the teacher's (a cache's
+    :class:`CachedLogProbs` of those rows; None without a teacher). Gradients equal those of the unchunked computation (:class:`_FusedChunks`); a student
     :class:`HiddenHead` gets gradients in its hidden state and its head's parameters, and its full logits are
     never built."""
     b, t1 = mask.shape
@@ -336,6 +360,11 @@ class TokenDivergence(Objective):
         same outcomes works on both."""
         raise NotImplementedError
 
+    def bucket_divergence(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+        """:meth:`divergence` on a top-k cache's ``[N, k+1]`` outcomes (:func:`topk_buckets`; the last one is the
+        bucket). The same formula by default; a divergence that ranks the outcomes (``akl``) overrides it."""
+        return self.divergence(s_logp, t_logp)
+
     def _chunked(self, student, teacher) -> bool:
         return self.cfg.chunk_size > 0 or isinstance(student, HiddenHead) or isinstance(teacher, HiddenHead)
 
@@ -381,19 +410,19 @@ class TokenDivergence(Objective):
         s = s_logits[:, :-1][mask]  # only response positions are gathered: [N, V] instead of [B, T, V]
         if s.shape[0] == 0:
             return s_logits.sum() * 0.0
-        t = (t_logits.logp, t_logits.ids) if isinstance(t_logits, CachedLogProbs) else t_logits[:, :-1][mask]
+        t = t_logits if isinstance(t_logits, CachedLogProbs) else t_logits[:, :-1][mask]
         return self._kd_rows(_upcast(s), t) / s.shape[0]
 
     def _kd_rows(self, z: torch.Tensor, tc) -> torch.Tensor:
-        """Summed divergence of the student's logit rows ``z`` ``[N, V]`` from the teacher's: logit rows, or
-        ``(logp, ids)`` of a teacher cache — top-k (temperature 1, checked when the cache is opened): the (k+1)-bucket
-        distributions; full vocabulary (``ids`` None): log-probabilities are logits up to a constant. Padded embedding
-        rows (e.g. Qwen's) are cut off: both sides are compared on :func:`shared_rows`."""
+        """Summed divergence of the student's logit rows ``z`` ``[N, V]`` from the teacher's: logit rows, or a
+        :class:`CachedLogProbs` of a teacher cache — top-k (temperature 1, checked when the cache is opened): the
+        (k+1)-bucket distributions; full vocabulary (``ids`` None): log-probabilities are logits up to a constant.
+        Padded embedding rows (e.g. Qwen's) are cut off: both sides are compared on :func:`shared_rows`."""
         s = z / self.cfg.temperature
-        if isinstance(tc, tuple) and tc[1] is not None:  # the cache's ids are the tokenizer's (< vocab)
+        if isinstance(tc, CachedLogProbs) and tc.ids is not None:  # the cache's ids are the tokenizer's (< vocab)
             s = s[:, :shared_rows(s.shape[-1], vocab=self.vocab)]
-            return self.divergence(*topk_buckets(F.log_softmax(s, -1), tc[0], tc[1])).sum()
-        t = _upcast(tc[0] if isinstance(tc, tuple) else tc) / self.cfg.temperature
+            return self.bucket_divergence(*topk_buckets(F.log_softmax(s, -1), tc.logp, tc.ids, tc.rest)).sum()
+        t = _upcast(tc.logp if isinstance(tc, CachedLogProbs) else tc) / self.cfg.temperature
         v = shared_rows(s.shape[-1], t.shape[-1], vocab=self.vocab)
         return self.divergence(F.log_softmax(s[:, :v], -1), F.log_softmax(t[:, :v], -1)).sum()
 
