@@ -1169,9 +1169,11 @@ def prepare_assets(args, out: Path, units) -> None:
             cfg = load_config(str(PRUNED_CONFIG), [f"data.train={json.dumps([str(args.data_root / TRAIN_FILE)])}"])
             print(format_table(make_student(cfg, target, progress=False)), flush=True)
             print(f"    done in {_fmt_s(time.perf_counter() - start)}", flush=True)
-    def complete(cache: str) -> bool:
-        manifest = Path(cache) / "manifest.json"
-        return manifest.is_file() and json.loads(manifest.read_text()).get("complete", False)
+    from mtakd.teacher_cache import FORMAT
+
+    def complete(cache: str) -> bool:  # (a cache of an older format is rebuilt: mtakd refuses to read it)
+        manifest = _read_json(Path(cache) / "manifest.json")
+        return manifest.get("complete", False) and manifest.get("format") == FORMAT
 
     caches = {c.teacher.cache for _, _, c in units if c.teacher.cache}
     for cache in sorted(caches):
@@ -1193,7 +1195,8 @@ def prepare_assets(args, out: Path, units) -> None:
         print(f"building the teacher cache {cache} ...", flush=True)
         start = time.perf_counter()
         try:
-            build_cache(build_config(d), cache, progress=False)
+            stale = _read_json(Path(cache) / "manifest.json").get("format", FORMAT) != FORMAT  # (else: resume a build)
+            build_cache(build_config(d), cache, progress=False, overwrite=stale)
         finally:
             lock.unlink(missing_ok=True)
         print(f"    done in {_fmt_s(time.perf_counter() - start)}", flush=True)
