@@ -506,8 +506,9 @@ def build_student(cfg: RunConfig, teacher: nn.Module, tokenizer, *, progress: bo
              "neurons": sel.mlp[j].tolist() if sel.mlp else None}
             for j, l in enumerate(layers)]
         report["width"] = {"teacher": vars(t_geo), "student": vars(s_geo)}
-    if cfg.student.dtype not in ("auto", "float32") or teacher.dtype != student.dtype:
-        student.to(getattr(torch, cfg.student.dtype) if cfg.student.dtype != "auto" else teacher.dtype)
+    dtype = teacher.dtype if cfg.student.dtype == "auto" else getattr(torch, cfg.student.dtype)
+    if student.dtype != dtype:  # student.dtype (float32 master weights by default), whatever the teacher's
+        student.to(dtype)
     return student, report
 
 

@@ -217,6 +217,21 @@ def test_bad_width_targets_name_key_value_and_constraint():
         target_geometry(tiny("opt"), FromTeacher(hidden_size=20))
 
 
+@pytest.mark.parametrize("width", [{}, {"hidden_size": 16, "importance": "magnitude"}])
+def test_a_student_built_from_a_bf16_teacher_has_the_configured_dtype(width):
+    """student.dtype (float32 master weights by default) holds whatever the teacher's dtype (before: a student
+    built from a bf16 teacher was always bf16, trained in pure bf16)."""
+    from mtakd.student import build_student
+
+    teacher = tiny("llama").to(torch.bfloat16)
+    for dtype, want in (("float32", torch.float32), ("auto", torch.bfloat16), ("bfloat16", torch.bfloat16)):
+        cfg = build_config({"teacher": {"path": "t", "dtype": "bfloat16"}, "data": {"train": "d.jsonl"},
+                            "student": {"dtype": dtype, "from_teacher": {"num_layers": 1, **width}}})
+        student, _ = build_student(cfg, teacher, None, progress=False)
+        assert {p.dtype for p in student.parameters()} == {want}, dtype
+    assert teacher.dtype == torch.bfloat16
+
+
 def test_selection_matrix_maps_student_channels_back():
     w = selection_matrix([1, 4, 5], 6)
     h = torch.randn(2, 3)
