@@ -320,9 +320,14 @@ class ObjectiveConfig(_Strict):
             able = sorted(n for n, c in OBJECTIVES.items() if c.cross_tokenizer)
             raise ValueError(f"objective.base {self.base!r} compares the two models' logits over one shared vocabulary "
                              f"and cannot train with objective.cross_tokenizer: true; allowed: {', '.join(able)}")
+        if self.mta is not None and "hid_level" not in self.mta.model_fields_set:
+            # unit-level L_Hid is the only one across tokenizers: the default there (written past
+            # validate_assignment and left "unset", as the preset's lambdas)
+            self.mta.__dict__["hid_level"] = "unit"
         if self.mta_enabled and self.mta.lambda_hid > 0 and self.mta.hid_level == "token":
             raise ValueError("objective.mta.hid_level 'token' aligns the two models token by token, which needs one "
-                             "tokenizer; set objective.mta.hid_level: unit with objective.cross_tokenizer: true")
+                             "tokenizer; remove objective.mta.hid_level (unit is the default with "
+                             "objective.cross_tokenizer: true) or set it to unit")
         return self
 
     @field_validator("base")
