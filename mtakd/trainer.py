@@ -290,6 +290,20 @@ class DistillTrainer(Trainer):
 
             projectors.load_state_dict(load_file(path))
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """The Trainer's load, then each param group's learning rate from the schedule built for this run at the
+        resumed step. The optimizer state holds the rate its last step ran at; when the run was extended
+        (a larger ``training.max_steps``) the rebuilt schedule differs, e.g. a finished cosine run saved LR 0 and
+        its first extended step would otherwise not move any weight (see docs/scaling.md)."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        sched = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # accelerate's AcceleratedScheduler
+        if checkpoint is None or not hasattr(sched, "lr_lambdas"):
+            return
+        lrs = [base * fn(sched.last_epoch) for fn, base in zip(sched.lr_lambdas, sched.base_lrs)]  # as LambdaLR
+        for group, lr in zip(sched.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs
+
     def _issue_warnings_after_load(self, load_result) -> None:
         """The Trainer warns about every missing key; a tied weight (e.g. ``lm_head.weight`` = the embeddings) is
         stored once, so its absence from a checkpoint is expected: only genuinely missing keys are reported."""
