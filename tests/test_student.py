@@ -232,6 +232,69 @@ def test_a_student_built_from_a_bf16_teacher_has_the_configured_dtype(width):
     assert teacher.dtype == torch.bfloat16
 
 
+def _nine_heads(tmp_path, tokenizer):
+    """A saved Llama teacher with SmolLM2-135M's head layout, scaled down: 9 query heads over 3 kv heads of
+    head_dim 8 (hidden 72), 4 blocks."""
+    torch.manual_seed(0)
+    d = tmp_path / "nine_heads"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=72, intermediate_size=96, num_hidden_layers=4,
+                                 num_attention_heads=9, num_key_value_heads=3, head_dim=8)).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+def test_a_hidden_size_the_teachers_heads_do_not_divide_gets_heads_that_do(tmp_path, tiny_tokenizer, caplog):
+    """`mtakd student ... hidden_size=384` on SmolLM2 (9 heads): LlamaConfig needs hidden_size % heads == 0. The
+    heads follow hidden_size / head_dim (said in the log) and the student saves and reloads (before: a crash
+    after calibration)."""
+    from mtakd import student as student_cmd
+
+    teacher = _nine_heads(tmp_path, tiny_tokenizer)
+    cfg = _config(tmp_path, teacher, hidden_size=48, num_key_value_heads=None, num_layers=None,
+                  layer_selection="even")
+    with caplog.at_level("WARNING", logger="mtakd.student"):
+        assert run_subcommand(student_cmd, ["student", "--config", str(cfg), "--out", str(tmp_path / "s")]) == 0
+    assert "refuses the teacher's 9 attention heads" in caplog.text
+    assert "keeps 6 query heads over 3 kv heads (head_dim 8)" in caplog.text
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    assert (again.config.hidden_size, again.config.num_attention_heads, again.config.num_key_value_heads,
+            again.config.head_dim) == (48, 6, 3, 8)
+    x = torch.randint(0, len(tiny_tokenizer), (1, 8))
+    assert torch.isfinite(again(x).logits).all()
+
+
+def test_width_targets_are_checked_against_the_config_class_before_any_weights(tmp_path, tiny_tokenizer, capsys,
+                                                                             monkeypatch):
+    """`distill --dry-run` and `mtakd student` refuse a hidden size that no head count fits, naming the key, the
+    value and what to set, before the teacher's weights are loaded; the dry run shows the heads it chose."""
+    import mtakd.models
+    from mtakd import student as student_cmd
+    from mtakd.cli import main
+
+    teacher = _nine_heads(tmp_path, tiny_tokenizer)
+    cfg = _config(tmp_path, teacher, hidden_size=40, num_key_value_heads=None, num_layers=None, layer_selection="even")
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights loaded before the width targets were checked")
+
+    monkeypatch.setattr(mtakd.models, "load_model", no_weights)
+    for argv in (["distill", "--config", str(cfg), "--dry-run"], ["distill", "--config", str(cfg)],
+                 ["student", "--config", str(cfg), "--out", str(tmp_path / "s")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert ("student.from_teacher.hidden_size: 40 with the teacher's 9 attention heads: The hidden size (40) is "
+                "not a multiple of the number of attention heads (9)") in err, err
+        assert "give student.from_teacher.num_attention_heads (and num_key_value_heads)" in err
+    assert main(["distill", "--config", str(cfg), "--dry-run", "student.from_teacher.hidden_size=48"]) == 0
+    resolved = json.loads(capsys.readouterr().out)["resolved"]
+    assert resolved["student_width"] == {"hidden": 48, "mlp": 32, "heads": 6, "kv": 3, "head_dim": 8}
+    assert main(["distill", "--config", str(cfg), "--dry-run", "student.from_teacher.hidden_size=48",
+                 "student.from_teacher.num_attention_heads=9"]) == 2
+    assert ("student.from_teacher: LlamaConfig refuses the student's sizes (hidden_size 48, intermediate_size 32, "
+            "num_attention_heads 9, num_key_value_heads 3): The hidden size (48) is not a multiple of the number of "
+            "attention heads (9); change the width targets") in capsys.readouterr().err
+
+
 def test_selection_matrix_maps_student_channels_back():
     w = selection_matrix([1, 4, 5], 6)
     h = torch.randn(2, 3)
