@@ -340,12 +340,28 @@ def prune_width(model: nn.Module, sel: Selection) -> nn.Module:
         raise ModelError("prune_width: every layer must keep the same number of heads, kv heads and neurons")
     cfg = resized_config(model.config, arch, Geometry(len(hidden), len(mlp[0]), len(heads[0]), len(kv[0]), g.head_dim),
                          projected)
+    if projected and len(hidden) == model.config.word_embed_proj_dim:
+        state = _fold_projections(state)  # HF builds no project_in/out at equal widths
+        cfg.tie_word_embeddings = False
     student = plain_copy(model, cfg).train(model.training)
     student.load_state_dict(state, strict=True)
     for attr in ("mtakd_selected_layers", HIDDEN_CHANNELS):
         if hasattr(model.config, attr):
             setattr(student.config, attr, getattr(model.config, attr))
     return student
+
+
+def _fold_projections(state: dict) -> dict:
+    """OPT pruned to ``hidden_size = word_embed_proj_dim`` (e.g. OPT-350m to 512): transformers builds no
+    ``project_in`` / ``project_out`` at equal widths, so they are folded into the word embeddings and the LM head,
+    exactly up to rounding: ``embed_tokens ← E·P_inᵀ``, ``lm_head ← W·P_out`` ([V, p]·[p, h]). The two are no
+    longer the same matrix, so the student's head is untied."""
+    key = lambda end: next(k for k in state if k == end or k.endswith("." + end))  # noqa: E731
+    p_in, p_out = state.pop(key("project_in.weight")), state.pop(key("project_out.weight"))
+    emb, head = key("embed_tokens.weight"), key("lm_head.weight")
+    state[emb] = (state[emb].float() @ p_in.float().T).to(state[emb].dtype)
+    state[head] = (state[head].float() @ p_out.float()).to(state[head].dtype)
+    return state
 
 
 # --------------------------------------------------------------------------------- importance

@@ -181,6 +181,32 @@ def test_hidden_channel_pruning_saves_and_reloads(tmp_path, kind, tied):
     assert torch.equal(emb, teacher.get_input_embeddings().weight[:, sel.hidden])
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_pruning_opt_to_its_embedding_width_folds_the_projections(tmp_path, tied):
+    """OPT-350m-like (word_embed_proj_dim 16 < hidden 32, post-norm) pruned to hidden_size 16 = the embedding width:
+    transformers builds no project_in/out at equal widths (before: a crash loading the pruned weights). They are
+    folded into the embeddings and the LM head, exactly: the logits equal the unfolded computation."""
+    torch.manual_seed(0)
+    teacher = OPTForCausalLM(OPTConfig(vocab_size=V, hidden_size=32, ffn_dim=48, num_attention_heads=4,
+                                       max_position_embeddings=64, word_embed_proj_dim=16, num_hidden_layers=2,
+                                       do_layer_norm_before=False, tie_word_embeddings=tied)).eval()
+    target = target_geometry(teacher, FromTeacher(hidden_size=16))
+    sel = select_units(magnitude_importance(teacher), Geometry.of(teacher.config), target, [1, 2])
+    student = prune_width(teacher, sel)
+    student.save_pretrained(tmp_path, safe_serialization=True)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    dec = again.model.decoder
+    assert dec.project_in is None and dec.project_out is None and again.config.hidden_size == 16
+    x = ids()
+    p_in = teacher.model.decoder.project_in.weight[sel.hidden]  # the projections as pruning leaves them
+    p_out = teacher.model.decoder.project_out.weight[:, sel.hidden]
+    with torch.no_grad():
+        h = dec(inputs_embeds=teacher.model.decoder.embed_tokens(x) @ p_in.T).last_hidden_state
+        unfolded = (h @ p_out.T) @ teacher.lm_head.weight.T
+        assert torch.allclose(again(x).logits, unfolded, atol=1e-5)
+        assert torch.equal(again(x).logits, student(x).logits)
+
+
 def test_magnitude_importance_ranks_weight_norms():
     teacher = tiny("llama")
     with torch.no_grad():
