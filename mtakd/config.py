@@ -354,7 +354,7 @@ class ObjectiveConfig(_Strict):
             problems = []
             for err in e.errors():
                 key = ".".join(str(p) for p in err["loc"])
-                msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+                msg = "unknown key" if err["type"] == "extra_forbidden" else _message(err)
                 problems.append(f"options.{key}: {msg} (got {err.get('input')!r})")
             raise ValueError(f"base {info.data.get('base')!r}: " + "; ".join(problems)) from None
 
@@ -501,7 +501,7 @@ def _format_error(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
-        msg = err["msg"]
+        msg = _message(err)
         allowed = ""
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -515,8 +515,15 @@ def _format_error(e: ValidationError) -> str:
         shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
         if len(shown) > 80:
             shown = shown[:77] + "..."
-        lines.append(f"  {loc or '<root>'}: {msg} (got {shown}){allowed}")
+        got = "" if err["type"] == "value_error" and isinstance(value, dict) else f" (got {shown})"  # names its values
+        lines.append(f"  {loc or '<root>'}: {msg}{got}{allowed}")
     return "invalid config:\n" + "\n".join(lines)
+
+
+def _message(err: dict) -> str:
+    """A validation error's message without pydantic's "Value error, " prefix (our validators' own text)."""
+    msg = err["msg"]
+    return msg.removeprefix("Value error, ") if err["type"] == "value_error" else msg
 
 
 def _section_keys(loc) -> list[str] | None:

@@ -199,9 +199,11 @@ def _check_local_dir(path: str | None, src: ModelSource) -> None:
     elif os.path.exists(path):
         raise ModelError(f"{src.describe()}: expected a model directory or hub id, got a file (for GGUF use gguf_file)")
     elif _looks_local(path):
-        hint = (f" (read as a local path because ./{path.split('/')[0]} is a directory; to use the hub model of "
-                "that name, run from another directory)" if _hub_id(path) and _org_is_local_dir(path) else "")
-        raise ModelError(f"{src.describe()}: model directory not found: {os.path.abspath(path)} does not exist{hint}")
+        notes = [f"no directory {os.path.abspath(path)}"] if os.path.abspath(path) != path else []
+        if _hub_id(path) and _org_is_local_dir(path):
+            notes.append(f"read as a local path because ./{path.split('/')[0]} is a directory; to use the hub model "
+                         "of that name, run from another directory")
+        raise ModelError(f"model directory not found: {src.describe()}" + (f" ({'; '.join(notes)})" if notes else ""))
 
 
 def check_causal_lm(config, src: ModelSource) -> None:

@@ -136,7 +136,8 @@ def test_a_directory_without_config_and_a_missing_directory(tmp_path, make_confi
     empty = tmp_path / "tokenizer_only"
     tiny_tokenizer.save_pretrained(empty)
     assert "no config.json in this directory" in _fails(capsys, "--config", make_config(student=empty))
-    assert "model directory not found" in _fails(capsys, "--config", make_config(student=tmp_path / "nowhere"))
+    err = _fails(capsys, "--config", make_config(student=tmp_path / "nowhere"))
+    assert f"error: model directory not found: {tmp_path / 'nowhere'}\n" in err  # the path once (before: twice)
 
 
 @pytest.mark.parametrize("role", ["teacher", "student"])
@@ -146,7 +147,9 @@ def test_a_missing_local_directory_that_looks_like_a_hub_id(tmp_path, make_confi
     pipeline's next config names a directory that its previous step has not written yet.)"""
     cfg = make_config(**({"teacher": {"path": "runs/nothing"}} if role == "teacher" else {"student": "runs/nothing"}))
     err = _fails(capsys, "--config", cfg)
-    assert f"runs/nothing: model directory not found: {tmp_path / 'runs' / 'nothing'} does not exist" in err
+    assert (f"error: model directory not found: runs/nothing (no directory {tmp_path / 'runs' / 'nothing'}; read as "
+            "a local path because ./runs is a directory; to use the hub model of that name, run from another "
+            "directory)") in err
 
 
 def test_weights_only_as_pickles_are_refused(tmp_path, make_config, capsys, tiny_tokenizer):
@@ -171,6 +174,21 @@ def test_remote_code_never_runs_unless_the_config_says_so(tmp_path, make_config,
     err = _fails(capsys, "--config", make_config(student=d))
     assert "trust_remote_code: true" in err
     assert not marker.exists()
+
+
+def test_a_message_naming_its_command_does_not_name_it_twice(tmp_path, capsys):
+    """Before: `mtakd evaluate: error: evaluate: --metrics kl needs ...`."""
+    assert main(["evaluate", "--model", str(tmp_path), "--data", "d.jsonl", "--out", str(tmp_path / "o"),
+                 "--metrics", "kl"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mtakd evaluate: error: --metrics kl needs --teacher") and "evaluate: evaluate" not in err
+
+
+def test_config_errors_carry_no_pydantic_prefix(tmp_path, make_config, capsys):
+    """Before: `data: Value error, data.max_prompt_length (600) must be ... (got {...})`."""
+    err = _fails(capsys, "--config", make_config(data={"max_prompt_length": 600}))
+    assert "  data: data.max_prompt_length (600) must be < data.max_length (48)\n" in err
+    assert "Value error" not in err and "{...}" not in err
 
 
 # ------------------------------------------------------------------------------------ spaCy model
