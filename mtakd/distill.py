@@ -314,6 +314,10 @@ def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool
     if cache is not None:  # stops with every difference between the cache and this run
         cache.check(cfg, tok, keys or [], teacher=teacher,
                     vocab_rows=student.get_output_embeddings().weight.shape[0])
+        log.info("teacher.cache: the teacher's signals come from %s (%s, %s)%s", cache.dir,
+                 f"top-{cache.top_k}" if cache.top_k else "full distributions", cache.manifest.get("dtype"),
+                 "; the teacher runs only on the sequences the objective generates" if online
+                 else "; the teacher does not run")
     if mta is not None and cfg.objective.mta.lambda_hid > 0:  # only L_Hid uses (and trains) the projectors
         # widths of the states the models return (OPT's project_out narrows the top one), identity init
         # only for a student built from the teacher, here or earlier by `mtakd student` (projector_init: auto)

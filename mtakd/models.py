@@ -394,7 +394,8 @@ def save_student(model: nn.Module, tokenizer, out_dir: str | os.PathLike, extra_
         export = model
         if hasattr(export, "merge_and_unload"):
             export = copy.deepcopy(export).merge_and_unload()
-        export.save_pretrained(out, safe_serialization=True)
+        with no_progress_bars():
+            export.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
     finally:
         model._modules.update(detached)
