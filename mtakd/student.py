@@ -205,7 +205,8 @@ def target_geometry(teacher, ft: FromTeacher) -> Geometry:
                               f"per group, more than the teacher's {t.heads // t.kv} (heads are removed within "
                               "groups, never added)")
     geo = Geometry(hidden or t.hidden, ft.intermediate_size or t.mlp, heads, kv, t.head_dim)
-    problem = _config_problem(config, arch, geo)
+    # the class's own rules (a teacher config that fails them itself, e.g. an old checkpoint's, is not held to them)
+    problem = _config_problem(config, arch, geo) if _config_problem(config, arch, t) is None else None
     if problem and arch.grouped and hidden is not None and ft.num_attention_heads is None:
         geo = _heads_for_hidden(config, arch, geo, t, ft, problem)
     elif problem:

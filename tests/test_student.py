@@ -269,12 +269,14 @@ def _nine_heads(tmp_path, tokenizer):
     return d
 
 
-def test_a_hidden_size_the_teachers_heads_do_not_divide_gets_heads_that_do(tmp_path, tiny_tokenizer, caplog):
+def test_a_hidden_size_the_teachers_heads_do_not_divide_gets_heads_that_do(tmp_path, tiny_tokenizer, caplog,
+                                                                           monkeypatch):
     """`mtakd student ... hidden_size=384` on SmolLM2 (9 heads): LlamaConfig needs hidden_size % heads == 0. The
     heads follow hidden_size / head_dim (said in the log) and the student saves and reloads (before: a crash
     after calibration)."""
     from mtakd import student as student_cmd
 
+    monkeypatch.setattr(student_cmd, "_told", set())  # said once per process
     teacher = _nine_heads(tmp_path, tiny_tokenizer)
     cfg = _config(tmp_path, teacher, hidden_size=48, num_key_value_heads=None, num_layers=None,
                   layer_selection="even")
