@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except USER_ERRORS as e:
-        print(f"mtakd {args.command}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:  # a message that already names the command (for library callers) names it once
+        print(f"mtakd {args.command}: error: {str(e).removeprefix(f'{args.command}: ')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -325,9 +325,14 @@ class ObjectiveConfig(_Strict):
             able = sorted(n for n, c in OBJECTIVES.items() if c.cross_tokenizer)
             raise ValueError(f"objective.base {self.base!r} compares the two models' logits over one shared vocabulary "
                              f"and cannot train with objective.cross_tokenizer: true; allowed: {', '.join(able)}")
+        if self.mta is not None and "hid_level" not in self.mta.model_fields_set:
+            # unit-level L_Hid is the only one across tokenizers: the default there (written past
+            # validate_assignment and left "unset", as the preset's lambdas)
+            self.mta.__dict__["hid_level"] = "unit"
         if self.mta_enabled and self.mta.lambda_hid > 0 and self.mta.hid_level == "token":
             raise ValueError("objective.mta.hid_level 'token' aligns the two models token by token, which needs one "
-                             "tokenizer; set objective.mta.hid_level: unit with objective.cross_tokenizer: true")
+                             "tokenizer; remove objective.mta.hid_level (unit is the default with "
+                             "objective.cross_tokenizer: true) or set it to unit")
         return self
 
     @field_validator("base")
@@ -354,7 +359,7 @@ class ObjectiveConfig(_Strict):
             problems = []
             for err in e.errors():
                 key = ".".join(str(p) for p in err["loc"])
-                msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+                msg = "unknown key" if err["type"] == "extra_forbidden" else _message(err)
                 problems.append(f"options.{key}: {msg} (got {err.get('input')!r})")
             raise ValueError(f"base {info.data.get('base')!r}: " + "; ".join(problems)) from None
 
@@ -501,7 +506,7 @@ def _format_error(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
-        msg = err["msg"]
+        msg = _message(err)
         allowed = ""
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -515,8 +520,15 @@ def _format_error(e: ValidationError) -> str:
         shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
         if len(shown) > 80:
             shown = shown[:77] + "..."
-        lines.append(f"  {loc or '<root>'}: {msg} (got {shown}){allowed}")
+        got = "" if err["type"] == "value_error" and isinstance(value, dict) else f" (got {shown})"  # names its values
+        lines.append(f"  {loc or '<root>'}: {msg}{got}{allowed}")
     return "invalid config:\n" + "\n".join(lines)
+
+
+def _message(err: dict) -> str:
+    """A validation error's message without pydantic's "Value error, " prefix (our validators' own text)."""
+    msg = err["msg"]
+    return msg.removeprefix("Value error, ") if err["type"] == "value_error" else msg
 
 
 def _section_keys(loc) -> list[str] | None:

@@ -42,8 +42,14 @@ def resolve(cfg: RunConfig, teacher_config=None) -> dict:
         sc = load_model_config(cfg.student)
         n_s = sc.num_hidden_layers if sc is not None else None
     out = {"teacher_layers": n_t, "student_layers": n_s, "student_selected_from_teacher": selected}
+    if ft is not None and n_t is not None and n_s > n_t:
+        raise ConfigError(f"student.from_teacher: {n_s} blocks requested, but the teacher has {n_t}")
     if ft is not None and ft.width_targets():
         out["student_width_targets"] = ft.width_targets()  # pruned in width (mtakd.student)
+        if tc is not None:  # checked against the teacher and its config class's rules (heads chosen if needed)
+            from .student import target_geometry
+
+            out["student_width"] = vars(target_geometry(tc, ft))
     if cfg.objective.mta_enabled:
         try:
             keys = resolve_key_layers(cfg.objective.mta, n_s, n_t)
@@ -53,6 +59,45 @@ def resolve(cfg: RunConfig, teacher_config=None) -> dict:
                 raise
             out["mta_key_layers"] = f"unresolved: {e}"
     return out
+
+
+def _hub_dataset(source: str) -> bool:
+    """A source :func:`mtakd.data.read_rows` loads as an HF dataset id (no such local file)."""
+    path = Path(source)
+    return not path.is_file() and "/" in source and not source.startswith((".", "/")) and not path.suffix
+
+
+def check_data_files(cfg: RunConfig, missing_ok: bool = False) -> list[str]:
+    """Every local data file the run reads (data.train, data.validation, the calibration data of a student built
+    from the teacher) exists and parses into records, before any model is loaded; hub dataset ids are left to
+    the run (loading one may download it). ``missing_ok`` (--dry-run: a pipeline's earlier step may not have
+    written a file yet): missing files are returned instead of stopping; a file that exists must still parse."""
+    from .data import load_records
+
+    sources = [*cfg.data.train, *cfg.data.validation]
+    ft = cfg.student.from_teacher
+    if ft is not None:
+        sources += ft.calibration.data
+    missing = []
+    for src in dict.fromkeys(sources):
+        if missing_ok and not Path(src).is_file() and not _hub_dataset(src):
+            missing.append(src)
+        elif not _hub_dataset(src):
+            load_records(src)  # DataError: the file and line, and what is wrong
+    return missing
+
+
+def check_cheaply(cfg: RunConfig, dry_run: bool = False) -> dict:
+    """Every check that needs no weights, in seconds: the data files (readable, parseable), the block selection,
+    the MTA key layers fitting both models and the width targets (against the model class's own config rules).
+    Returns :func:`resolve`'s map. ``distill`` runs it before loading a model; ``--dry-run`` runs exactly this,
+    with missing data files reported (a warning, and ``data_files_missing`` in the map) rather than fatal."""
+    missing = check_data_files(cfg, missing_ok=dry_run)
+    resolved = resolve(cfg)
+    if missing:
+        log.warning("data file(s) not found (yet): %s; the run itself stops at a missing file", ", ".join(missing))
+        resolved["data_files_missing"] = missing
+    return resolved
 
 
 def versions() -> dict:
@@ -249,6 +294,7 @@ def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool
     _cpu_processes()
     state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))
     out, checkpoint = _check_output_dir(cfg, resume, overwrite)  # every process, before anything is built
+    check_cheaply(cfg)  # data files, layer map, width targets: before any weights are loaded
     state.wait_for_everyone()  # ... and before the main process may replace the directory
     set_seed(cfg.training.seed)
     objective = build_objective(cfg.objective)
@@ -268,6 +314,10 @@ def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool
     if cache is not None:  # stops with every difference between the cache and this run
         cache.check(cfg, tok, keys or [], teacher=teacher,
                     vocab_rows=student.get_output_embeddings().weight.shape[0])
+        log.info("teacher.cache: the teacher's signals come from %s (%s, %s)%s", cache.dir,
+                 f"top-{cache.top_k}" if cache.top_k else "full distributions", cache.manifest.get("dtype"),
+                 "; the teacher runs only on the sequences the objective generates" if online
+                 else "; the teacher does not run")
     if mta is not None and cfg.objective.mta.lambda_hid > 0:  # only L_Hid uses (and trains) the projectors
         # widths of the states the models return (OPT's project_out narrows the top one), identity init
         # only for a student built from the teacher, here or earlier by `mtakd student` (projector_init: auto)
@@ -449,7 +499,7 @@ def _cmd_distill(args) -> int:
         args.overrides, args.resume = [*args.overrides, args.resume], "latest"
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        print(json.dumps({**cfg.model_dump(mode="json"), "resolved": resolve(cfg)}, indent=2))
+        print(json.dumps({**cfg.model_dump(mode="json"), "resolved": check_cheaply(cfg, dry_run=True)}, indent=2))
         return 0
     distill(cfg, resume=args.resume, overwrite=args.overwrite)  # logs "student saved to ..." (once)
     import torch.distributed as dist
@@ -503,7 +553,9 @@ def add_parser(sub) -> None:
         config_help="run config with the sections teacher, student, data, objective, training, eval (see configs/ "
         "and the README); data files it names relative to itself are found next to it",
     )
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON, load no weights")
+    p.add_argument("--dry-run", action="store_true", help="run every check that needs no weights (data files "
+                   "parse, layer map, width targets) and print the resolved config as JSON; loads no weights (a data "
+                   "file not written yet is a warning)")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the latest checkpoint of training.output_dir (or the one given; an argument "
                    "with '=' is read as an override)")

@@ -3,7 +3,9 @@ student by layer selection from the teacher, and saving the trained student as a
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import glob
 import hashlib
 import importlib.util
 import logging
@@ -75,21 +77,59 @@ def _materialise_gguf(path: str, gguf: str) -> Path:
 
     transformers flags a GGUF-loaded model as quantized and refuses to save it; we rebuild a plain
     model from its config (without quantization_config) and load the dequantized state dict.
+    Safe when several processes (two users' jobs, ranks started together) load it for the first time at once:
+    one dequantises under a file lock while the others wait and then reuse its copy; each writes into a temp
+    directory of its own, renamed into place when complete, and a copy another process renamed first (where the
+    lock does not hold, e.g. some network file systems) counts as done. No temp directory is left behind.
     """
+    import shutil
+    import uuid
+
+    from filelock import FileLock  # a dependency of huggingface_hub (and so of transformers)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = _gguf_cache_dir(path, gguf)
     if (out / "config.json").exists():
         return out
-    log.info("dequantising %s once into %s", gguf, out)
-    q = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
-    plain = plain_copy(q)
-    tmp = out.with_name(out.name + ".tmp")
-    plain.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.with_name(out.name + ".lock"))):
+        if (out / "config.json").exists():  # another process made it while this one waited
+            return out
+        for stale in out.parent.glob(glob.escape(out.name) + ".tmp*"):  # left by a killed process (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        log.info("dequantising %s once into %s", gguf, out)
+        q = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+        plain = plain_copy(q)
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            with no_progress_bars():
+                plain.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                if not (out / "config.json").exists():
+                    raise
+                log.info("%s was dequantised by another process meanwhile: using its copy", gguf)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+@contextlib.contextmanager
+def no_progress_bars():
+    """transformers' own progress bars (e.g. "Writing model shards" while saving) off for the block, so they do
+    not interleave with the log; restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def plain_copy(model: nn.Module, config=None) -> nn.Module:
@@ -159,9 +199,11 @@ def _check_local_dir(path: str | None, src: ModelSource) -> None:
     elif os.path.exists(path):
         raise ModelError(f"{src.describe()}: expected a model directory or hub id, got a file (for GGUF use gguf_file)")
     elif _looks_local(path):
-        hint = (f" (read as a local path because ./{path.split('/')[0]} is a directory; to use the hub model of "
-                "that name, run from another directory)" if _hub_id(path) and _org_is_local_dir(path) else "")
-        raise ModelError(f"{src.describe()}: model directory not found: {os.path.abspath(path)} does not exist{hint}")
+        notes = [f"no directory {os.path.abspath(path)}"] if os.path.abspath(path) != path else []
+        if _hub_id(path) and _org_is_local_dir(path):
+            notes.append(f"read as a local path because ./{path.split('/')[0]} is a directory; to use the hub model "
+                         "of that name, run from another directory")
+        raise ModelError(f"model directory not found: {src.describe()}" + (f" ({'; '.join(notes)})" if notes else ""))
 
 
 def check_causal_lm(config, src: ModelSource) -> None:
@@ -365,7 +407,8 @@ def save_student(model: nn.Module, tokenizer, out_dir: str | os.PathLike, extra_
         export = model
         if hasattr(export, "merge_and_unload"):
             export = copy.deepcopy(export).merge_and_unload()
-        export.save_pretrained(out, safe_serialization=True)
+        with no_progress_bars():
+            export.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
     finally:
         model._modules.update(detached)

@@ -120,9 +120,10 @@ _OPT = Arch(
 ARCHS = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gpt2": _GPT2, "opt": _OPT}
 
 
-def arch_of(model: nn.Module) -> Arch:
-    """The pruning description of ``model``'s family; an unsupported one stops with what is supported."""
-    kind = model.config.model_type
+def arch_of(model) -> Arch:
+    """The pruning description of ``model``'s family (a model or its config); an unsupported one stops with
+    what is supported."""
+    kind = getattr(model, "config", model).model_type
     if kind not in ARCHS:
         raise ModelError(
             f"student.from_teacher: width pruning (hidden_size, intermediate_size, num_attention_heads, "
@@ -155,14 +156,18 @@ class Geometry:
         return cls(config.hidden_size, mlp, heads, kv, head_dim)
 
 
-def target_geometry(teacher: nn.Module, ft: FromTeacher) -> Geometry:
-    """The student's sizes from the width targets (missing ones keep the teacher's), checked against the teacher.
+def target_geometry(teacher, ft: FromTeacher) -> Geometry:
+    """The student's sizes from the width targets (missing ones keep the teacher's), checked against the teacher
+    (a model or only its config: no weights needed) and against the rules of the model's own config class.
 
     ``num_key_value_heads`` removes whole kv groups with their query heads, so without ``num_attention_heads``
     the group size is kept; ``num_attention_heads`` alone keeps every kv group (or as many as there are heads).
-    In GPT-2 and OPT the attention width equals ``hidden_size``: one of the two sets the other."""
-    t = Geometry.of(teacher.config)
-    arch = arch_of(teacher)
+    In GPT-2 and OPT the attention width equals ``hidden_size``: one of the two sets the other. When only
+    ``hidden_size`` is given and the config class refuses the teacher's head count for it (Llama: hidden_size
+    must be a multiple of num_attention_heads), the heads are chosen (see :func:`_heads_for_hidden`) and logged."""
+    config = getattr(teacher, "config", teacher)
+    t = Geometry.of(config)
+    arch = arch_of(config)
     key = "student.from_teacher"
     for name, size in ft.width_targets().items():
         have = {"hidden_size": t.hidden, "intermediate_size": t.mlp, "num_attention_heads": t.heads,
@@ -171,7 +176,7 @@ def target_geometry(teacher: nn.Module, ft: FromTeacher) -> Geometry:
             raise ConfigError(f"{key}.{name}: {size} is larger than the teacher's {have}; pruning only removes units")
     hidden, heads, kv = ft.hidden_size, ft.num_attention_heads, ft.num_key_value_heads
     if not arch.grouped:
-        kind = teacher.config.model_type
+        kind = config.model_type
         if kv is not None:
             raise ConfigError(f"{key}.num_key_value_heads: {kv}, but {kind} has multi-head attention (one kv head per "
                               "query head); give num_attention_heads")
@@ -199,7 +204,85 @@ def target_geometry(teacher: nn.Module, ft: FromTeacher) -> Geometry:
             raise ConfigError(f"{key}.num_attention_heads: {heads} over {kv} kv heads is {heads // kv} query heads "
                               f"per group, more than the teacher's {t.heads // t.kv} (heads are removed within "
                               "groups, never added)")
-    return Geometry(hidden or t.hidden, ft.intermediate_size or t.mlp, heads, kv, t.head_dim)
+    geo = Geometry(hidden or t.hidden, ft.intermediate_size or t.mlp, heads, kv, t.head_dim)
+    # the class's own rules (a teacher config that fails them itself, e.g. an old checkpoint's, is not held to them)
+    problem = _config_problem(config, arch, geo) if _config_problem(config, arch, t) is None else None
+    if problem and arch.grouped and hidden is not None and ft.num_attention_heads is None:
+        geo = _heads_for_hidden(config, arch, geo, t, ft, problem)
+    elif problem:
+        raise ConfigError(f"{key}: {type(config).__name__} refuses the student's sizes ({_sizes(geo)}): {problem}; "
+                          f"change the width targets of {key}")
+    return geo
+
+
+def _sizes(g: Geometry) -> str:
+    return (f"hidden_size {g.hidden}, intermediate_size {g.mlp}, num_attention_heads {g.heads}, "
+            f"num_key_value_heads {g.kv}")
+
+
+def resized_config(config, arch: Arch, g: Geometry, projected: bool | None = None):
+    """A copy of ``config`` stating the sizes of ``g`` (``head_dim`` written explicitly for grouped attention;
+    OPT's ``word_embed_proj_dim`` follows the hidden size unless the embeddings are projected)."""
+    cfg = copy.deepcopy(config)
+    sizes = {"hidden_size": g.hidden, "intermediate_size": g.mlp, "num_attention_heads": g.heads,
+             "num_key_value_heads": g.kv}
+    for name, fld in arch.sizes.items():
+        setattr(cfg, fld, sizes[name])
+    if arch.grouped:
+        cfg.head_dim = g.head_dim
+    if projected is None:
+        projected = getattr(config, "word_embed_proj_dim", None) not in (None, config.hidden_size)
+    if cfg.model_type == "opt" and not projected:
+        cfg.word_embed_proj_dim = g.hidden
+    return cfg
+
+
+def _config_problem(config, arch: Arch, g: Geometry) -> str | None:
+    """Why the model's config class refuses a config of these sizes (its own validation), or None."""
+    cfg = resized_config(config, arch, g)
+    try:
+        check = getattr(cfg, "validate", None)
+        check() if callable(check) else type(cfg)(**cfg.to_dict())
+    except Exception as e:  # noqa: BLE001 - transformers raises ValueError or huggingface_hub's validation error
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        return re.sub(r"^\w*Error: ", "", lines[-1] if lines else type(e).__name__).rstrip(".")
+    return None
+
+
+_told: set[str] = set()
+
+
+def _heads_for_hidden(config, arch: Arch, geo: Geometry, t: Geometry, ft: FromTeacher, problem: str) -> Geometry:
+    """Only ``hidden_size`` given and the config class refuses the teacher's head count for it: keep head_dim and
+    hidden_size = heads × head_dim (the teacher's own ratio), the kv heads given or as many as the groups allow;
+    said once in the log. If hidden_size is no multiple of head_dim or that head count fits no kv grouping, stop
+    and ask for num_attention_heads, naming head counts that would fit."""
+    key = "student.from_teacher"
+    group = t.heads // t.kv
+    kv_options = [ft.num_key_value_heads] if ft.num_key_value_heads else range(t.kv, 0, -1)
+    fits = []
+    for h in range(t.heads, 0, -1):
+        kv = next((k for k in kv_options if h % k == 0 and h // k <= group), None)
+        if kv is not None and _config_problem(config, arch, Geometry(geo.hidden, geo.mlp, h, kv, t.head_dim)) is None:
+            fits.append(Geometry(geo.hidden, geo.mlp, h, kv, t.head_dim))
+    chosen = next((g for g in fits if g.heads * t.head_dim == geo.hidden), None)
+    if chosen is None:
+        some = ", ".join(str(g.heads) for g in fits[:4])
+        ratio = (f"{geo.hidden // t.head_dim} heads of head_dim {t.head_dim} fit no grouping of the kv heads "
+                 f"({t.kv} kv heads, at most {group} query heads each)" if geo.hidden % t.head_dim == 0 else
+                 f"{geo.hidden} is no multiple of head_dim {t.head_dim}, so no head count keeps hidden_size = "
+                 "heads × head_dim")
+        raise ConfigError(
+            f"{key}.hidden_size: {geo.hidden} with the teacher's {t.heads} attention heads: {problem}, and {ratio}; "
+            f"give {key}.num_attention_heads (and num_key_value_heads)"
+            + (f": {type(config).__name__} takes e.g. {some} heads" if some else ""))
+    note = (f"{key}.hidden_size: {geo.hidden}: {type(config).__name__} refuses the teacher's {t.heads} attention "
+            f"heads ({problem}); the student keeps {chosen.heads} query heads over {chosen.kv} kv heads "
+            f"(head_dim {chosen.head_dim}); set {key}.num_attention_heads / num_key_value_heads to choose")
+    if note not in _told:
+        _told.add(note)
+        log.warning(note)
+    return chosen
 
 
 # ------------------------------------------------------------------------------------ pruning
@@ -254,23 +337,32 @@ def prune_width(model: nn.Module, sel: Selection) -> nn.Module:
                         value = value.index_select(dim, index[kind].to(value.device))
                 break
         state[key] = value
-    cfg = copy.deepcopy(model.config)
-    sizes = {"hidden_size": len(hidden), "intermediate_size": len(mlp[0]), "num_attention_heads": len(heads[0]),
-             "num_key_value_heads": len(kv[0])}
     if any(len(x) != len(y) for per in (heads, kv, mlp) for x, y in zip(per, per[1:])):
         raise ModelError("prune_width: every layer must keep the same number of heads, kv heads and neurons")
-    for name, fld in arch.sizes.items():
-        setattr(cfg, fld, sizes[name])
-    if arch.grouped:
-        cfg.head_dim = g.head_dim
-    if cfg.model_type == "opt" and not projected:
-        cfg.word_embed_proj_dim = len(hidden)
+    cfg = resized_config(model.config, arch, Geometry(len(hidden), len(mlp[0]), len(heads[0]), len(kv[0]), g.head_dim),
+                         projected)
+    if projected and len(hidden) == model.config.word_embed_proj_dim:
+        state = _fold_projections(state)  # HF builds no project_in/out at equal widths
+        cfg.tie_word_embeddings = False
     student = plain_copy(model, cfg).train(model.training)
     student.load_state_dict(state, strict=True)
     for attr in ("mtakd_selected_layers", HIDDEN_CHANNELS):
         if hasattr(model.config, attr):
             setattr(student.config, attr, getattr(model.config, attr))
     return student
+
+
+def _fold_projections(state: dict) -> dict:
+    """OPT pruned to ``hidden_size = word_embed_proj_dim`` (e.g. OPT-350m to 512): transformers builds no
+    ``project_in`` / ``project_out`` at equal widths, so they are folded into the word embeddings and the LM head,
+    exactly up to rounding: ``embed_tokens ← E·P_inᵀ``, ``lm_head ← W·P_out`` ([V, p]·[p, h]). The two are no
+    longer the same matrix, so the student's head is untied."""
+    key = lambda end: next(k for k in state if k == end or k.endswith("." + end))  # noqa: E731
+    p_in, p_out = state.pop(key("project_in.weight")), state.pop(key("project_out.weight"))
+    emb, head = key("embed_tokens.weight"), key("lm_head.weight")
+    state[emb] = (state[emb].float() @ p_in.float().T).to(state[emb].dtype)
+    state[head] = (state[head].float() @ p_out.float()).to(state[head].dtype)
+    return state
 
 
 # --------------------------------------------------------------------------------- importance
@@ -531,8 +623,9 @@ def build_student(cfg: RunConfig, teacher: nn.Module, tokenizer, *, progress: bo
              "neurons": sel.mlp[j].tolist() if sel.mlp else None}
             for j, l in enumerate(layers)]
         report["width"] = {"teacher": vars(t_geo), "student": vars(s_geo)}
-    if cfg.student.dtype not in ("auto", "float32") or teacher.dtype != student.dtype:
-        student.to(getattr(torch, cfg.student.dtype) if cfg.student.dtype != "auto" else teacher.dtype)
+    dtype = teacher.dtype if cfg.student.dtype == "auto" else getattr(torch, cfg.student.dtype)
+    if student.dtype != dtype:  # student.dtype (float32 master weights by default), whatever the teacher's
+        student.to(dtype)
     return student, report
 
 
@@ -561,10 +654,18 @@ def make_student(cfg: RunConfig, out: Path, progress: bool = True) -> dict:
     if cfg.student.from_teacher is None:
         raise ConfigError("mtakd student: the config's student section needs `from_teacher` (the student is built "
                           "from the teacher)")
+    from .distill import check_data_files
+    from .models import load_config as load_model_config
+
+    ft = cfg.student.from_teacher
+    check_data_files(cfg)  # before the teacher loads
+    teacher_config = load_model_config(cfg.teacher)
+    if ft.width_targets() and teacher_config is not None:
+        target_geometry(teacher_config, ft)  # bad targets stop before the teacher loads
     tok = load_tokenizer(cfg.teacher)
     teacher = load_model(cfg.teacher).eval()
-    if cfg.student.from_teacher.width_targets():
-        target_geometry(teacher, cfg.student.from_teacher)  # bad targets stop before the data is read
+    if ft.width_targets():
+        target_geometry(teacher, ft)  # bad targets stop before the data is read
     examples = calibration_examples(cfg, tok)
     student, report = build_student(cfg, teacher, tok, progress=progress, examples=examples)
     student.eval()

@@ -16,12 +16,13 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .errors import NonFiniteLossError  # noqa: F401  (raised here; the CLI reports it as a user-facing error)
 from .mta.loss import PROJECTORS, MTALoss
 from .objectives import Objective
-from .models import unwrap
+from .models import no_progress_bars, unwrap
 from .objectives.base import CachedLogProbs, HiddenHead
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class DistillTrainer(Trainer):
         self._components = {True: defaultdict(list), False: defaultdict(list)}
         for callback in objective.callbacks():  # e.g. an objective state saved with checkpoints
             self.add_callback(callback)
+        if self.pop_callback(ProgressCallback) is not None:  # logged numbers as numbers, not strings
+            self.add_callback(_NumericProgressCallback)
 
     # ------------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -269,8 +272,10 @@ class DistillTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """The Trainer's save, plus the projectors beside a LoRA adapter (an adapter file holds only the
-        adapter; a full model's weights already include ``mta_projectors``)."""
-        super()._save(output_dir, state_dict)
+        adapter; a full model's weights already include ``mta_projectors``). Without transformers' "Writing model
+        shards" bars, which would interleave with the training log."""
+        with no_progress_bars():
+            super()._save(output_dir, state_dict)
         projectors = self._adapter_projectors()
         if projectors is not None and self.args.should_save:
             from safetensors.torch import save_file
@@ -287,6 +292,20 @@ class DistillTrainer(Trainer):
             from safetensors.torch import load_file
 
             projectors.load_state_dict(load_file(path))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """The Trainer's load, then each param group's learning rate from the schedule built for this run at the
+        resumed step. The optimizer state holds the rate its last step ran at; when the run was extended
+        (a larger ``training.max_steps``) the rebuilt schedule differs, e.g. a finished cosine run saved LR 0 and
+        its first extended step would otherwise not move any weight (see docs/scaling.md)."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        sched = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # accelerate's AcceleratedScheduler
+        if checkpoint is None or not hasattr(sched, "lr_lambdas"):
+            return
+        lrs = [base * fn(sched.last_epoch) for fn, base in zip(sched.lr_lambdas, sched.base_lrs)]  # as LambdaLR
+        for group, lr in zip(sched.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs
 
     def _issue_warnings_after_load(self, load_result) -> None:
         """The Trainer warns about every missing key; a tied weight (e.g. ``lm_head.weight`` = the embeddings) is
@@ -340,6 +359,16 @@ class DistillTrainer(Trainer):
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
+
+
+class _NumericProgressCallback(ProgressCallback):
+    """The Trainer's progress bar, its log lines showing numbers as numbers rounded to 4 significant digits
+    (``'loss': 7.393``; transformers formats them as strings, ``'loss': '7.393'``)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None:
+            shown = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in logs.items() if k != "total_flos"}
+            self.training_bar.write(str(shown))
 
 
 def _hidden_view(model, out):

@@ -133,6 +133,7 @@ def test_dry_run_prints_resolved_map_without_weights(tmp_path, capsys, tiny_teac
     from mtakd.cli import main
 
     cfg = tmp_path / "c.yaml"
+    (tmp_path / "x.jsonl").write_text('{"instruction": "a", "output": "b"}\n')  # --dry-run reads the data files
     cfg.write_text(
         f"teacher: {{path: {tiny_teacher_dir}}}\nstudent: {{from_teacher: {{num_layers: 2}}}}\n"
         "data: {train: x.jsonl}\nobjective: {base: fkl, mta: {num_key_layers: 2, stride: 1}}\n"

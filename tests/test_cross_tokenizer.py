@@ -86,9 +86,20 @@ def test_uld_is_zero_for_distributions_equal_up_to_a_permutation():
 def test_bases_needing_a_shared_vocabulary_refuse_cross_tokenizer():
     with pytest.raises(ValueError, match=r"objective.base 'skl'.*cross_tokenizer.*allowed: sft, uld"):
         ObjectiveConfig(base="skl", cross_tokenizer=True)
-    with pytest.raises(ValueError, match=r"hid_level 'token'.*hid_level: unit"):
-        ObjectiveConfig(base="uld", cross_tokenizer=True, mta={})
+    with pytest.raises(ValueError, match=r"hid_level 'token'.*unit is the default"):  # explicit token: refused
+        ObjectiveConfig(base="uld", cross_tokenizer=True, mta={"hid_level": "token"})
     assert ObjectiveConfig(base="uld", cross_tokenizer=True, mta={"hid_level": "unit"}).cross_tokenizer
+
+
+def test_cross_tokenizer_makes_unit_level_l_hid_the_default():
+    """Before: the default hid_level (token) stopped a cross-tokenizer config with "set hid_level: unit"."""
+    from mtakd.config import build_config
+
+    assert ObjectiveConfig(base="uld", cross_tokenizer=True, mta={}).mta.hid_level == "unit"
+    assert ObjectiveConfig(base="uld", mta={}).mta.hid_level == "token"  # one tokenizer: the spec's default
+    cfg = build_config({"teacher": {"path": "t"}, "student": {"path": "s"}, "data": {"train": "d.jsonl"},
+                        "objective": {"base": "uld", "cross_tokenizer": True, "mta": {"lambda_hid": 0.3}}})
+    assert cfg.objective.mta.hid_level == "unit" and cfg.model_dump()["objective"]["mta"]["hid_level"] == "unit"
 
 
 # ================================================================================ MTA over units

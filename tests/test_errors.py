@@ -53,6 +53,48 @@ def test_missing_data_file(tmp_path, make_config, capsys):
     assert "data file not found" in _fails(capsys, "--config", make_config(train=tmp_path / "nope.jsonl"))
 
 
+@pytest.fixture
+def no_models(monkeypatch):
+    """Loading any model or tokenizer fails the test: what is checked must be checked before."""
+    import mtakd.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the cheap checks")
+
+    for name in ("load_model", "load_tokenizer"):
+        monkeypatch.setattr(mtakd.models, name, refuse)
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_data_errors_stop_before_any_model_loads_also_in_a_dry_run(tmp_path, make_config, capsys, caplog, no_models,
+                                                                  dry_run):
+    """Before: a missing or broken data file was reported only after the teacher had loaded and the student was
+    built, and --dry-run accepted it."""
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n')
+    flag = ["--dry-run"] if dry_run else []
+    if dry_run:  # a file a pipeline's earlier step has not written yet: reported, not fatal
+        assert main(["distill", "--config", str(make_config(train=tmp_path / "nope.jsonl")), *flag]) == 0
+        out = capsys.readouterr()
+        assert json.loads(out.out)["resolved"]["data_files_missing"] == [str(tmp_path / "nope.jsonl")]
+        assert f"data file(s) not found (yet): {tmp_path / 'nope.jsonl'}" in caplog.text
+    else:
+        err = _fails(capsys, "--config", make_config(train=tmp_path / "nope.jsonl"), *flag)
+        assert f"data file not found: {tmp_path / 'nope.jsonl'}" in err
+    err = _fails(capsys, "--config", make_config(train=EXAMPLES / "demo.jsonl", data={"validation": [str(broken)]}),
+                 *flag)
+    assert f"{broken}:2: malformed JSON" in err
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_key_layers_that_do_not_fit_name_the_switches_before_any_model_loads(make_config, capsys, no_models, dry_run):
+    cfg = make_config(objective={"base": "skl", "mta": {"num_key_layers": 3, "stride": 3}})
+    err = _fails(capsys, "--config", cfg, *(["--dry-run"] if dry_run else []))
+    assert ("mta: 3 key layers with stride 3 do not fit a 2-layer student (the lowest would be layer -4); lower "
+            "objective.mta.num_key_layers or objective.mta.stride, or give objective.mta.key_layers (explicit pairs) "
+            "or objective.mta.preset") in err
+
+
 @needs_spacy
 def test_samples_longer_than_the_maximum_are_truncated_counted_and_reported(tmp_path, tiny_tokenizer, caplog):
     from mtakd.config import load_config
@@ -94,7 +136,8 @@ def test_a_directory_without_config_and_a_missing_directory(tmp_path, make_confi
     empty = tmp_path / "tokenizer_only"
     tiny_tokenizer.save_pretrained(empty)
     assert "no config.json in this directory" in _fails(capsys, "--config", make_config(student=empty))
-    assert "model directory not found" in _fails(capsys, "--config", make_config(student=tmp_path / "nowhere"))
+    err = _fails(capsys, "--config", make_config(student=tmp_path / "nowhere"))
+    assert f"error: model directory not found: {tmp_path / 'nowhere'}\n" in err  # the path once (before: twice)
 
 
 @pytest.mark.parametrize("role", ["teacher", "student"])
@@ -104,7 +147,9 @@ def test_a_missing_local_directory_that_looks_like_a_hub_id(tmp_path, make_confi
     pipeline's next config names a directory that its previous step has not written yet.)"""
     cfg = make_config(**({"teacher": {"path": "runs/nothing"}} if role == "teacher" else {"student": "runs/nothing"}))
     err = _fails(capsys, "--config", cfg)
-    assert f"runs/nothing: model directory not found: {tmp_path / 'runs' / 'nothing'} does not exist" in err
+    assert (f"error: model directory not found: runs/nothing (no directory {tmp_path / 'runs' / 'nothing'}; read as "
+            "a local path because ./runs is a directory; to use the hub model of that name, run from another "
+            "directory)") in err
 
 
 def test_weights_only_as_pickles_are_refused(tmp_path, make_config, capsys, tiny_tokenizer):
@@ -129,6 +174,21 @@ def test_remote_code_never_runs_unless_the_config_says_so(tmp_path, make_config,
     err = _fails(capsys, "--config", make_config(student=d))
     assert "trust_remote_code: true" in err
     assert not marker.exists()
+
+
+def test_a_message_naming_its_command_does_not_name_it_twice(tmp_path, capsys):
+    """Before: `mtakd evaluate: error: evaluate: --metrics kl needs ...`."""
+    assert main(["evaluate", "--model", str(tmp_path), "--data", "d.jsonl", "--out", str(tmp_path / "o"),
+                 "--metrics", "kl"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mtakd evaluate: error: --metrics kl needs --teacher") and "evaluate: evaluate" not in err
+
+
+def test_config_errors_carry_no_pydantic_prefix(tmp_path, make_config, capsys):
+    """Before: `data: Value error, data.max_prompt_length (600) must be ... (got {...})`."""
+    err = _fails(capsys, "--config", make_config(data={"max_prompt_length": 600}))
+    assert "  data: data.max_prompt_length (600) must be < data.max_length (48)\n" in err
+    assert "Value error" not in err and "{...}" not in err
 
 
 # ------------------------------------------------------------------------------------ spaCy model

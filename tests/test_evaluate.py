@@ -236,7 +236,7 @@ def test_missing_local_model_directory_is_named_without_contacting_the_hub(tmp_p
     data = _write_jsonl(tmp_path / "s.jsonl", [{"instruction": "Name a dog.", "output": "Rex"}])
     from mtakd.models import ModelError
 
-    with pytest.raises(ModelError, match=r"runs/nothing: model directory not found: .*runs/nothing does not exist"):
+    with pytest.raises(ModelError, match=r"model directory not found: runs/nothing \(no directory .*runs/nothing; read as a local path"):
         _cli(["evaluate", "--model", "runs/nothing", "--data", str(data), "--out", str(tmp_path / "o")])
 
 

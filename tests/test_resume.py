@@ -225,6 +225,28 @@ def test_extending_a_cosine_run_says_the_schedule_is_rebuilt(setup, caplog):
     assert [h["step"] for h in json.loads((root / "cos" / "log_history.json").read_text()) if "loss" in h] == [1, 2, 3]
 
 
+def test_extending_a_finished_cosine_run_trains_the_new_step(uninterrupted, tmp_path):
+    """The 6-step cosine run ends at LR 0; extended to 7 steps, step 7 runs at the rebuilt schedule's LR for
+    step 7 (before: the optimizer kept the old schedule's final LR 0 and no weight changed)."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "extended"
+    shutil.copytree(uninterrupted, run)
+    info = json.loads((run / "mtakd_run.json").read_text())
+    info["training"].update(output_dir=str(run), max_steps=STEPS + 1)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({k: info[k] for k in ("teacher", "student", "data", "objective", "training")}))
+    assert info["training"]["lr_scheduler_type"] == "cosine"
+    assert main(["distill", "--config", str(cfg), "--resume"]) == 0
+    before = load_file(run / f"checkpoint-{STEPS}" / "model.safetensors")
+    after = load_file(run / "student" / "model.safetensors")
+    assert max((after[k] - before[k]).abs().max().item() for k in after) > 1e-5
+    projectors = load_file(run / "mta_projectors.safetensors")  # own param group (projector_lr), also rescheduled
+    assert any(not torch.equal(v, before[f"mta_projectors.{k}"]) for k, v in projectors.items())
+
+
 def test_a_refused_resume_names_the_changed_keys_and_both_values(setup, uninterrupted):
     root, config = setup
     with pytest.raises(Exception) as e:

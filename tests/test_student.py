@@ -277,6 +277,32 @@ def test_hidden_channel_pruning_saves_and_reloads(tmp_path, kind, tied):
     assert torch.equal(emb, teacher.get_input_embeddings().weight[:, sel.hidden])
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_pruning_opt_to_its_embedding_width_folds_the_projections(tmp_path, tied):
+    """OPT-350m-like (word_embed_proj_dim 16 < hidden 32, post-norm) pruned to hidden_size 16 = the embedding width:
+    transformers builds no project_in/out at equal widths (before: a crash loading the pruned weights). They are
+    folded into the embeddings and the LM head, exactly: the logits equal the unfolded computation."""
+    torch.manual_seed(0)
+    teacher = OPTForCausalLM(OPTConfig(vocab_size=V, hidden_size=32, ffn_dim=48, num_attention_heads=4,
+                                       max_position_embeddings=64, word_embed_proj_dim=16, num_hidden_layers=2,
+                                       do_layer_norm_before=False, tie_word_embeddings=tied)).eval()
+    target = target_geometry(teacher, FromTeacher(hidden_size=16))
+    sel = select_units(magnitude_importance(teacher), Geometry.of(teacher.config), target, [1, 2])
+    student = prune_width(teacher, sel)
+    student.save_pretrained(tmp_path, safe_serialization=True)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    dec = again.model.decoder
+    assert dec.project_in is None and dec.project_out is None and again.config.hidden_size == 16
+    x = ids()
+    p_in = teacher.model.decoder.project_in.weight[sel.hidden]  # the projections as pruning leaves them
+    p_out = teacher.model.decoder.project_out.weight[:, sel.hidden]
+    with torch.no_grad():
+        h = dec(inputs_embeds=teacher.model.decoder.embed_tokens(x) @ p_in.T).last_hidden_state
+        unfolded = (h @ p_out.T) @ teacher.lm_head.weight.T
+        assert torch.allclose(again(x).logits, unfolded, atol=1e-5)
+        assert torch.equal(again(x).logits, student(x).logits)
+
+
 def test_magnitude_importance_ranks_weight_norms():
     teacher = tiny("llama")
     with torch.no_grad():
@@ -311,6 +337,86 @@ def test_bad_width_targets_name_key_value_and_constraint():
         target_geometry(tiny("gpt2"), FromTeacher(num_key_value_heads=2))
     with pytest.raises(ConfigError, match=r"hidden_size: 20 must be a multiple of the head_dim 8"):
         target_geometry(tiny("opt"), FromTeacher(hidden_size=20))
+
+
+@pytest.mark.parametrize("width", [{}, {"hidden_size": 16, "importance": "magnitude"}])
+def test_a_student_built_from_a_bf16_teacher_has_the_configured_dtype(width):
+    """student.dtype (float32 master weights by default) holds whatever the teacher's dtype (before: a student
+    built from a bf16 teacher was always bf16, trained in pure bf16)."""
+    from mtakd.student import build_student
+
+    teacher = tiny("llama").to(torch.bfloat16)
+    for dtype, want in (("float32", torch.float32), ("auto", torch.bfloat16), ("bfloat16", torch.bfloat16)):
+        cfg = build_config({"teacher": {"path": "t", "dtype": "bfloat16"}, "data": {"train": "d.jsonl"},
+                            "student": {"dtype": dtype, "from_teacher": {"num_layers": 1, **width}}})
+        student, _ = build_student(cfg, teacher, None, progress=False)
+        assert {p.dtype for p in student.parameters()} == {want}, dtype
+    assert teacher.dtype == torch.bfloat16
+
+
+def _nine_heads(tmp_path, tokenizer):
+    """A saved Llama teacher with SmolLM2-135M's head layout, scaled down: 9 query heads over 3 kv heads of
+    head_dim 8 (hidden 72), 4 blocks."""
+    torch.manual_seed(0)
+    d = tmp_path / "nine_heads"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=72, intermediate_size=96, num_hidden_layers=4,
+                                 num_attention_heads=9, num_key_value_heads=3, head_dim=8)).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+def test_a_hidden_size_the_teachers_heads_do_not_divide_gets_heads_that_do(tmp_path, tiny_tokenizer, caplog,
+                                                                           monkeypatch):
+    """`mtakd student ... hidden_size=384` on SmolLM2 (9 heads): LlamaConfig needs hidden_size % heads == 0. The
+    heads follow hidden_size / head_dim (said in the log) and the student saves and reloads (before: a crash
+    after calibration)."""
+    from mtakd import student as student_cmd
+
+    monkeypatch.setattr(student_cmd, "_told", set())  # said once per process
+    teacher = _nine_heads(tmp_path, tiny_tokenizer)
+    cfg = _config(tmp_path, teacher, hidden_size=48, num_key_value_heads=None, num_layers=None,
+                  layer_selection="even")
+    with caplog.at_level("WARNING", logger="mtakd.student"):
+        assert run_subcommand(student_cmd, ["student", "--config", str(cfg), "--out", str(tmp_path / "s")]) == 0
+    assert "refuses the teacher's 9 attention heads" in caplog.text
+    assert "keeps 6 query heads over 3 kv heads (head_dim 8)" in caplog.text
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    assert (again.config.hidden_size, again.config.num_attention_heads, again.config.num_key_value_heads,
+            again.config.head_dim) == (48, 6, 3, 8)
+    x = torch.randint(0, len(tiny_tokenizer), (1, 8))
+    assert torch.isfinite(again(x).logits).all()
+
+
+def test_width_targets_are_checked_against_the_config_class_before_any_weights(tmp_path, tiny_tokenizer, capsys,
+                                                                             monkeypatch):
+    """`distill --dry-run` and `mtakd student` refuse a hidden size that no head count fits, naming the key, the
+    value and what to set, before the teacher's weights are loaded; the dry run shows the heads it chose."""
+    import mtakd.models
+    from mtakd import student as student_cmd
+    from mtakd.cli import main
+
+    teacher = _nine_heads(tmp_path, tiny_tokenizer)
+    cfg = _config(tmp_path, teacher, hidden_size=40, num_key_value_heads=None, num_layers=None, layer_selection="even")
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights loaded before the width targets were checked")
+
+    monkeypatch.setattr(mtakd.models, "load_model", no_weights)
+    for argv in (["distill", "--config", str(cfg), "--dry-run"], ["distill", "--config", str(cfg)],
+                 ["student", "--config", str(cfg), "--out", str(tmp_path / "s")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert ("student.from_teacher.hidden_size: 40 with the teacher's 9 attention heads: The hidden size (40) is "
+                "not a multiple of the number of attention heads (9)") in err, err
+        assert "give student.from_teacher.num_attention_heads (and num_key_value_heads)" in err
+    assert main(["distill", "--config", str(cfg), "--dry-run", "student.from_teacher.hidden_size=48"]) == 0
+    resolved = json.loads(capsys.readouterr().out)["resolved"]
+    assert resolved["student_width"] == {"hidden": 48, "mlp": 32, "heads": 6, "kv": 3, "head_dim": 8}
+    assert main(["distill", "--config", str(cfg), "--dry-run", "student.from_teacher.hidden_size=48",
+                 "student.from_teacher.num_attention_heads=9"]) == 2
+    assert ("student.from_teacher: LlamaConfig refuses the student's sizes (hidden_size 48, intermediate_size 32, "
+            "num_attention_heads 9, num_key_value_heads 3): The hidden size (48) is not a multiple of the number of "
+            "attention heads (9); change the width targets") in capsys.readouterr().err
 
 
 def test_selection_matrix_maps_student_channels_back():

@@ -88,7 +88,9 @@ def resolve_key_layers(cfg: MTAConfig, n_student: int | None, n_teacher: int | N
         students = sorted(n_student - i * cfg.stride for i in range(cfg.num_key_layers))
         if students[0] < 1:
             raise ConfigError(
-                f"mta: {cfg.num_key_layers} key layers with stride {cfg.stride} do not fit a {n_student}-layer student"
+                f"mta: {cfg.num_key_layers} key layers with stride {cfg.stride} do not fit a {n_student}-layer student "
+                f"(the lowest would be layer {students[0]}); lower objective.mta.num_key_layers or objective.mta.stride, "
+                "or give objective.mta.key_layers (explicit pairs) or objective.mta.preset"
             )
         layers = [
             KeyLayer(s, phi(s, n_student, n_teacher), "word" if i < cfg.num_word_layers else "phrase")
