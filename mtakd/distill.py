@@ -138,14 +138,18 @@ def _prepare_output_dir(cfg: RunConfig, resume, overwrite: bool) -> Path:
 def _cpu_processes() -> None:
     """Several processes (torchrun, ``accelerate launch --multi_gpu``) on a machine without GPUs: DDP on CPU
     over gloo. accelerate and TrainingArguments read ACCELERATE_USE_CPU."""
-    import torch
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
         return
-    accel = getattr(torch, "accelerator", None)
-    has_device = accel.is_available() if accel is not None else torch.cuda.is_available()
-    if not has_device:
+    if not _has_accelerator():
         os.environ["ACCELERATE_USE_CPU"] = "true"
+
+
+def _has_accelerator() -> bool:
+    """A GPU (or another torch accelerator) is visible."""
+    import torch
+
+    accel = getattr(torch, "accelerator", None)
+    return accel.is_available() if accel is not None else torch.cuda.is_available()
 
 
 # ------------------------------------------------------------------------------------ building
@@ -310,8 +314,12 @@ def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool
     # DDP: the projectors are used in compute_loss, outside the student's forward, which DDP's unused-parameter
     # search would mark ready twice; every trainable parameter is used in every step, so the search is off
     ddp = {} if "ddp_find_unused_parameters" in cfg.training.extra_args else {"ddp_find_unused_parameters": False}
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "use_cpu" not in cfg.training.extra_args:
-        ddp["use_cpu"] = True  # (set by _cpu_processes on a machine without GPUs, or by `accelerate launch --cpu`)
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    # (set by _cpu_processes on a machine without GPUs, or by `accelerate launch --cpu`); bf16/fp16 without a GPU:
+    # TrainingArguments refuses them unless told to run on the CPU, where they are CPU autocast (docs/scaling.md)
+    if (on_cpu or ((cfg.training.bf16 or cfg.training.fp16) and not _has_accelerator())) \
+            and "use_cpu" not in cfg.training.extra_args:
+        ddp["use_cpu"] = True
     args = cfg.training.to_training_arguments(
         has_eval=val is not None, **ddp,
         **({"activation_checkpointing": True} if cfg.student.gradient_checkpointing else {}),

@@ -22,7 +22,7 @@ from .errors import NonFiniteLossError  # noqa: F401  (raised here; the CLI repo
 from .mta.loss import PROJECTORS, MTALoss
 from .objectives import Objective
 from .models import unwrap
-from .objectives.base import CachedLogProbs, HiddenHead
+from .objectives.base import CachedLogProbs, HiddenHead, apply_head
 
 logger = logging.getLogger(__name__)
 SPAN_KEYS = ("word_spans", "phrase_spans")
@@ -149,7 +149,7 @@ class DistillTrainer(Trainer):
         with torch.no_grad():
             for m, out in pairs:
                 got = _hidden_view(m, out).logits
-                a, b = got.head(got.hidden[:, -1]).float(), out.logits[:, -1].float()
+                a, b = apply_head(got.head, got.hidden[:, -1]).float(), out.logits[:, -1].float()
                 if a.shape != b.shape or not torch.allclose(a, b, rtol=0.05, atol=0.05 * float(b.abs().max().clamp_min(1))):
                     logger.warning("the LM head of %s does not reproduce its logits from the last hidden state: "
                                    "the chunked loss reads full logits instead", type(unwrap(m)).__name__)
