@@ -141,6 +141,12 @@ def _cpu_processes() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
         return
     if not _has_accelerator():
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+            raise ConfigError(
+                "FSDP needs GPUs: this machine has none, and accelerate runs CPU processes as MULTI_CPU (DDP over gloo), "
+                "ignoring the FSDP plugin (it shards only on MULTI_GPU and other accelerator types), so the run would "
+                "silently be DDP. Launch with --multi_gpu (or configs/accelerate/ddp.yaml) on a CPU machine "
+                "(docs/scaling.md, \"FSDP\")")
         os.environ["ACCELERATE_USE_CPU"] = "true"
 
 
