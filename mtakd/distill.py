@@ -257,6 +257,11 @@ def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool
     from accelerate import PartialState
 
     _cpu_processes()
+    if cfg.teacher.device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.teacher.cache:
+        raise ConfigError("teacher.device_map spreads the teacher over the devices of one process; with several "
+                          "processes each would place a whole teacher over the same GPUs. Run one process, or shard "
+                          "the teacher with DeepSpeed ZeRO-3 (configs/accelerate/deepspeed_zero3.yaml), or train from "
+                          "a teacher cache (docs/scaling.md, \"Large teachers\")")
     state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))
     out, checkpoint = _check_output_dir(cfg, resume, overwrite)  # every process, before anything is built
     state.wait_for_everyone()  # ... and before the main process may replace the directory

@@ -367,7 +367,14 @@ def build_cache(cfg: RunConfig, out: str | os.PathLike, *, top_k: int = 64, dtyp
     state.wait_for_everyone()
 
     device = state.device
-    teacher.to(device)
+    if getattr(teacher, "hf_device_map", None):  # teacher.device_map: left where transformers placed it
+        if len({str(d) for d in teacher.hf_device_map.values()}) > 1 or state.num_processes > 1:
+            raise ConfigError("cache-teacher does not support a teacher spread over several devices "
+                              "(teacher.device_map) or device-mapped teachers in several processes; build the cache "
+                              "with a teacher that fits one device per process (docs/scaling.md, \"Large teachers\")")
+        device = next(teacher.parameters()).device
+    else:
+        teacher.to(device)
     collate = Collator(tok.pad_token_id)
     bs = batch_size or cfg.training.per_device_eval_batch_size
     store = _DTYPES[dtype]

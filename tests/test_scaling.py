@@ -172,3 +172,61 @@ def test_an_fsdp_launch_without_gpus_is_refused_not_silently_ddp(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")  # plain multi-process CPU runs: DDP over gloo, as before
     d._cpu_processes()
     assert os.environ["ACCELERATE_USE_CPU"] == "true"
+
+
+# ------------------------------------------------------------------------------------------ large teachers
+@needs_spacy
+def test_teacher_device_map_auto_trains_like_a_placed_teacher(tmp_path, tiny_teacher_dir, tiny_narrow_student_dir,
+                                                              equal_length_jsonl, monkeypatch):
+    """``teacher.device_map: auto`` loads the teacher through transformers' device map (on this machine everything
+    lands on the CPU, where transformers sets no ``hf_device_map`` and the trainer places it as usual) and the run
+    equals the usual one. Spread over several GPUs, the trainer leaves it where it is (unit test below)."""
+    from transformers import AutoModelForCausalLM
+
+    seen = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        seen.append(kwargs.get("device_map"))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(from_pretrained))
+
+    def run(name, **teacher):
+        cfg = write_tiny_run_config(tmp_path / f"{name}.yaml", tiny_teacher_dir, tiny_narrow_student_dir,
+                                    equal_length_jsonl, tmp_path / name, tmp_path / "spans",
+                                    teacher=teacher, training={"max_steps": 2}, data={"max_samples": 8})
+        assert main(["distill", "--config", str(cfg)]) == 0
+        return [h for h in json.loads((tmp_path / name / "log_history.json").read_text()) if "loss" in h]
+
+    mapped, placed = run("mapped", device_map="auto"), run("placed")
+    assert seen == ["auto", None, None, None]  # (teacher, student) of each run
+    for a, b in zip(mapped, placed):
+        for k in ("loss", "loss_kd", "loss_dsa", "loss_hid", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6), k
+
+
+def test_device_map_outputs_are_gathered_on_the_batch_device_and_multi_process_is_refused(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    import mtakd.distill as d
+    from mtakd.config import ConfigError, build_config
+    from mtakd.trainer import _on_device, _spread
+
+    assert _spread(SimpleNamespace(hf_device_map={"model.embed": 0, "model.layers.9": 1, "lm_head": "cpu"}))
+    assert not _spread(SimpleNamespace(hf_device_map={"": "cpu"})) and not _spread(torch.nn.Linear(1, 1))
+    out = _on_device(SimpleNamespace(logits=torch.ones(1, 2, 3), hidden_states=(torch.ones(1, 2, 4),) * 3),
+                     torch.device("meta"))
+    assert out.logits.is_meta and all(h.is_meta for h in out.hidden_states)
+
+    base = {"student": {"path": "s"}, "data": {"train": ["x.jsonl"]}}
+    with pytest.raises(ValueError, match="does not apply to random_init"):
+        build_config({**base, "teacher": {"path": "t", "random_init": True, "device_map": "auto"}})
+    cfg = build_config({**base, "teacher": {"path": "t", "device_map": "auto"},
+                        "training": {"output_dir": str(tmp_path / "run")}})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    with pytest.raises(ConfigError, match="teacher.device_map spreads the teacher over the devices of one process"):
+        d.distill(cfg)
