@@ -230,3 +230,56 @@ def test_device_map_outputs_are_gathered_on_the_batch_device_and_multi_process_i
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     with pytest.raises(ConfigError, match="teacher.device_map spreads the teacher over the devices of one process"):
         d.distill(cfg)
+
+
+FSDP_YAML = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_reshard_after_forward: true
+  fsdp_state_dict_type: FULL_STATE_DICT
+  fsdp_cpu_ram_efficient_loading: false
+  fsdp_offload_params: false
+  fsdp_activation_checkpointing: false
+num_machines: 1
+machine_rank: 0
+num_processes: 2
+mixed_precision: 'no'
+rdzv_backend: static
+same_network: true
+main_training_function: main
+use_cpu: false
+"""
+
+
+@needs_spacy
+def test_fsdp2_on_two_cpu_processes_matches_one_process(tmp_path, tiny_teacher_dir, tiny_narrow_student_dir,
+                                                        equal_length_jsonl):
+    """configs/accelerate/fsdp.yaml's FSDP2 settings on 2 CPU processes (through tests/fsdp_cpu_shim.py, see there):
+    the student and its MTA projectors are sharded (DTensor parameters), the projectors keep their own optimiser group,
+    the teacher is a full frozen replica outside the optimiser, the LM heads are not fused; 2 processes × 2 sequences
+    give the loss, every component, the gradient norms and the exported weights (FULL_STATE_DICT, projectors moved to
+    mta_projectors.safetensors) of 1 process × 4, as DDP does (tests/test_distributed.py)."""
+    from tests.test_distributed import _assert_same_run, _free_port
+
+    def config(name, **training):
+        return write_tiny_run_config(tmp_path / f"{name}.yaml", tiny_teacher_dir, tiny_narrow_student_dir,
+                                     equal_length_jsonl, tmp_path / name, tmp_path / "spans", training=training)
+
+    assert main(["distill", "--config", str(config("single"))]) == 0
+    (tmp_path / "accelerate-fsdp.yaml").write_text(FSDP_YAML)
+    probe = tmp_path / "probe"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "accelerate-fsdp.yaml"),
+           "--main_process_port", str(_free_port()), str(REPO / "tests" / "fsdp_cpu_shim.py"),
+           "distill", "--config", str(config("fsdp", per_device_train_batch_size=2))]
+    proc = subprocess.run(cmd, cwd=REPO, env={**ENV, "MTAKD_FSDP_PROBE": str(probe), "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        info = json.loads((tmp_path / f"probe.rank{rank}.json").read_text())
+        assert info == {"distributed_type": "FSDP", "fsdp": True, "student_dtensor": True, "projectors_dtensor": True,
+                        "teacher_dtensor": False, "teacher_trainable": False, "teacher_in_optimizer": False,
+                        "projector_group": {"lr": 5e-4, "weight_decay": 0.0, "same_params": True},
+                        "fused_heads": False}, rank
+    _assert_same_run(tmp_path / "fsdp", tmp_path / "single")
