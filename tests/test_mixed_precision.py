@@ -266,3 +266,28 @@ def test_a_bf16_teacher_with_fused_heads_under_bf16(setup, spy_precision):
                                                     objective={"chunk_size": 7}))]) == 0
     _assert_finite(root / "bf16-teacher")
     assert spy_precision["mta_dtypes"] == {torch.float32}
+
+
+def test_liger_path_takes_a_bf16_teacher_head_with_float32_rows(monkeypatch):
+    """The Liger path (stand-in kernels of tests/test_fused_kernel.py) with accelerate's float32 hidden states and a
+    bf16 teacher head: rows are cast to each head's dtype (a dtype error in the kernel's matmul otherwise), and the
+    loss is the chunked path's up to bf16 rounding."""
+    from mtakd.config import ObjectiveConfig
+    from mtakd.objectives import fused
+    from mtakd.objectives.base import HiddenHead
+    from tests.test_fused_kernel import RefCE, RefJSD, make_labels, make_sides
+
+    monkeypatch.setattr(fused, "liger_kernels", lambda: fused.LigerKernels(RefJSD, RefCE))
+    monkeypatch.setattr(fused, "DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    losses = {}
+    for kernel in ("none", "liger"):
+        hidden, head, t_hidden, t_head = make_sides()
+        hidden = hidden.detach().float().requires_grad_()
+        head, t_head = head.float(), t_head.bfloat16()
+        obj = OBJECTIVES["js"](ObjectiveConfig(base="js", fused_kernel=kernel, chunk_size=4))
+        loss = obj.base_loss(HiddenHead(hidden, head), HiddenHead(t_hidden.float(), t_head), make_labels())[0]
+        loss.backward()
+        assert loss.dtype == torch.float32 and torch.isfinite(loss) and torch.isfinite(hidden.grad).all()
+        losses[kernel] = float(loss)
+    assert losses["liger"] == pytest.approx(losses["none"], rel=2e-2)
