@@ -326,10 +326,13 @@ def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool
     # search would mark ready twice; every trainable parameter is used in every step, so the search is off
     ddp = {} if "ddp_find_unused_parameters" in cfg.training.extra_args else {"ddp_find_unused_parameters": False}
     on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    # (set by _cpu_processes on a machine without GPUs, or by `accelerate launch --cpu`); bf16/fp16 without a GPU:
-    # TrainingArguments refuses them unless told to run on the CPU, where they are CPU autocast (docs/scaling.md)
-    if (on_cpu or ((cfg.training.bf16 or cfg.training.fp16) and not _has_accelerator())) \
-            and "use_cpu" not in cfg.training.extra_args:
+    if cfg.training.fp16 and (on_cpu or cfg.training.extra_args.get("use_cpu") or not _has_accelerator()):
+        raise ConfigError("training.fp16 needs a GPU: on the CPU accelerate turns fp16 mixed precision off (no autocast, "
+                          "no gradient scaler) and the run would silently train in float32; use training.bf16, which "
+                          "is CPU autocast to bfloat16 (docs/scaling.md, \"bf16\")")
+    # (set by _cpu_processes on a machine without GPUs, or by `accelerate launch --cpu`); bf16 without a GPU:
+    # TrainingArguments refuses it unless told to run on the CPU, where it is CPU autocast (docs/scaling.md)
+    if (on_cpu or (cfg.training.bf16 and not _has_accelerator())) and "use_cpu" not in cfg.training.extra_args:
         ddp["use_cpu"] = True
     args = cfg.training.to_training_arguments(
         has_eval=val is not None, **ddp,

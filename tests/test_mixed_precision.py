@@ -234,14 +234,11 @@ def test_bf16_chunked_and_unchunked_losses_agree(setup, chunk_size):
 
 # ------------------------------------------------------------------------------------------- resume, fp16
 @needs_spacy
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_run_resumes_like_an_uninterrupted_one(setup, precision):
-    """2 steps with a checkpoint after each; the last is deleted and the run resumed: same logs and weights.
-    fp16 on CPU: autocast to float16 with the Trainer's gradient scaler (its state is in the checkpoint)."""
+def test_bf16_run_resumes_like_an_uninterrupted_one(setup):
+    """2 steps with a checkpoint after each; the last is deleted and the run resumed: same logs and weights."""
     root, config = setup
-    name = f"resume-{precision}"
-    cfg = config(name, training={"bf16": precision == "bf16", "fp16": precision == "fp16", "save_steps": 1,
-                                 "save_total_limit": None})
+    name = "resume-bf16"
+    cfg = config(name, training={"save_steps": 1, "save_total_limit": None})
     assert main(["distill", "--config", str(cfg)]) == 0
     full = _assert_finite(root / name)
     want = load_file(root / name / "checkpoint-2" / "model.safetensors")
@@ -291,3 +288,19 @@ def test_liger_path_takes_a_bf16_teacher_head_with_float32_rows(monkeypatch):
         assert loss.dtype == torch.float32 and torch.isfinite(loss) and torch.isfinite(hidden.grad).all()
         losses[kernel] = float(loss)
     assert losses["liger"] == pytest.approx(losses["none"], rel=2e-2)
+
+
+def test_fp16_on_cpu_is_refused_because_accelerate_would_train_in_float32(setup, capsys):
+    """accelerate (1.16) turns fp16 off on the CPU (no autocast, no scaler: ``native_amp`` False), while bf16 is CPU
+    autocast; a ``training.fp16`` run without a GPU would silently be a float32 run, so mtakd stops it."""
+    import subprocess
+    import sys
+
+    probe = "from accelerate import Accelerator; a = Accelerator(cpu=True, mixed_precision='fp16'); print(a.native_amp, a.scaler)"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.split() == ["False", "None"], proc.stderr[-2000:]  # the documented limit
+    root, config = setup
+    cfg = config("fp16", training={"bf16": False, "fp16": True})
+    assert main(["distill", "--config", str(cfg)]) == 2
+    assert "training.fp16 needs a GPU" in capsys.readouterr().err
+    assert not (root / "fp16" / "log_history.json").exists()
