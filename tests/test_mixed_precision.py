@@ -1,6 +1,7 @@
-"""Mixed precision on CPU: ``training.bf16`` (and ``fp16``) run the models under CPU autocast; every base objective
-trains with and without MTA, with LoRA, from a teacher cache and with chunked or unchunked losses; MTA's geometry
-and the projectors stay float32; a float32 student keeps float32 (master) weights; a bf16 run resumes exactly.
+"""Mixed precision on CPU: ``training.bf16`` runs the models under CPU autocast; every base objective trains with and
+without MTA, with LoRA, from a teacher cache and with chunked or unchunked losses; MTA's geometry and the projectors
+stay float32; a float32 student keeps float32 (master) weights; a bf16 run resumes exactly. ``training.fp16`` is
+refused on CPU (accelerate would silently train in float32).
 
 Tiny models (a 4-layer 32-wide teacher, a 2-layer 16-wide student, 400-token vocabulary), 4 examples, 2 steps."""
 
