@@ -136,10 +136,12 @@ def test_gpu_check_child_measures_a_run_on_cpu(tmp_path, tiny_teacher_dir, tiny_
 
 # ------------------------------------------------------------------------------------------------- FSDP
 ACCELERATE_FSDP_PROBE = """
+import sys
 from accelerate import Accelerator
 from accelerate.utils import FullyShardedDataParallelPlugin
 acc = Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
-print("RESULT", acc.state.process_index, acc.state.distributed_type.value, acc.is_fsdp2, flush=True)
+with open(f"{sys.argv[1]}.{acc.state.process_index}", "w") as fh:
+    fh.write(f"{acc.state.process_index} {acc.state.distributed_type.value} {acc.is_fsdp2}")
 """
 
 
@@ -152,9 +154,10 @@ def test_accelerate_does_not_run_fsdp_on_cpu_processes(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(ACCELERATE_FSDP_PROBE)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(_free_port()), str(script)], env=ENV, capture_output=True, text=True, timeout=300)
+                           str(_free_port()), str(script), str(tmp_path / "result")], env=ENV, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = sorted(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT"))
+    results = [(tmp_path / f"result.{rank}").read_text().split() for rank in (0, 1)]
     assert results == [["0", "MULTI_CPU", "False"], ["1", "MULTI_CPU", "False"]]
 
 
