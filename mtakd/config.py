@@ -71,11 +71,17 @@ class TeacherConfig(ModelSource):
         None, description="a directory `mtakd cache-teacher` wrote for this run: the trainer reads the teacher's "
         "signals from it instead of running the teacher (docs/teacher_cache.md); the source above still names the "
         "teacher (tokenizer, fingerprint)")
+    device_map: str | dict[str, Any] | None = Field(
+        None, description="a teacher too big for one GPU: `auto` (or a transformers device map) spreads its layers "
+        "over the GPUs (and CPU) of one process; single-process runs only (docs/scaling.md, \"Large teachers\")")
 
     @model_validator(mode="after")
     def _has_source(self):
         if not (self.path or self.package):
             raise ValueError("teacher needs `path` (hub id / local dir) or `package`")
+        if self.device_map is not None and (self.random_init or self.gguf_file):
+            raise ValueError("teacher.device_map loads pretrained safetensors weights over several devices; it does "
+                             "not apply to random_init or gguf_file teachers")
         return self
 
 

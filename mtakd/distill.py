@@ -183,14 +183,24 @@ def _prepare_output_dir(cfg: RunConfig, resume, overwrite: bool) -> Path:
 def _cpu_processes() -> None:
     """Several processes (torchrun, ``accelerate launch --multi_gpu``) on a machine without GPUs: DDP on CPU
     over gloo. accelerate and TrainingArguments read ACCELERATE_USE_CPU."""
-    import torch
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
         return
-    accel = getattr(torch, "accelerator", None)
-    has_device = accel.is_available() if accel is not None else torch.cuda.is_available()
-    if not has_device:
+    if not _has_accelerator():
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+            raise ConfigError(
+                "FSDP needs GPUs: this machine has none, and accelerate runs CPU processes as MULTI_CPU (DDP over gloo), "
+                "ignoring the FSDP plugin (it shards only on MULTI_GPU and other accelerator types), so the run would "
+                "silently be DDP. Launch with --multi_gpu (or configs/accelerate/ddp.yaml) on a CPU machine "
+                "(docs/scaling.md, \"FSDP\")")
         os.environ["ACCELERATE_USE_CPU"] = "true"
+
+
+def _has_accelerator() -> bool:
+    """A GPU (or another torch accelerator) is visible."""
+    import torch
+
+    accel = getattr(torch, "accelerator", None)
+    return accel.is_available() if accel is not None else torch.cuda.is_available()
 
 
 # ------------------------------------------------------------------------------------ building
@@ -292,6 +302,11 @@ def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool
     from accelerate import PartialState
 
     _cpu_processes()
+    if cfg.teacher.device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.teacher.cache:
+        raise ConfigError("teacher.device_map spreads the teacher over the devices of one process; with several "
+                          "processes each would place a whole teacher over the same GPUs. Run one process, or shard "
+                          "the teacher with DeepSpeed ZeRO-3 (configs/accelerate/deepspeed_zero3.yaml), or train from "
+                          "a teacher cache (docs/scaling.md, \"Large teachers\")")
     state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))
     out, checkpoint = _check_output_dir(cfg, resume, overwrite)  # every process, before anything is built
     check_cheaply(cfg)  # data files, layer map, width targets: before any weights are loaded
@@ -364,8 +379,15 @@ def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool
     # DDP: the projectors are used in compute_loss, outside the student's forward, which DDP's unused-parameter
     # search would mark ready twice; every trainable parameter is used in every step, so the search is off
     ddp = {} if "ddp_find_unused_parameters" in cfg.training.extra_args else {"ddp_find_unused_parameters": False}
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "use_cpu" not in cfg.training.extra_args:
-        ddp["use_cpu"] = True  # (set by _cpu_processes on a machine without GPUs, or by `accelerate launch --cpu`)
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    if cfg.training.fp16 and (on_cpu or cfg.training.extra_args.get("use_cpu") or not _has_accelerator()):
+        raise ConfigError("training.fp16 needs a GPU: on the CPU accelerate turns fp16 mixed precision off (no autocast, "
+                          "no gradient scaler) and the run would silently train in float32; use training.bf16, which "
+                          "is CPU autocast to bfloat16 (docs/scaling.md, \"bf16\")")
+    # (set by _cpu_processes on a machine without GPUs, or by `accelerate launch --cpu`); bf16 without a GPU:
+    # TrainingArguments refuses it unless told to run on the CPU, where it is CPU autocast (docs/scaling.md)
+    if (on_cpu or (cfg.training.bf16 and not _has_accelerator())) and "use_cpu" not in cfg.training.extra_args:
+        ddp["use_cpu"] = True
     args = cfg.training.to_training_arguments(
         has_eval=val is not None, **ddp,
         **({"activation_checkpointing": True} if cfg.student.gradient_checkpointing else {}),

@@ -272,6 +272,7 @@ def load_model(src: ModelSource):
         model = AutoModelForCausalLM.from_pretrained(
             where, revision=src.revision, dtype=_DTYPES[src.dtype], trust_remote_code=src.trust_remote_code,
             use_safetensors=True,
+            **({"device_map": src.device_map} if getattr(src, "device_map", None) is not None else {}),  # teacher only
         )
     except ValueError as e:
         if "Unrecognized configuration class" in str(e) or "does not recognize this architecture" in str(e):

@@ -396,10 +396,15 @@ def build_cache(cfg: RunConfig, out: str | os.PathLike, *, top_k: int = 64, dtyp
         "top_k": k, "dtype": dtype, "logprob_dtype": "float32" if k else dtype, "shard_size": shard_size,
     }
     manifest_path = out / MANIFEST
+    state = _process_state()
+    # every process checks the directory (read only: all see the same files and decide alike), then the main one
+    # clears it (--overwrite) and writes the initial manifest while the others wait
     if out.exists() and any(out.iterdir()):
         old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
         if overwrite and old is not None:
-            shutil.rmtree(out)
+            state.wait_for_everyone()
+            if state.is_main_process:
+                shutil.rmtree(out)
         elif old is None:
             raise FileExistsError(f"--out {out} is not empty and holds no teacher cache; choose another directory")
         elif old.get("complete") and _same_build(old, identity):
@@ -408,41 +413,62 @@ def build_cache(cfg: RunConfig, out: str | os.PathLike, *, top_k: int = 64, dtyp
         elif not _same_build(old, identity):
             raise FileExistsError(f"--out {out} holds a teacher cache built with other settings; pass --overwrite "
                                   "to replace it, or choose another directory")
-    out.mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()
 
     # the run's token sequences (spans are not needed: they come from the data at training time)
     token_cfg = cfg.model_copy(deep=True)
     if token_cfg.objective.mta is not None:
         token_cfg.objective.mta.enabled = False
-    train, val, _ = build_datasets(token_cfg, tok, progress=progress, objective=objective)
+    train, val, _ = build_datasets(token_cfg, tok, progress=progress and state.is_main_process, objective=objective)
     splits = {"train": train, "validation": val}
     identity["examples"] = {s: (0 if d is None else len(d)) for s, d in splits.items()}
     manifest = {**identity, "mtakd_version": __version__, "complete": False}
-    _write_json(manifest_path, manifest)
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(manifest_path, manifest)
+    state.wait_for_everyone()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher.to(device)
+    device = state.device
+    if getattr(teacher, "hf_device_map", None):  # teacher.device_map: left where transformers placed it
+        if len({str(d) for d in teacher.hf_device_map.values()}) > 1 or state.num_processes > 1:
+            raise ConfigError("cache-teacher does not support a teacher spread over several devices "
+                              "(teacher.device_map) or device-mapped teachers in several processes; build the cache "
+                              "with a teacher that fits one device per process (docs/scaling.md, \"Large teachers\")")
+        device = next(teacher.parameters()).device
+    else:
+        teacher.to(device)
     collate = Collator(tok.pad_token_id)
     bs = batch_size or cfg.training.per_device_eval_batch_size
     store = _DTYPES[dtype]
+    # data parallel: shard j (numbered over both splits) is computed and written by process j mod num_processes;
+    # a shard's batches do not depend on who computes it, so the files are those of a single-process build
+    mine = [(split, j, lo, hi) for n_, (split, j, lo, hi) in enumerate(_shards(identity["examples"], shard_size))
+            if n_ % state.num_processes == state.process_index]
+    with tqdm(total=sum(hi - lo for *_, lo, hi in mine), desc="caching teacher", unit="example",
+              disable=not (progress and state.is_main_process)) as bar:
+        for split, j, lo, hi in mine:
+            data = splits[split]
+            path = out / f"{split}-{j:05d}.safetensors"
+            if path.is_file():  # finished by an earlier (interrupted) build
+                bar.update(hi - lo)
+                continue
+            parts: dict[str, list] = {}
+            for a in range(lo, hi, bs):
+                batch = collate([data[i] for i in range(a, min(hi, a + bs))])
+                for name, x in _teacher_entries(teacher, batch, layers, mta, k, store, device, _upcast,
+                                                vocab).items():
+                    parts.setdefault(name, []).append(x)
+                bar.update(min(hi, a + bs) - a)
+            _save_atomic({name: torch.cat(x).contiguous() for name, x in parts.items()}, path)
+    state.wait_for_everyone()  # every shard is written: the main process completes the manifest
     total = sum(identity["examples"].values())
-    with tqdm(total=total, desc="caching teacher", unit="example", disable=not progress) as bar:
-        for split, data in splits.items():
-            n = identity["examples"][split]
-            for j in range(-(-n // shard_size)):
-                path = out / f"{split}-{j:05d}.safetensors"
-                lo, hi = j * shard_size, min(n, (j + 1) * shard_size)
-                if path.is_file():  # finished by an earlier (interrupted) build
-                    bar.update(hi - lo)
-                    continue
-                parts: dict[str, list] = {}
-                for a in range(lo, hi, bs):
-                    batch = collate([data[i] for i in range(a, min(hi, a + bs))])
-                    for name, x in _teacher_entries(teacher, batch, layers, mta, k, store, device, _upcast,
-                                                    vocab).items():
-                        parts.setdefault(name, []).append(x)
-                    bar.update(min(hi, a + bs) - a)
-                _save_atomic({name: torch.cat(x).contiguous() for name, x in parts.items()}, path)
+    if not state.is_main_process:
+        state.wait_for_everyone()
+        return out
+    missing = [f"{split}-{j:05d}" for split, j, _, _ in _shards(identity["examples"], shard_size)
+               if not (out / f"{split}-{j:05d}.safetensors").is_file()]
+    if missing:
+        raise RuntimeError(f"teacher cache {out}: shards {missing} were not written")
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     manifest["layers"]["widths"] = {str(l): w for l, w in zip(layers, hidden_widths(teacher, layers))}
     manifest.update(complete=True, size_bytes=size, bytes_per_example=round(size / max(total, 1)),
@@ -450,7 +476,25 @@ def build_cache(cfg: RunConfig, out: str | os.PathLike, *, top_k: int = 64, dtyp
     _write_json(manifest_path, manifest)
     log.info("teacher cache: %d examples, %.1f MB (%.0f kB per example) in %s", total, size / 1e6,
              size / max(total, 1) / 1e3, out)
+    state.wait_for_everyone()
     return out
+
+
+def _shards(examples: dict[str, int], shard_size: int) -> list[tuple[str, int, int, int]]:
+    """(split, shard number, first example, end) of every shard of the cache, in writing order."""
+    return [(split, j, j * shard_size, min(n, (j + 1) * shard_size))
+            for split, n in examples.items() for j in range(-(-n // shard_size))]
+
+
+def _process_state():
+    """accelerate's process state: one process, or those `accelerate launch` / torchrun started (over gloo on a
+    machine without GPUs, as `mtakd distill` does), each on its own device."""
+    from accelerate import PartialState
+
+    from .distill import _cpu_processes
+
+    _cpu_processes()
+    return PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))
 
 
 def _same_build(old: dict, new: dict) -> bool:
@@ -508,6 +552,13 @@ def _cmd_cache_teacher(args) -> int:
     cfg = load_config(args.config, args.overrides)
     out = build_cache(cfg, args.out, top_k=args.top_k, dtype=args.dtype, batch_size=args.batch_size,
                       shard_size=args.shard_size, overwrite=args.overwrite)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # `accelerate launch`: one line, from the main process
+        main_process = dist.get_rank() == 0
+        dist.destroy_process_group()
+        if not main_process:
+            return 0
     print(f"teacher cache written to {out}; train with `mtakd distill --config {args.config} teacher.cache={out}`")
     return 0
 
@@ -518,7 +569,8 @@ def add_parser(sub) -> None:
         description="Cache what the trainer needs from the teacher (top-k log-probabilities at the response\n"
         "positions, MTA's key-layer hidden states and importance weights) for the training and validation examples of a\n"
         "run config; `mtakd distill ... teacher.cache=DIR` then trains without running the teacher.\n"
-        "Interrupted builds resume (finished shards are kept). See docs/teacher_cache.md.",
+        "Interrupted builds resume (finished shards are kept). Data parallel under `accelerate launch` / torchrun:\n"
+        "each process computes and writes its share of the shards. See docs/teacher_cache.md.",
         config_help="the run config the cache is for",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="cache directory")

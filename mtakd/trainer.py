@@ -23,7 +23,7 @@ from .errors import NonFiniteLossError  # noqa: F401  (raised here; the CLI repo
 from .mta.loss import PROJECTORS, MTALoss
 from .objectives import Objective
 from .models import no_progress_bars, unwrap
-from .objectives.base import CachedLogProbs, HiddenHead
+from .objectives.base import CachedLogProbs, HiddenHead, apply_head
 
 logger = logging.getLogger(__name__)
 SPAN_KEYS = ("word_spans", "phrase_spans")
@@ -133,7 +133,8 @@ class DistillTrainer(Trainer):
             models = [self.model] + ([self.teacher] if self.teacher is not None else [])
             zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
             self._fuse = bool(obj.accepts_hidden_head and obj.cfg.chunk_size > 0 and not self.is_fsdp_enabled
-                              and not zero3 and all(_plain_head(m) for m in models))
+                              and not zero3 and all(_plain_head(m) for m in models)
+                              and not (self.teacher is not None and _spread(self.teacher)))
         return self._fuse
 
     def _forward(self, model, fwd, need_hidden, fuse):
@@ -170,7 +171,8 @@ class DistillTrainer(Trainer):
                     "and the teacher is not loaded (its teacher_cache_use() must be 'partial')")
             return None
         with torch.no_grad():
-            return self._forward(self.teacher, fwd, need_hidden, bool(self._fuse))  # as the student's
+            out = self._forward(self.teacher, fwd, need_hidden, bool(self._fuse))  # as the student's
+        return _on_device(out, fwd["input_ids"].device) if _spread(self.teacher) else out
 
     def _is_finite(self, loss, logged) -> bool:
         if torch.isfinite(loss):
@@ -377,6 +379,22 @@ def _hidden_view(model, out):
     return types.SimpleNamespace(logits=HiddenHead(out.hidden_states[-1], head), hidden_states=out.hidden_states)
 
 
+def _spread(model) -> bool:
+    """The model was loaded with a ``device_map`` over more than one device (``teacher.device_map``)."""
+    return len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1
+
+
+def _on_device(out, device):
+    """A device-mapped teacher's outputs on the batch's device: its logits come from the last device's head and its
+    hidden states from the devices of their layers (the losses and MTA combine them with the student's)."""
+    fields = {k: getattr(out, k, None) for k in ("logits", "hidden_states")}
+    if fields["logits"] is not None:
+        out.logits = fields["logits"].to(device)
+    if fields["hidden_states"] is not None:
+        out.hidden_states = tuple(h.to(device) for h in fields["hidden_states"])
+    return out
+
+
 def _plain_head(model) -> bool:
     """The model's forward accepts ``logits_to_keep`` and its logits are just ``head(last hidden state)``."""
     inner = unwrap(model)
@@ -393,7 +411,7 @@ def head_reproduces(model, hidden: torch.Tensor, logits: torch.Tensor) -> bool:
     post-processes in ways :func:`_plain_head` cannot see from the config (Granite's ``logits_scaling``, a custom
     forward). The runtime guard of both fused paths: the trainer's chunked loss and the teacher-forced metrics."""
     with torch.no_grad():
-        a, b = unwrap(model).get_output_embeddings()(hidden).float(), logits.float()
+        a, b = apply_head(unwrap(model).get_output_embeddings(), hidden).float(), logits.float()
         return a.shape == b.shape and torch.allclose(a, b, rtol=0.05, atol=0.05 * float(b.abs().max().clamp_min(1)))
 
 

@@ -163,7 +163,17 @@ class MTALoss:
         ``phrase_spans`` ``[B, K, T_T]``): the teacher tokenised the text with its own tokenizer
         (``objective.cross_tokenizer``). Unit k of both sides is the same character span; each model pools its own
         tokens of a unit with its own importance weights (``weights: uniform``: uniformly), the span weights w^sp
-        are the teacher's (``weights: student``: the student's), and L_Hid is unit-level (docs/method.md)."""
+        are the teacher's (``weights: student``: the student's), and L_Hid is unit-level (docs/method.md).
+
+        Precision: computed with autocast off (``training.bf16`` / ``fp16`` runs the models under autocast), on states
+        upcast to float32, with float32 projectors: the cosines, normalisations, attention scores of the importance
+        weights and the projections are float32 whatever the models' precision (docs/scaling.md, "bf16")."""
+        with torch.autocast(attention_mask.device.type, enabled=False):
+            return self._terms(student_hidden, teacher_hidden, attention_mask, spans, projectors, teacher_weights,
+                               teacher_attention_mask, teacher_spans)
+
+    def _terms(self, student_hidden, teacher_hidden, attention_mask, spans, projectors, teacher_weights,
+               teacher_attention_mask, teacher_spans) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         mask = attention_mask.bool()
         members = self._layer_spans(spans)  # [L,B,K,T]

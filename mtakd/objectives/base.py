@@ -227,7 +227,7 @@ class _Rows:
         return self.flat.detach().index_select(0, self.index[lo:hi])
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.head is None else self.head(x)
+        return x if self.head is None else apply_head(self.head, x)
 
     def chunk(self, lo: int, hi: int):
         """The teacher's logits of rows ``lo:hi``, or the cache's :class:`CachedLogProbs` of those rows."""
@@ -331,6 +331,15 @@ def chunked_cross_entropy(student, labels: torch.Tensor, chunk_size: int) -> tor
         return (F.cross_entropy(_upcast(z), y[lo:hi], reduction="sum"),)
 
     return chunked_row_loss(student, None, mask, score, chunk_size)[0] / max(int(y.numel()), 1)
+
+
+def apply_head(head, x: torch.Tensor) -> torch.Tensor:
+    """``head(x)`` with ``x`` cast to the head's weight dtype: under mixed precision accelerate hands back the models'
+    hidden states in float32, while a bf16 model's head (e.g. a ``teacher.dtype: bfloat16`` teacher) holds bf16
+    weights; the loss runs outside the models' autocast, so the rows are cast as the model's own head would see
+    them. A float32 head computes in float32."""
+    dtype = next((p.dtype for p in _parameters(head) if p.is_floating_point()), x.dtype)
+    return head(x if x.dtype == dtype else x.to(dtype))
 
 
 def _parameters(head) -> list[torch.Tensor]:
