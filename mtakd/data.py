@@ -13,6 +13,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .errors import DataError  # noqa: F401  (raised here, defined in the leaf mtakd.errors)
+
 log = logging.getLogger(__name__)
 
 FIELDS = {  # canonical field -> accepted names (Alpaca/MiniLLM, Dolly, prompt/completion)
@@ -34,10 +36,6 @@ RAW = "{instruction}\n"
 RAW_INPUT = "{instruction}\n{input}\n"
 TEMPLATES = {"alpaca": (ALPACA, ALPACA_INPUT), "raw": (RAW, RAW_INPUT)}  # (without input, with input)
 _PROBE = "\ue000mtakd-user-content\ue001"  # stands in for the user's text to find where a chat template puts it
-
-
-class DataError(ValueError):
-    """Unusable input data; the message names the file and line."""
 
 
 @dataclass(frozen=True)

