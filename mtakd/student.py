@@ -29,11 +29,13 @@ from torch import nn
 
 from .config import ConfigError, FromTeacher, RunConfig, add_config_command, load_config
 from .metrics import response_nll
-from .models import ModelError, block_list, even_layers, plain_copy, select_student
+from .models import (  # noqa: F401  (hidden_channels, selection_matrix: re-exported)
+    HIDDEN_CHANNELS, ModelError, block_list, even_layers, hidden_channels, plain_copy, select_student,
+    selection_matrix,
+)
 
 log = logging.getLogger(__name__)
 
-HIDDEN_CHANNELS = "mtakd_hidden_channels"  # config attribute: teacher channel of each student channel
 STUDENT_FILE = "student.json"
 
 
@@ -627,19 +629,6 @@ def build_student(cfg: RunConfig, teacher: nn.Module, tokenizer, *, progress: bo
     if student.dtype != dtype:  # student.dtype (float32 master weights by default), whatever the teacher's
         student.to(dtype)
     return student, report
-
-
-def selection_matrix(channels: list[int], d_teacher: int) -> torch.Tensor:
-    """The ``[d_T, d_S]`` weight of a Linear(d_S, d_T) mapping student channel j back to the teacher channel
-    ``channels[j]`` it was kept from (1 there, 0 elsewhere): the ``selection`` projector init (MTA_SPEC §7)."""
-    w = torch.zeros(d_teacher, len(channels))
-    w[torch.as_tensor(channels), torch.arange(len(channels))] = 1.0
-    return w
-
-
-def hidden_channels(model: nn.Module) -> list[int] | None:
-    """The teacher channel of each hidden channel of a student pruned from the teacher (None if not pruned)."""
-    return getattr(getattr(model, "config", None), HIDDEN_CHANNELS, None)
 
 
 # ------------------------------------------------------------------------------------------- CLI

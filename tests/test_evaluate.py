@@ -560,7 +560,7 @@ def _tiny_granite(tok, seed, scaling=8.0):
 
 
 def test_teacher_forced_metrics_follow_heads_that_scale_their_logits(tiny):
-    """Granite divides its logits by config.logits_scaling, which _plain_head cannot see: the runtime guard (the
+    """Granite divides its logits by config.logits_scaling, which plain_head cannot see: the runtime guard (the
     head of the last hidden state against the returned last logits) must send both models to their full logits."""
     from mtakd.data import Collator, Example
     from mtakd.metrics import TeacherReference, batch_stats

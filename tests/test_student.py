@@ -12,9 +12,9 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Lla
                           MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from mtakd.config import ConfigError, FromTeacher, build_config
-from mtakd.models import ModelError, block_list
+from mtakd.models import ModelError, block_list, selection_matrix
 from mtakd.student import (Geometry, Importance, Selection, activation_importance, arch_of, magnitude_importance,
-                           prune_width, select_units, selection_matrix, target_geometry)
+                           prune_width, select_units, target_geometry)
 from tests.conftest import EXAMPLES, needs_smollm2, needs_spacy, run_subcommand
 
 V = 64
