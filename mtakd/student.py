@@ -643,7 +643,7 @@ def make_student(cfg: RunConfig, out: Path, progress: bool = True) -> dict:
     if cfg.student.from_teacher is None:
         raise ConfigError("mtakd student: the config's student section needs `from_teacher` (the student is built "
                           "from the teacher)")
-    from .distill import check_data_files
+    from .data import check_data_files
     from .models import load_config as load_model_config
 
     ft = cfg.student.from_teacher

@@ -451,7 +451,7 @@ def _config(tmp_path, teacher_dir, **student):
 def test_student_command_saves_report_and_distill_builds_the_same_student(tmp_path, tiny_teacher_dir, capsys):
     from mtakd import student as student_cmd
     from mtakd.config import load_config
-    from mtakd.distill import build_models
+    from mtakd.run import build_models
 
     cfg_path = _config(tmp_path, tiny_teacher_dir)
     assert run_subcommand(student_cmd, ["student", "--config", str(cfg_path), "--out", str(tmp_path / "s")]) == 0
@@ -482,7 +482,7 @@ def test_distill_from_the_saved_student_trains_with_selection_projectors(tmp_pat
     from mtakd import student as student_cmd
     from mtakd.cli import main
     from mtakd.config import load_config
-    from mtakd.distill import build_models
+    from mtakd.run import build_models
     from mtakd.mta import MTALoss, resolve_key_layers
 
     cfg_path = _config(tmp_path, tiny_teacher_dir)
