@@ -4,6 +4,11 @@ A config has six sections — ``teacher``, ``student``, ``data``, ``objective`` 
 optional ``mta`` block), ``training`` (mapped onto :class:`transformers.TrainingArguments`) and
 ``eval``. Unknown keys and bad values stop with a message naming the key, the value and what is
 allowed.
+
+The checks that need a registry (base objective names and options, MTA presets, the fused kernels) import it
+when a config is validated; the registries (:mod:`mtakd.objectives`, :mod:`mtakd.mta`) and :mod:`mtakd.models`
+import nothing from here at runtime, so there is no circle. :func:`add_source_arguments` /
+:func:`source_from_args` read a :class:`ModelSource` from the command line (``evaluate``, ``generate``).
 """
 
 from __future__ import annotations

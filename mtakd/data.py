@@ -1,5 +1,6 @@
 """Instruction data: JSONL loading with clear errors, prompt formatting, tokenisation with response-only
-labels, semantic-unit spans mapped onto tokens, and the padding collator."""
+labels, semantic-unit spans mapped onto tokens, the padding collator, and the check that a run's data files
+parse (:func:`check_data_files`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`mtakd distill` (and `mtakd spans`, `mtakd objectives`): from a config to a saved student."""
+"""`mtakd distill` (and `mtakd objectives`): from a config to a saved student — the output directory, training,
+export. What a run needs before training (layer map, checks, models, datasets) is :mod:`mtakd.run`'s."""
 
 from __future__ import annotations
 

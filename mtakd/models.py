@@ -1,5 +1,11 @@
 """Loading teachers and students (hub id, local dir, GGUF, or a package that ships a GGUF), building a
-student by layer selection from the teacher, and saving the trained student as a plain HF model."""
+student by layer selection from the teacher, and saving the trained student as a plain HF model.
+
+Also the facts about a loaded model that the trainer, the metrics, MTA and the students share: whether its
+logits are a plain LM head of its last hidden state (:func:`plain_head`, :func:`head_reproduces`,
+:func:`apply_head`), the wrapped model (:func:`unwrap`), the vocabulary (:func:`shared_vocabulary`) and the
+hidden channels a pruned student kept (:func:`hidden_channels`, :func:`selection_matrix`). Below the config:
+it imports no other mtakd module at runtime but :mod:`mtakd.errors`."""
 
 from __future__ import annotations
 
