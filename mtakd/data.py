@@ -563,10 +563,15 @@ class CrossCollator:
 
 
 # ---------------------------------------------------------------------------------- collation
+def length_order(lengths) -> list[int]:
+    """Indices of items in order of length, shortest first (a stable sort: equal lengths keep their order)."""
+    return sorted(range(len(lengths)), key=lambda i: lengths[i])
+
+
 def length_batches(lengths, batch_size: int) -> list[list[int]]:
-    """Indices of items grouped ``batch_size`` at a time in order of length (shortest first): batches of
+    """Indices of items grouped ``batch_size`` at a time in order of length (:func:`length_order`): batches of
     similar length, so little padding. Used wherever values are per item and batching must not change them."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    order = length_order(lengths)
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 

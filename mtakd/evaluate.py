@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, ModelSource, add_source_arguments, source_from_args
-from .data import DataError, Record, format_prompt, load_records
+from .data import DataError, Record, format_prompt, length_order, load_records
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ def generate(
     from transformers import set_seed
 
     eos = set(gen_config.eos_token_id if isinstance(gen_config.eos_token_id, list) else [gen_config.eos_token_id])
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    order = length_order([len(p) for p in prompt_ids])  # continuous batching takes them in this order
     out: list[str] = [""] * len(prompt_ids)
     n_new = 0
     set_seed(seed)
