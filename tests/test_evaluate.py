@@ -270,7 +270,7 @@ def test_greedy_equals_unsorted_one_by_one_transformers_generate(tiny):
 def test_finished_rows_leave_the_batch(tiny):
     """A row that has produced EOS is not computed any more: the forward passes shrink to the rows still
     generating, and each row's tokens stop at its EOS."""
-    from mtakd.evaluate import _left_pad, decode_batch
+    from mtakd.decoding import _left_pad, decode_batch
 
     model, tok, _ = tiny
     ids = _prompt_ids(tok, _records(4))
