@@ -1163,7 +1163,7 @@ def prepare_assets(args, out: Path, units) -> None:
     if BUDGETS[args.budget].get("student") == "pruned":
         target = args.assets / "pruned-student"
         if not (target / "student.json").is_file():
-            from mtakd.student import format_table, make_student
+            from mtakd.student_cli import format_table, make_student
 
             print(f"building the pruned student into {target} ...", flush=True)
             start = time.perf_counter()
