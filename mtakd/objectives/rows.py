@@ -24,7 +24,7 @@ class CachedLogProbs:
     token ids ``ids [N, k]`` of its top-k and ``rest [N]``, the log of the teacher's mass outside them (computed
     from its full distribution when the cache was built, :meth:`top_k`), or ``ids`` and ``rest`` None when ``logp``
     covers the whole vocabulary ``[N, V]``. Stands in for the teacher's ``logits`` in
-    :meth:`TokenDivergence.kd_loss`."""
+    :meth:`.base.TokenDivergence.kd_loss`."""
 
     logp: torch.Tensor
     ids: torch.Tensor | None
@@ -48,7 +48,7 @@ class CachedLogProbs:
 
 def shared_rows(*rows: int, vocab: int | None = None) -> int:
     """The rows two next-token distributions are compared on: those both heads have (``rows``), cut to the
-    tokenizer's ``vocab`` ids when known (:meth:`Objective.set_vocabulary`): padded rows are left out."""
+    tokenizer's ``vocab`` ids when known (:meth:`.base.Objective.set_vocabulary`): padded rows are left out."""
     return min([*rows, *([vocab] if vocab else [])])
 
 
@@ -56,7 +56,7 @@ def log_rest(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """``log Σ_{v ∉ ids} p(v)`` per row ``[N, 1]`` from full log-probabilities ``logp [N, V]``: the logsumexp of
     ``logp`` with the ``ids`` masked, so a vanishing rest keeps its relative precision (``1 − Σ_ids p`` cannot
     resolve a rest below float32's ~6e-8). With every id masked the result is ``≤ log(tiny)`` (see
-    :func:`topk_buckets`), never NaN, and differentiable."""
+    :func:`.base.topk_buckets`), never NaN, and differentiable."""
     return logp.scatter(-1, ids, torch.finfo(logp.dtype).min).logsumexp(-1, keepdim=True)
 
 
