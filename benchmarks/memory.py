@@ -147,7 +147,7 @@ def run_demo(name: str, chunk: int, steps: int) -> dict:
 
     from mtakd.config import load_config
     from mtakd.data import Collator
-    from mtakd.distill import build_datasets, build_models
+    from mtakd.run import build_datasets, build_models
     from mtakd.mta import PROJECTORS, MTALoss, resolve_key_layers
 
     torch.manual_seed(0)

@@ -65,7 +65,7 @@ def run_mode(mode: str, data: str, steps: int, warmup: int) -> dict:
     import torch
 
     from mtakd.data import Collator
-    from mtakd.distill import build_datasets, build_models
+    from mtakd.run import build_datasets, build_models
     from mtakd.mta import PROJECTORS, MTALoss, resolve_key_layers
     from mtakd.objectives import build_objective
     from mtakd.trainer import DistillTrainer

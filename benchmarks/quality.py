@@ -671,7 +671,8 @@ def _train(row: Row, cfg, d: Path, keep_checkpoints: bool) -> dict:
     """Train (or resume) the unit's student; returns timing fields."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    from mtakd.distill import RUN_FILE, distill
+    from mtakd.distill import distill
+    from mtakd.run import RUN_FILE
 
     train_dir = Path(cfg.training.output_dir)
     resume = None
@@ -751,7 +752,7 @@ class StepRunner:
         if "tok" not in self.models:
             from transformers import set_seed
 
-            from mtakd.distill import build_models
+            from mtakd.run import build_models
             from mtakd.metrics import TeacherReference
 
             set_seed(cfg.training.seed)  # a randomly initialised student: the initial row is the seed's init
@@ -844,7 +845,7 @@ def _fmt_s(s) -> str:
 def machine() -> dict:
     import torch
 
-    from mtakd.distill import versions
+    from mtakd.run import versions
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -1162,7 +1163,7 @@ def prepare_assets(args, out: Path, units) -> None:
     if BUDGETS[args.budget].get("student") == "pruned":
         target = args.assets / "pruned-student"
         if not (target / "student.json").is_file():
-            from mtakd.student import format_table, make_student
+            from mtakd.student_cli import format_table, make_student
 
             print(f"building the pruned student into {target} ...", flush=True)
             start = time.perf_counter()

@@ -129,7 +129,7 @@ def step_trajectory(s: Student, work: Path, cfg_path: Path) -> dict:
     from mtakd.data import SpanSettings, build_examples, load_records
     from mtakd.models import load_model, load_tokenizer
     from mtakd.mta import resolve_key_layers
-    from mtakd.student import hidden_channels, selection_matrix
+    from mtakd.models import hidden_channels, selection_matrix
     from mtakd.trajectory import layer_pairs, measure
 
     cfg = load_config(str(cfg_path), [])

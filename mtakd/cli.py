@@ -13,13 +13,13 @@ from . import __version__
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import demo, distill, evaluate, generate, report, spans_cli, student, teacher_cache, trajectory
+    from . import demo, distill, evaluate, generate, report, spans_cli, student_cli, teacher_cache, trajectory
 
     parser = argparse.ArgumentParser(prog="mtakd", description="Distil causal LMs with MTA on strong base objectives.")
     parser.add_argument("--version", action="version", version=f"mtakd {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (demo, distill, teacher_cache, student, evaluate, generate, report, spans_cli, trajectory):
+    for module in (demo, distill, teacher_cache, student_cli, evaluate, generate, report, spans_cli, trajectory):
         module.add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(

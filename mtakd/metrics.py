@@ -14,7 +14,7 @@ positions only; the LM head then builds the logits ``CHUNK`` positions at a time
 (``objective.chunk_size``), so memory holds ``[CHUNK, vocabulary]`` logits, not ``[batch, length, vocabulary]``.
 A model whose logits are more than ``head(last hidden state)`` (soft-capping or logit scaling in its config, or a
 head whose ``head(h)`` differs from the last logits the model returned: the runtime guard shared with training,
-:func:`mtakd.trainer.head_reproduces`) returns logits from the first response position of the batch onwards
+:func:`mtakd.models.head_reproduces`) returns logits from the first response position of the batch onwards
 (``logits_to_keep``), which are then read in the same chunks.
 
 Several models scored against one teacher in one process (``benchmarks/quality.py``) share a
@@ -39,20 +39,20 @@ _HEAD_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> 
 
 def _response_rows(model, batch: dict, first: int, resp: torch.Tensor):
     """``(rows, head, plain)`` with ``head(rows[i:j])`` the logits at response positions ``i .. j`` (of the ``N``
-    positions ``resp`` marks among ``first ..``). For a plain head (:func:`mtakd.trainer._plain_head`, confirmed at run
-    time by :func:`mtakd.trainer.head_reproduces` on the last position's logits, which ``logits_to_keep=1`` returns
+    positions ``resp`` marks among ``first ..``). For a plain head (:func:`mtakd.models.plain_head`, confirmed at run
+    time by :func:`mtakd.models.head_reproduces` on the last position's logits, which ``logits_to_keep=1`` returns
     anyway): ``rows`` is the last hidden state there, ``[N, d]``, ``head`` the LM head and ``plain`` True, so
     ``[N, V]`` logits are built one chunk at a time, as in training (:class:`mtakd.objectives.base.HiddenHead`);
     otherwise (a head the model post-processes, e.g. Granite's ``logits_scaling``) ``rows`` are the ``[N, V]``
     logits the model returns and ``plain`` False."""
     from .models import unwrap
-    from .trainer import _plain_head, head_reproduces
+    from .models import head_reproduces, plain_head
 
     ids = batch["input_ids"]
     device = next(model.parameters()).device
     kw = dict(input_ids=ids.to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
     resp = resp.to(device)
-    if _plain_head(model) and _HEAD_OK.get(model, True):
+    if plain_head(model) and _HEAD_OK.get(model, True):
         out = model(**kw, output_hidden_states=True, logits_to_keep=1)
         hidden = out.hidden_states[-1]
         if model not in _HEAD_OK:
@@ -73,10 +73,10 @@ class TeacherReference:
     (soft-capping, logit scaling) is run every time."""
 
     def __init__(self, model, remember: bool = True):
-        from .trainer import _plain_head
+        from .models import plain_head
 
         self.model = model
-        self.remember = remember and _plain_head(model)
+        self.remember = remember and plain_head(model)
         self._states: dict[str, torch.Tensor] = {}
 
     def response_rows(self, batch: dict, first: int, resp: torch.Tensor):

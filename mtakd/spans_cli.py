@@ -17,7 +17,7 @@ def _cmd_spans(args) -> int:
     if args.show < 1:
         raise ConfigError(f"--show must be a positive number of examples, got {args.show}")
     from .data import SpanSettings, describe_examples, load_records
-    from .distill import _hold_out
+    from .run import _hold_out
     from .models import load_tokenizer
 
     records = [r for src in cfg.data.train for r in load_records(src)]
@@ -48,7 +48,7 @@ def _precompute(cfg) -> int:
     from .spans import SpanParser
 
     if cfg.objective.mta_enabled:
-        from .distill import build_datasets
+        from .run import build_datasets
         from .models import load_tokenizer
 
         cross = cfg.objective.cross_tokenizer

@@ -10,31 +10,28 @@ is the teacher's own Hugging Face class with a config stating the new sizes (``A
 it without custom code); the kept hidden channels are recorded on its config (``mtakd_hidden_channels``) so
 that the MTA projectors can start from the channel-selection map (MTA_SPEC §7, ``projector_init: selection``).
 
-See docs/students.md.
+The `mtakd student` command is :mod:`mtakd.student_cli`'s. See docs/students.md.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError, FromTeacher, RunConfig, add_config_command, load_config
-from .metrics import response_nll
-from .models import ModelError, block_list, even_layers, plain_copy, select_student
+from .config import ConfigError, FromTeacher, RunConfig
+from .models import (  # noqa: F401  (hidden_channels, selection_matrix: re-exported)
+    HIDDEN_CHANNELS, ModelError, block_list, even_layers, hidden_channels, plain_copy, select_student,
+    selection_matrix,
+)
 
 log = logging.getLogger(__name__)
-
-HIDDEN_CHANNELS = "mtakd_hidden_channels"  # config attribute: teacher channel of each student channel
-STUDENT_FILE = "student.json"
 
 
 # ------------------------------------------------------------------------------ architectures
@@ -627,95 +624,3 @@ def build_student(cfg: RunConfig, teacher: nn.Module, tokenizer, *, progress: bo
     if student.dtype != dtype:  # student.dtype (float32 master weights by default), whatever the teacher's
         student.to(dtype)
     return student, report
-
-
-def selection_matrix(channels: list[int], d_teacher: int) -> torch.Tensor:
-    """The ``[d_T, d_S]`` weight of a Linear(d_S, d_T) mapping student channel j back to the teacher channel
-    ``channels[j]`` it was kept from (1 there, 0 elsewhere): the ``selection`` projector init (MTA_SPEC §7)."""
-    w = torch.zeros(d_teacher, len(channels))
-    w[torch.as_tensor(channels), torch.arange(len(channels))] = 1.0
-    return w
-
-
-def hidden_channels(model: nn.Module) -> list[int] | None:
-    """The teacher channel of each hidden channel of a student pruned from the teacher (None if not pruned)."""
-    return getattr(getattr(model, "config", None), HIDDEN_CHANNELS, None)
-
-
-# ------------------------------------------------------------------------------------------- CLI
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def make_student(cfg: RunConfig, out: Path, progress: bool = True) -> dict:
-    """``mtakd student``: build the initial student, save it with its tokenizer and ``student.json``."""
-    from .models import load_model, load_tokenizer, save_student
-
-    if cfg.student.from_teacher is None:
-        raise ConfigError("mtakd student: the config's student section needs `from_teacher` (the student is built "
-                          "from the teacher)")
-    from .distill import check_data_files
-    from .models import load_config as load_model_config
-
-    ft = cfg.student.from_teacher
-    check_data_files(cfg)  # before the teacher loads
-    teacher_config = load_model_config(cfg.teacher)
-    if ft.width_targets() and teacher_config is not None:
-        target_geometry(teacher_config, ft)  # bad targets stop before the teacher loads
-    tok = load_tokenizer(cfg.teacher)
-    teacher = load_model(cfg.teacher).eval()
-    if ft.width_targets():
-        target_geometry(teacher, ft)  # bad targets stop before the data is read
-    examples = calibration_examples(cfg, tok)
-    student, report = build_student(cfg, teacher, tok, progress=progress, examples=examples)
-    student.eval()
-    torch.manual_seed(cfg.training.seed)
-    random_init = plain_copy(student, student.config).eval()
-    held = batches(examples[1], tok.pad_token_id, cfg.student.from_teacher.calibration.batch_size)
-    rows = {"teacher": teacher, "student": student, "random_init": random_init}
-    report["models"] = {
-        name: {"parameters": n_params(m), "layers": m.config.num_hidden_layers, **vars(Geometry.of(m.config)),
-               "response_nll": round(response_nll(m, held), 4) if held else None}
-        for name, m in rows.items()}
-    report["held_out_samples"] = len(examples[1])
-    save_student(student, tok, out)
-    (Path(out) / STUDENT_FILE).write_text(json.dumps(report, indent=1))
-    return report
-
-
-def format_table(report: dict) -> str:
-    lines = [f"{'':12s} {'params':>10s} {'layers':>6s} {'hidden':>6s} {'mlp':>6s} {'heads/kv':>8s} {'resp. NLL':>9s}"]
-    for name, m in report["models"].items():
-        nll = "-" if m["response_nll"] is None else f"{m['response_nll']:.3f}"
-        lines.append(f"{name:12s} {m['parameters'] / 1e6:9.2f}M {m['layers']:6d} {m['hidden']:6d} {m['mlp']:6d} "
-                     f"{m['heads']:>4d}/{m['kv']:<3d} {nll:>9s}")
-    lines.append(f"layers kept: {report['layers']}; calibration: {report['calibration_samples']} samples in "
-                 f"{report['calibration_seconds']:.1f} s; NLL in nats per response token on "
-                 f"{report.get('held_out_samples', 0)} held-out records")
-    models = report["models"]
-    nll = {k: models.get(k, {}).get("response_nll") for k in ("student", "random_init")}
-    if None not in nll.values() and nll["student"] > nll["random_init"]:
-        lines.append(f"note: the student starts worse than a random init ({nll['student']:.3f} vs "
-                     f"{nll['random_init']:.3f}), as a student pruned in depth and width usually does before "
-                     "distillation: cut blocks and channels break the residual stream the kept weights expect; "
-                     "distillation repairs it fast (docs/students.md)")
-    return "\n".join(lines)
-
-
-def _cmd_student(args) -> int:
-    cfg = load_config(args.config, args.overrides)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"--out {out} is not empty; pass --overwrite to replace its files")
-    report = make_student(cfg, out)
-    print(format_table(report))
-    print(f"student saved to {out}")
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = add_config_command(sub, "student", help="build the initial student from the teacher (select blocks, prune "
-                           "width) and save it without training", config_help="run config whose student section has from_teacher")
-    p.add_argument("--out", required=True, help="directory for the student (HF model dir + student.json)")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
-    p.set_defaults(func=_cmd_student)

@@ -355,7 +355,7 @@ def build_cache(cfg: RunConfig, out: str | os.PathLike, *, top_k: int = 64, dtyp
 
     from . import __version__
     from .data import Collator
-    from .distill import build_datasets, resolve
+    from .run import build_datasets, resolve
     from .models import load_model, load_tokenizer, shared_vocabulary
     from .mta import MTALoss, resolve_key_layers
     from .mta.layers import hidden_widths
@@ -491,7 +491,7 @@ def _process_state():
     machine without GPUs, as `mtakd distill` does), each on its own device."""
     from accelerate import PartialState
 
-    from .distill import _cpu_processes
+    from .run import _cpu_processes
 
     _cpu_processes()
     return PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))

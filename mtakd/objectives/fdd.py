@@ -74,7 +74,7 @@ class FDDOptions(BaseModel):
     @field_validator("divergence")
     @classmethod
     def _token_divergence(cls, v):
-        from . import OBJECTIVES
+        from .base import OBJECTIVES
 
         allowed = sorted(n for n, c in OBJECTIVES.items() if issubclass(c, TokenDivergence))
         if v not in allowed:
@@ -92,7 +92,7 @@ class FDDOptions(BaseModel):
 def trajectory(opts: FDDOptions, n_student: int, n_teacher: int) -> list[tuple[int, int]]:
     """(student block, teacher block) points of the trajectory, lowest first. ``paper``: the last is (N_S, N_T)
     (added when missing); ``reference``: exactly the listed points, at least two (one pair for the delta term)."""
-    from ..config import ConfigError
+    from ..errors import ConfigError
 
     students = list(range(1, n_student + 1)) if opts.layers == "all" else list(opts.layers)
     if students[-1] > n_student:
@@ -223,7 +223,7 @@ class FDD(Objective):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        from . import OBJECTIVES
+        from .base import OBJECTIVES
 
         self.kd = OBJECTIVES[self.opts.divergence](cfg)
         self.fkl = OBJECTIVES["fkl"](cfg).divergence  # the reference variant's layer term

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .base import CachedLogProbs, HiddenHead, response_positions, shared_rows
+from .rows import CachedLogProbs, HiddenHead, response_positions, shared_rows
 
 if TYPE_CHECKING:
     from ..config import ObjectiveConfig
@@ -145,7 +145,7 @@ def liger_base_loss(kernels: LigerKernels, student: HiddenHead, teacher: HiddenH
         h_t = teacher.hidden[:, :-1][mask]
     w_s, w_t = linear_weight(student.head), linear_weight(teacher.head)
     # under mixed precision accelerate returns float32 hidden states; a bf16 head (e.g. teacher.dtype: bfloat16)
-    # takes its rows in its own dtype, as objectives.base.apply_head does for the chunked loss
+    # takes its rows in its own dtype, as mtakd.models.apply_head does for the chunked loss
     h_s, h_t = h_s.to(w_s.dtype), h_t.to(w_t.dtype)
     if y.numel() == 0:
         zero = h_s.sum() * 0.0 + w_s.sum() * 0.0
