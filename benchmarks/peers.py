@@ -177,6 +177,18 @@ def _measured_train(trainer, warmup: int, dev_batches=None) -> dict:
     """``trainer.train()`` with the step timer and the step peak of benchmarks/memory.py; then the dev NLL."""
     import torch
 
+    def dev_nll():
+        from mtakd.metrics import response_nll
+
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            value = response_nll(model, dev_batches)
+        model.train(was_training)
+        return value
+
+    start = {} if dev_batches is None else {"dev_nll_before": dev_nll()}
     timer = _step_timer()
     trainer.add_callback(timer)
     before = _status_kb("VmRSS")
@@ -187,13 +199,9 @@ def _measured_train(trainer, warmup: int, dev_batches=None) -> dict:
     times = timer.times
     out = {"step_times_s": times, "median_step_s": statistics.median(times[warmup:] or times),
            "rss_before_mb": before / 1024, "peak_rss_mb": peak / 1024, "step_peak_mb": (peak - before) / 1024,
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), **start}
     if dev_batches is not None:
-        from mtakd.metrics import response_nll
-
-        model = trainer.accelerator.unwrap_model(trainer.model).eval()
-        with torch.no_grad():
-            out["dev_nll"] = response_nll(model, dev_batches)
+        out["dev_nll"] = dev_nll()
     return out
 
 
