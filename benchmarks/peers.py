@@ -50,7 +50,7 @@ RESULTS = REPO / "benchmarks" / "results" / "peers.json"
 DEV = REPO.parent / "shared" / "data" / "train" / "dev.jsonl"
 VOCAB_152K = 151_936
 LR = 2e-4
-SEED = 42
+SEED = int(os.environ.get("PEERS_SEED", "42"))  # training seed of both (sampler, init, generation)
 
 
 # =========================================================================================== parity
@@ -189,6 +189,12 @@ def _measured_train(trainer, warmup: int, dev_batches=None) -> dict:
         return value
 
     start = {} if dev_batches is None else {"dev_nll_before": dev_nll()}
+    try:  # hand the evaluation's freed memory back to the kernel, so that "before" is what stays alive
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     timer = _step_timer()
     trainer.add_callback(timer)
     before = _status_kb("VmRSS")
@@ -243,7 +249,7 @@ def build_demo_cache(cache: str, base: str = "fkl", mta: bool = False, steps: in
 
 
 def run_mtakd_demo(base: str, mta: bool, cache: str | None, steps: int, warmup: int, batch: int,
-                   options: dict | None = None, cache_mta: bool = False) -> dict:
+                   options: dict | None = None, overrides: list[str] | None = None) -> dict:
     """The real ``mtakd.distill.distill`` (models, data, teacher cache, trainer), measured around ``train()``."""
     import torch
 
@@ -252,7 +258,7 @@ def run_mtakd_demo(base: str, mta: bool, cache: str | None, steps: int, warmup: 
     from mtakd.models import load_tokenizer
 
     torch.manual_seed(0)
-    extra = [f"objective.options={json.dumps(options)}"] if options else []
+    extra = ([f"objective.options={json.dumps(options)}"] if options else []) + list(overrides or [])
     res: dict = {}
     with tempfile.TemporaryDirectory() as out:
         cfg = _demo_cfg(out, base, mta, steps, batch, cache, extra)
@@ -460,41 +466,98 @@ def specs(section: str, settings: list[str], steps: int, warmup: int, demo_batch
     if section == "onpolicy":
         out += [
             ("onpolicy/trl_distillation", {"run": "trl_demo", "kind": "distillation", "new_tokens": new_tokens, **d}),
+            # skew α 0: SKL_0 = KL(p ‖ q), TRL's beta 0; θ = 1: student outputs generated on every step
             ("onpolicy/mtakd_distillm", {"run": "mtakd_demo", "base": "distillm", "mta": False, "cache": None,
-                                         "options": {"init_threshold": 1.0, "max_new_tokens": new_tokens}, **d}),
+                                         "options": {"init_threshold": 1.0, "max_new_tokens": new_tokens},
+                                         "overrides": ["objective.skew_alpha=0"], **d}),
         ]
     return out
 
 
-def ratios(results: dict) -> dict:
-    """The issue's goals as ratios mtakd / TRL (step time, step peak) and NLL differences."""
-    def get(label, key):
-        r = results.get(label) or {}
-        return r.get(key)
-
+def pooled(results: dict, warmup: int) -> dict:
+    """Per configuration, its runs pooled (``label``, ``label#2``, ... from ``--repeat``): the steps after the warm-up
+    of every run, their median and minimum (the least disturbed step on a shared machine), the median step peak
+    and the dev NLLs."""
+    groups: dict[str, list[dict]] = {}
+    for label, res in results.items():
+        if "error" in res or "step_times_s" not in res:
+            continue
+        groups.setdefault(label.split("#")[0], []).append(res)
     out = {}
-    for setting in ("demo", "tiny"):
-        ref = f"{setting}/trl_gkd"
-        for label in [k for k in results if k.startswith(setting + "/mtakd")]:
-            for key, name in (("median_step_s", "time"), ("step_peak_mb", "peak")):
-                a, b = get(label, key), get(ref, key)
-                if a is not None and b:
-                    out[f"{label}:{name}_ratio"] = a / b
-            a, b = get(label, "dev_nll"), get(ref, "dev_nll")
-            if a is not None and b is not None:
-                out[f"{label}:dev_nll_minus_trl"] = a - b
-    a, b = get("onpolicy/mtakd_distillm", "median_step_s"), get("onpolicy/trl_distillation", "median_step_s")
-    if a is not None and b:
-        out["onpolicy/mtakd_distillm:time_ratio"] = a / b
-    a, b = get("onpolicy/mtakd_distillm", "step_peak_mb"), get("onpolicy/trl_distillation", "step_peak_mb")
-    if a is not None and b:
-        out["onpolicy/mtakd_distillm:peak_ratio"] = a / b
+    for label, runs in groups.items():
+        times = [t for r in runs for t in r["step_times_s"][warmup:]]
+        out[label] = {"runs": len(runs), "timed_steps": len(times), "median_step_s": statistics.median(times),
+                      "min_step_s": min(times),
+                      "step_peak_mb": statistics.median(r["step_peak_mb"] for r in runs),
+                      "dev_nll_before": runs[0].get("dev_nll_before"), "dev_nll": [r.get("dev_nll") for r in runs]}
     return out
+
+
+def ratios(pool: dict, results: dict | None = None, warmup: int = 3) -> dict:
+    """The issue's goals as ratios mtakd / TRL (median and minimum step time over the pooled runs, step peak) and
+    dev-NLL differences; with ``results``, also the median over rounds of each round's ratio of median step times
+    (the two runs of a round ran minutes apart, under about the same load from other jobs)."""
+    pairs = []
+    for label in pool:
+        setting, name = label.split("/")
+        if name.startswith("mtakd"):
+            seed = name[len(name.split("@")[0]):]  # "@<seed>" of runs with PEERS_SEED set
+            pairs.append((label, f"{setting}/{'trl_distillation' if setting == 'onpolicy' else 'trl_gkd'}{seed}"))
+    out = {}
+    for ours, ref in pairs:
+        a, b = pool.get(ours), pool.get(ref)
+        if not a or not b:
+            continue
+        out[ours] = {"vs": ref, "time_ratio_median": a["median_step_s"] / b["median_step_s"],
+                     "time_ratio_min": a["min_step_s"] / b["min_step_s"],
+                     "peak_ratio": a["step_peak_mb"] / b["step_peak_mb"]}
+        if a["dev_nll"][0] is not None and b["dev_nll"][0] is not None:
+            out[ours]["dev_nll_minus_trl"] = a["dev_nll"][0] - b["dev_nll"][0]
+        if results:
+            per_round = []
+            for key, res in results.items():
+                if key.split("#")[0] != ours or "step_times_s" not in res:
+                    continue
+                suffix = key[len(ours):]
+                other = results.get(ref + suffix, {})
+                if "step_times_s" in other:
+                    per_round.append(statistics.median(res["step_times_s"][warmup:])
+                                     / statistics.median(other["step_times_s"][warmup:]))
+            if per_round:
+                out[ours]["time_ratio_per_round"] = per_round
+                out[ours]["time_ratio_median_of_rounds"] = statistics.median(per_round)
+    return out
+
+
+LABELS = {
+    "trl_gkd": "TRL `GKDTrainer`, lmbda 0, beta 0 (full logits)",
+    "mtakd_fkl": "mtakd `fkl`, kd_ratio 1 (chunk 256, heads fused)",
+    "mtakd_fkl_cache": "mtakd `fkl` + teacher cache (top-64, bf16)",
+    "mtakd_fkl_mta": "mtakd `fkl` + MTA",
+    "trl_distillation": "TRL `DistillationTrainer`, beta 0",
+    "mtakd_distillm": "mtakd `distillm`, θ 1, skew α 0 (= FKL)",
+}
+
+
+def markdown(pool: dict, ratio: dict) -> str:
+    """The BENCHMARKS.md table of the pooled results."""
+    lines = ["| setting | configuration | runs × timed steps | step time, median (min) | × TRL (median of rounds) "
+             "| step peak | × TRL | dev NLL after (before 14.92) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for label, p in pool.items():
+        setting, name = label.split("/")
+        r = ratio.get(label, {})
+        nll = p["dev_nll"][0]
+        lines.append(
+            f"| {setting} | {LABELS.get(name.split('@')[0], name)}{' (seed %s)' % name.split('@')[1] if '@' in name else ''} | {p['runs']} × {p['timed_steps'] // p['runs']} "
+            f"| {p['median_step_s']:.2f} s ({p['min_step_s']:.2f} s) "
+            f"| {'**%.2f×**' % r['time_ratio_median_of_rounds'] if r else '—'} | {p['step_peak_mb']:,.0f} MB "
+            f"| {'**%.2f×**' % r['peak_ratio'] if r else '—'} | {'—' if nll is None else '%.4f' % nll} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("section", nargs="?", choices=["parity", "offpolicy", "onpolicy", "all"])
+    ap.add_argument("section", nargs="?", choices=["parity", "offpolicy", "onpolicy", "all", "summary"])
     ap.add_argument("--setting", nargs="+", default=["demo", "tiny"], choices=["demo", "tiny"])
     ap.add_argument("--steps", type=int, default=5, help="optimiser steps per configuration (warm-up included)")
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the median step time")
@@ -502,6 +565,10 @@ def main() -> None:
     ap.add_argument("--tiny-batch", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=32, help="on-policy: new tokens per generated response")
     ap.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "mtakd-peers-cache"))
+    ap.add_argument("--repeat", type=int, default=1, help="rounds over the configurations (interleaved; the runs "
+                    "of a configuration are pooled: label, label#2, ...)")
+    ap.add_argument("--first-round", type=int, default=1, help="number of the first round (to add rounds later)")
+    ap.add_argument("--only", nargs="+", help="run only these labels (e.g. demo/trl_gkd demo/mtakd_fkl)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -513,28 +580,40 @@ def main() -> None:
     path = Path(args.out)
     saved = json.loads(path.read_text()) if path.exists() else {}
     results = saved.get("results", {})
-    sections = ["parity", "offpolicy", "onpolicy"] if args.section == "all" else [args.section]
-    for section in sections:
-        for label, spec in specs(section, args.setting, args.steps, args.warmup, args.demo_batch, args.tiny_batch,
-                                 args.new_tokens, args.cache_dir):
-            t0 = time.perf_counter()
-            res = _child(spec)
-            res.update({"spec": spec, "wall_s": time.perf_counter() - t0,
-                        "measured": time.strftime("%Y-%m-%d %H:%M", time.gmtime())})
-            results[label] = res
-            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()
-                     if k not in ("step_times_s", "rows", "spec")}
-            print(label, json.dumps(shown), flush=True)
-            if "rows" in res:
-                for row in res["rows"]:
+    sections = {"all": ["parity", "offpolicy", "onpolicy"], "summary": []}.get(args.section, [args.section])
+
+    def save():
+        pool = pooled(results, args.warmup)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({
+            "results": results, "pooled": pool, "ratios": ratios(pool, results, args.warmup), "versions": _versions(),
+            "settings": {"steps": args.steps, "warmup": args.warmup, "demo_batch": args.demo_batch,
+                         "tiny_batch": args.tiny_batch, "new_tokens": args.new_tokens,
+                         "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}}, indent=2))
+        return pool
+
+    for rnd in range(args.first_round, args.first_round + args.repeat):
+        for section in sections:
+            for label, spec in specs(section, args.setting, args.steps, args.warmup, args.demo_batch,
+                                     args.tiny_batch, args.new_tokens, args.cache_dir):
+                if (args.only and label not in args.only) or (rnd > 1 and spec["run"] in ("parity", "cache")):
+                    continue
+                key = label + ("" if SEED == 42 else f"@{SEED}") + ("" if rnd == 1 else f"#{rnd}")
+                t0 = time.perf_counter()
+                res = _child(spec)
+                res.update({"spec": spec, "wall_s": time.perf_counter() - t0,
+                            "measured": time.strftime("%Y-%m-%d %H:%M", time.gmtime())})
+                results[key] = res
+                shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()
+                         if k not in ("step_times_s", "rows", "spec")}
+                print(key, json.dumps(shown), flush=True)
+                for row in res.get("rows", []):
                     print("   ", {k: round(v, 7) if isinstance(v, float) else v for k, v in row.items()})
-            saved = {"results": results, "ratios": ratios(results), "versions": _versions(),
-                     "settings": {"steps": args.steps, "warmup": args.warmup, "demo_batch": args.demo_batch,
-                                  "tiny_batch": args.tiny_batch, "new_tokens": args.new_tokens,
-                                  "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(saved, indent=2))
-    print(json.dumps(ratios(results), indent=1))
+                save()
+    pool = save()
+    ratio = ratios(pool, results, args.warmup)
+    print(json.dumps(ratio, indent=1))
+    print(markdown(pool, ratio))
 
 
 def _versions() -> dict:
