@@ -31,6 +31,12 @@ measures it (``VmHWM`` reset once models and data are built, minus the resident 
     OMP_NUM_THREADS=1 python benchmarks/peers.py offpolicy --setting demo tiny
     OMP_NUM_THREADS=1 python benchmarks/peers.py onpolicy
     OMP_NUM_THREADS=1 python benchmarks/peers.py all          # all three; results in benchmarks/results/peers.json
+    OMP_NUM_THREADS=1 python benchmarks/peers.py offpolicy --setting demo --repeat 2 --first-round 2   # more rounds
+    PEERS_SEED=1 OMP_NUM_THREADS=1 python benchmarks/peers.py onpolicy                 # another training seed
+    python benchmarks/peers.py summary                        # pooled medians, ratios and the markdown table
+
+Step times on a shared machine move by ±30 % with other jobs' load: ``--repeat`` runs every configuration once per
+round, interleaved, and the ratio to TRL is the median over rounds of each round's ratio (BENCHMARKS.md, "Peers").
 """
 
 from __future__ import annotations
