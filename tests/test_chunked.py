@@ -68,6 +68,23 @@ def test_chunked_equals_unchunked_in_value_and_gradients(name, chunk, fused):
     assert_close_rel(got, want)
 
 
+@pytest.mark.parametrize("chunk, fused", [(0, False), (4, True)])
+def test_kd_ratio_1_logs_the_ce_outside_the_graph(chunk, fused, monkeypatch):
+    """kd_ratio 1 (DistiLLM's configs): the CE has weight 0 — logged with the same value, never differentiated
+    (no log-softmax backward per chunk); the loss and gradients are the KD's alone."""
+    import torch.nn.functional as F
+
+    want_parts, want = loss_and_grads("fkl", chunk, fused, kd_ratio=1.0)
+    differentiated = []
+    ce = F.cross_entropy
+    monkeypatch.setattr(F, "cross_entropy", lambda x, *a, **k: differentiated.append(x.requires_grad) or ce(x, *a, **k))
+    got_parts, got = loss_and_grads("fkl", chunk, fused, kd_ratio=1.0)
+    assert differentiated and not any(differentiated)
+    assert got_parts == pytest.approx(want_parts, rel=1e-12) and got_parts["loss"] == pytest.approx(got_parts["kd"])
+    assert got_parts["ce"] > 0
+    assert_close_rel(got, want, rel=0)
+
+
 @pytest.mark.parametrize("name", ["fkl", "skl", "akl", "distillm2"])
 def test_padded_teacher_vocabulary_is_cut_the_same_way(name):
     """A teacher head with 3 padded rows (as Qwen's 152064 vs 151936): the shared vocabulary, chunked or not."""

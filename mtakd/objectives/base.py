@@ -318,8 +318,10 @@ class TokenDivergence(Objective):
             fused = fused_base_loss(self, student, teacher, labels, r, with_ce)
             if fused is not None:
                 return fused
+        # a term of weight 0 (kd_ratio 1: DistiLLM's, DistiLLM-2's) is only logged: computed outside the graph
+        logged_ce = (lambda z: z.detach()) if r == 1 else (lambda z: z)  # noqa: E731
         if not self._chunked(student, teacher):
-            ce = cross_entropy(student, labels) if with_ce else student.sum() * 0.0
+            ce = cross_entropy(logged_ce(student), labels) if with_ce else student.sum() * 0.0
             kd = self.kd_loss(student, teacher, labels)
             return (1 - r) * ce + r * kd, ce, kd
         mask, targets = response_positions(labels)
@@ -328,7 +330,7 @@ class TokenDivergence(Objective):
         def score(z, tc, lo, hi):
             z = _upcast(z)
             kd = self._kd_rows(z, tc)
-            ce = F.cross_entropy(z, y[lo:hi], reduction="sum") if with_ce else kd.detach() * 0.0
+            ce = F.cross_entropy(logged_ce(z), y[lo:hi], reduction="sum") if with_ce else kd.detach() * 0.0
             return (1 - r) * ce + r * kd, ce, kd
 
         loss, ce, kd = chunked_row_loss(student, teacher, mask, score, self.cfg.chunk_size, n_logged=2)
