@@ -545,11 +545,21 @@ def estimate_remaining(steps: list[Step], hist: dict[str, list[float]]) -> float
     return sum(mean.get(s.kind, fallback) for s in steps)
 
 
+def pending_steps(steps: list[Step]) -> list[Step]:
+    """The steps still to run: every evaluation not done, and a unit's training when its student is missing and one
+    of its evaluations is still to run (a unit whose evaluations are all done — e.g. committed results without
+    the weights — is not retrained; a unit without evaluation steps is trained)."""
+    todo = [s for s in steps if not s.done()]
+    waiting = {s.dir for s in todo if s.kind != "train"}
+    evaluated = {s.dir for s in steps if s.kind != "train"}
+    return [s for s in todo if s.kind != "train" or s.dir in waiting or s.dir not in evaluated]
+
+
 def run_steps(steps: list[Step], out: Path, runner, clock=time.perf_counter) -> dict[str, float]:
-    """Run every pending step in order with ``runner(step)``; skip the done ones. A progress line per step
-    gives its number, what it is and the estimated remaining time. Returns {step label: seconds}."""
+    """Run every pending step in order with ``runner(step)``; skip the done ones (:func:`pending_steps`). A progress
+    line per step gives its number, what it is and the estimated remaining time. Returns {step label: seconds}."""
     out.mkdir(parents=True, exist_ok=True)
-    pending = [s for s in steps if not s.done()]
+    pending = pending_steps(steps)
     print(f"{len(steps)} steps, {len(steps) - len(pending)} done already, {len(pending)} to run", flush=True)
     hist = _history(out)
     took = {}
@@ -578,10 +588,11 @@ def status(row: Row, out: Path, cfg=None, steps: list[Step] | None = None) -> st
             return f"CONFLICT: {d} was run with another config (sections {changed})"
     if steps is None:
         return "pending"
-    done = sum(s.done() for s in steps)
-    if done == len(steps):
+    todo = pending_steps(steps)
+    done = len(steps) - len(todo)
+    if not todo:
         return "done"
-    partial = [s for s in steps if s.kind == "train" and not s.done()
+    partial = [s for s in todo if s.kind == "train"
                and any(Path(s.cfg.training.output_dir).glob("checkpoint-*"))]
     note = ", a training resumes from its last checkpoint" if partial else ""
     return "pending" if done == 0 and not partial else f"{done}/{len(steps)} steps done{note}"
@@ -1238,7 +1249,7 @@ def main(argv=None) -> int:
         print_plan(args.budget, out, planned, steps_by_row=by_row)
         for row, seed, cfg in units:  # a unit run before with another config stops here, before any work
             _check_row_file(row, cfg, unit_dir(out, row, seed))
-        if any(not s.done() for s in steps):
+        if pending_steps(steps):
             prepare_assets(args, out, units)
         run_steps(steps, out, StepRunner(keep_checkpoints=args.keep_checkpoints,
                                          student=BUDGETS[args.budget].get("student", "selected"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -604,3 +605,16 @@ def test_sampled_rouge_is_reported_apart_from_greedy(quality, tmp_path, monkeypa
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {"nll", "rougeL", "rougeL (sampled)"} <= set(summary["comparisons"]["SKL+MTA − SKL"])
     assert set(summary["arms_sampled"]) == {"teacher", "SKL", "SKL+MTA"}
+
+
+def test_a_unit_whose_evaluations_are_done_is_not_retrained(quality, tmp_path):
+    """Committed results without the weights: nothing to run; a new evaluation step retrains its unit first."""
+    steps = quality.build_steps(_units(quality, tmp_path), ["nll"])
+    quality.run_steps(steps, tmp_path, FakeRunner(quality))
+    for d in {s.dir for s in steps if s.kind == "train"}:
+        shutil.rmtree(d / "train" / "student")  # the weights are gone
+    assert quality.pending_steps(steps) == []
+    more = quality.build_steps(_units(quality, tmp_path), ["nll", "rougeL"])
+    pending = quality.pending_steps(more)
+    assert [s.kind for s in pending if s.row.id == "skl" and s.seed == 1] == ["train", "rouge", "rouge"]
+    assert sum(s.kind == "train" for s in pending) == 4
