@@ -88,6 +88,39 @@ def _train(student, teacher, dataset, collate, obj_cfg, mta, steps: int, batch: 
 
 
 # ------------------------------------------------------------------------------------------ tiny
+def tiny_data(n: int, length: int, vocab: int, with_spans: bool):
+    """(examples, collate) of ``n`` random rows of ``length`` tokens, the second half the response; with
+    ``with_spans`` fixed word (2 tokens) and phrase (5 tokens) units for MTA. Also used by peers.py."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    prompt = length // 2
+    examples = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (length,), generator=g)
+        labels = ids.clone()
+        labels[:prompt] = -100
+        examples.append({"input_ids": ids, "labels": labels})
+    pos = torch.arange(length)
+
+    def spans(width):
+        starts = torch.arange(0, length - width + 1, width)
+        return (pos >= starts[:, None]) & (pos < (starts + width)[:, None])
+
+    words, phrases = spans(2), spans(5)
+
+    def collate(items):
+        out = {"input_ids": torch.stack([e["input_ids"] for e in items]),
+               "labels": torch.stack([e["labels"] for e in items])}
+        out["attention_mask"] = torch.ones_like(out["input_ids"])
+        if with_spans:
+            out["word_spans"] = words.expand(len(items), -1, -1).clone()
+            out["phrase_spans"] = phrases.expand(len(items), -1, -1).clone()
+        return out
+
+    return examples, collate
+
+
 def run_tiny(name: str, chunk: int, steps: int, batch: int = 8, length: int = 512) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -110,30 +143,7 @@ def run_tiny(name: str, chunk: int, steps: int, batch: int = 8, length: int = 51
     if obj_cfg.mta is not None:
         mta = MTALoss(obj_cfg.mta, resolve_key_layers(MTAConfig(**mta_cfg), 2, 4))
         student.add_module(PROJECTORS, mta.build_projectors(64, 128, from_teacher=False))
-    g = torch.Generator().manual_seed(1)
-    prompt = length // 2
-    examples = []
-    for _ in range(batch * steps):
-        ids = torch.randint(0, VOCAB, (length,), generator=g)
-        labels = ids.clone()
-        labels[:prompt] = -100
-        examples.append({"input_ids": ids, "labels": labels})
-    pos = torch.arange(length)
-
-    def spans(width):
-        starts = torch.arange(0, length - width + 1, width)
-        return (pos >= starts[:, None]) & (pos < (starts + width)[:, None])
-
-    words, phrases = spans(2), spans(5)
-
-    def collate(items):
-        out = {"input_ids": torch.stack([e["input_ids"] for e in items]),
-               "labels": torch.stack([e["labels"] for e in items])}
-        out["attention_mask"] = torch.ones_like(out["input_ids"])
-        if mta is not None:
-            out["word_spans"] = words.expand(len(items), -1, -1).clone()
-            out["phrase_spans"] = phrases.expand(len(items), -1, -1).clone()
-        return out
+    examples, collate = tiny_data(batch * steps, length, VOCAB, with_spans=mta is not None)
 
     with tempfile.TemporaryDirectory() as out:
         res = _train(student, teacher, examples, collate, obj_cfg, mta, steps, batch, out)

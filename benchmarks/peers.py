@@ -58,6 +58,10 @@ VOCAB_152K = 151_936
 LR = 2e-4
 SEED = int(os.environ.get("PEERS_SEED", "42"))  # training seed of both (sampler, init, generation)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory import tiny_data  # noqa: E402  (the memory section's tiny rows, shared)
+from mta_overhead import step_timer  # noqa: E402
+
 
 # =========================================================================================== parity
 def _trl_beta_to_mtakd(beta: float) -> tuple[str, float | None]:
@@ -163,22 +167,6 @@ def _status_kb(key: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {key}")
 
 
-def _step_timer():
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times: list[float] = []
-
-        def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            self.times.append(time.perf_counter() - self.t)
-
-    return StepTimer()
-
-
 def _measured_train(trainer, warmup: int, dev_batches=None) -> dict:
     """``trainer.train()`` with the step timer and the step peak of benchmarks/memory.py; then the dev NLL."""
     import torch
@@ -201,7 +189,7 @@ def _measured_train(trainer, warmup: int, dev_batches=None) -> dict:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-    timer = _step_timer()
+    timer = step_timer()
     trainer.add_callback(timer)
     before = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as fh:  # reset VmHWM to the current resident set
@@ -353,37 +341,6 @@ def _tiny_models(length: int):
     return llama(4, 128), llama(2, 64)
 
 
-def _tiny_data(n: int, length: int, with_spans: bool):
-    import torch
-
-    g = torch.Generator().manual_seed(1)
-    prompt = length // 2
-    examples = []
-    for _ in range(n):
-        ids = torch.randint(0, VOCAB_152K, (length,), generator=g)
-        labels = ids.clone()
-        labels[:prompt] = -100
-        examples.append({"input_ids": ids, "labels": labels})
-    pos = torch.arange(length)
-
-    def spans(width):
-        starts = torch.arange(0, length - width + 1, width)
-        return (pos >= starts[:, None]) & (pos < (starts + width)[:, None])
-
-    words, phrases = spans(2), spans(5)
-
-    def collate(items):
-        out = {"input_ids": torch.stack([e["input_ids"] for e in items]),
-               "labels": torch.stack([e["labels"] for e in items])}
-        out["attention_mask"] = torch.ones_like(out["input_ids"])
-        if with_spans:
-            out["word_spans"] = words.expand(len(items), -1, -1).clone()
-            out["phrase_spans"] = phrases.expand(len(items), -1, -1).clone()
-        return out
-
-    return examples, collate
-
-
 def run_tiny(impl: str, steps: int, warmup: int, batch: int, length: int = 512, mta: bool = False,
              chunk_size: int = 256) -> dict:
     """``impl`` ``mtakd`` (DistillTrainer, ``fkl``, kd_ratio 1, optional MTA) or ``trl_gkd`` (lmbda 0, beta 0)."""
@@ -391,7 +348,7 @@ def run_tiny(impl: str, steps: int, warmup: int, batch: int, length: int = 512, 
     from transformers import TrainingArguments
 
     teacher, student = _tiny_models(length)
-    examples, collate = _tiny_data(batch * steps, length, mta)
+    examples, collate = tiny_data(batch * steps, length, VOCAB_152K, with_spans=mta)
     with tempfile.TemporaryDirectory() as out:
         common = dict(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=LR,
                       lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[],

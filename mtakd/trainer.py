@@ -15,7 +15,7 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .errors import NonFiniteLossError  # noqa: F401  (raised here; the CLI reports it as a user-facing error)
@@ -64,8 +64,9 @@ class DistillTrainer(Trainer):
         self._components = {True: defaultdict(list), False: defaultdict(list)}
         for callback in objective.callbacks():  # e.g. an objective state saved with checkpoints
             self.add_callback(callback)
-        if self.pop_callback(ProgressCallback) is not None:  # logged numbers as numbers, not strings
-            self.add_callback(_NumericProgressCallback)
+        for plain, numeric in ((ProgressCallback, _NumericProgressCallback), (PrinterCallback, _NumericPrinterCallback)):
+            if self.pop_callback(plain) is not None:  # logged numbers as numbers, not strings
+                self.add_callback(numeric)
 
     # ------------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -362,14 +363,26 @@ class DistillTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
 
+def _shown(logs: dict) -> dict:
+    """A log line's numbers as numbers rounded to 4 significant digits (``'loss': 7.393``; transformers formats them
+    as strings, ``'loss': '7.393'``)."""
+    return {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in logs.items() if k != "total_flos"}
+
+
 class _NumericProgressCallback(ProgressCallback):
-    """The Trainer's progress bar, its log lines showing numbers as numbers rounded to 4 significant digits
-    (``'loss': 7.393``; transformers formats them as strings, ``'loss': '7.393'``)."""
+    """The Trainer's progress bar, its log lines written by :func:`_shown`."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and self.training_bar is not None:
-            shown = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in logs.items() if k != "total_flos"}
-            self.training_bar.write(str(shown))
+            self.training_bar.write(str(_shown(logs)))
+
+
+class _NumericPrinterCallback(PrinterCallback):
+    """The Trainer's log lines without a progress bar (``disable_tqdm``), written by :func:`_shown`."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_local_process_zero and logs is not None:
+            print(_shown(logs))
 
 
 def _hidden_view(model, out):

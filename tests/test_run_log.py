@@ -35,3 +35,10 @@ def test_a_run_with_a_teacher_cache_says_so(config, tmp_path, caplog):
         assert main(["distill", "--config", str(config), f"teacher.cache={cache}", "training.max_steps=1"]) == 0
     assert f"teacher.cache: the teacher's signals come from {cache} (top-8, bfloat16); the teacher does not run" \
         in caplog.text
+
+
+def test_without_a_progress_bar_the_log_shows_numbers_too(config, capsys):
+    assert main(["distill", "--config", str(config), "training.extra_args={disable_tqdm: true}"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"\{'loss': \d+\.\d+, 'grad_norm': \d", printed), printed
+    assert "'loss': '" not in printed
