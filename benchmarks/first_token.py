@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import DEFAULT_SETS, EVAL_SETS, SHARED_DATA  # noqa: E402  (the study's sets and data)
+from quality_study.plan import DEFAULT_SETS, EVAL_SETS, SHARED_DATA  # noqa: E402  (the study's sets and data)
 
 
 @torch.no_grad()

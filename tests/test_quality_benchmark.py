@@ -1,4 +1,5 @@
-"""benchmarks/quality.py plans (dry run, no model) and benchmarks/plot_losses.py on a hand-written log."""
+"""benchmarks/quality.py and its package benchmarks/quality_study/ (plans as dry runs, no model; steps, report) and
+benchmarks/plot_losses.py on a hand-written log."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(BENCH))  # the study's package, as benchmarks/quality.py imports it
+from quality_study import plan as study_plan, report as study_report, runner as study_runner  # noqa: E402
+from quality_study import steps as study_steps  # noqa: E402
 
 BASE_ROWS = ["teacher", "student_init", "sft", "fkl", "skl", "skl_mta", "fkl_mta"]
 ABLATIONS = ["abl_dsa_only", "abl_hid_only", "abl_all_word", "abl_all_phrase", "abl_uniform", "abl_response_spans"]
@@ -154,12 +158,12 @@ def test_study_budgets_plan(quality, tmp_path, budget, student, keys):
 
 
 def test_new_config_fields_do_not_make_finished_units_stale(quality):
-    assert not quality._differs({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 2, "new_field": 0}, "added": 3})
-    assert quality._differs({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}})
+    assert not study_steps._differs({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 2, "new_field": 0}, "added": 3})
+    assert study_steps._differs({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}})
     # the user's own keys (free-form dicts) count, even when only one side has them
-    assert quality._differs({"training": {"extra_args": {}}}, {"training": {"extra_args": {"x": 2}}})
-    assert quality._differs({"objective": {"options": {"y": 1}}}, {"objective": {"options": {"y": 2}}})
-    assert not quality._differs({"objective": {}}, {"objective": {"options": {}}})  # a field added since, empty
+    assert study_steps._differs({"training": {"extra_args": {}}}, {"training": {"extra_args": {"x": 2}}})
+    assert study_steps._differs({"objective": {"options": {"y": 1}}}, {"objective": {"options": {"y": 2}}})
+    assert not study_steps._differs({"objective": {}}, {"objective": {"options": {}}})  # a field added since, empty
 
 
 def test_the_study_owns_seed_and_output_dir(quality, tmp_path):
@@ -177,11 +181,11 @@ def test_keep_mid_and_geometry_table(quality, tmp_path):
     (ckpt / "config.json").write_text("{}")
     (ckpt / "optimizer.pt").write_bytes(b"x")
     save_file({"w": torch.ones(2), "mta_projectors.0.weight": torch.eye(2)}, str(ckpt / "model.safetensors"))
-    mid = quality.keep_mid(tmp_path / "train", tmp_path / "mid", 20)
+    mid = study_runner.keep_mid(tmp_path / "train", tmp_path / "mid", 20)
     assert sorted(p.name for p in mid.iterdir()) == ["config.json", "model.safetensors", "mta_projectors.safetensors"]
     assert set(load_file(str(mid / "model.safetensors"))) == {"w"}
     assert torch.equal(load_file(str(mid / "mta_projectors.safetensors"))["0.weight"], torch.eye(2))
-    assert quality.keep_mid(tmp_path / "train", tmp_path / "mid2", 7) is None
+    assert study_runner.keep_mid(tmp_path / "train", tmp_path / "mid2", 7) is None
 
     out = tmp_path / "q"
     planned = dict((r.id, (r, c)) for r, c in quality.plan("random", out, assets=tmp_path))
@@ -199,7 +203,7 @@ def test_keep_mid_and_geometry_table(quality, tmp_path):
     fake({"initial": 0.3}, quality.unit_dir(out, units[0][0], None))
     fake({"mid": 0.2, "end": 0.1}, quality.unit_dir(out, units[1][0], 1))
     fake({"mid": 0.2, "end": 0.3}, quality.unit_dir(out, units[2][0], 2))
-    table = quality.geometry_table(units, out, "random")
+    table = study_report.geometry_table(units, out, "random")
     assert "| SKL | 2 | 0.3000 | 0.2000 ± 0.0000 | 0.2000 ± 0.1414 | 0.2000 ± 0.1414 |" in table  # sample std
 
 
@@ -310,7 +314,7 @@ def test_geometry_measure():
 def _units(quality, out, seeds=(1, 2)):
     planned = quality.plan("smoke", out, only=["teacher", "skl", "skl_mta"], sets=["dev", "sni"])
     return [(row, seed, c) for row, cfg in planned
-            for seed, c in quality.seed_configs(row, cfg, "smoke", out, list(seeds), quality.SHARED_DATA,
+            for seed, c in study_plan.seed_configs(row, cfg, "smoke", out, list(seeds), quality.SHARED_DATA,
                                                 ["dev", "sni"], [])]
 
 
@@ -335,8 +339,8 @@ def _fake_part(step, value: float) -> dict:
 class FakeRunner:
     """Stands in for StepRunner: writes what a finished step leaves behind; can crash at the k-th call."""
 
-    def __init__(self, quality, crash_at=None):
-        self.quality, self.crash_at, self.calls = quality, crash_at, []
+    def __init__(self, crash_at=None):
+        self.crash_at, self.calls = crash_at, []
 
     def __call__(self, step):
         if self.crash_at is not None and len(self.calls) == self.crash_at:
@@ -351,7 +355,7 @@ class FakeRunner:
         step.marker.parent.mkdir(parents=True, exist_ok=True)
         value = 2.0 - 0.05 * step.row.has_mta + 0.01 * (step.seed or 0)
         step.marker.write_text(json.dumps(_fake_part(step, value)))
-        self.quality.merge_unit_metrics(step.dir, step.kind == "sampled")
+        study_steps.merge_unit_metrics(step.dir, step.kind == "sampled")
 
 
 def test_steps_cover_rows_seeds_sets_and_metrics(quality, tmp_path):
@@ -380,22 +384,22 @@ def test_crash_loses_only_the_running_step_and_rerun_skips_done(quality, tmp_pat
     steps = quality.build_steps(units)
     ticks = iter(range(0, 10_000, 10))
     clock = lambda: float(next(ticks))  # noqa: E731  every step "takes" 10 s
-    first = FakeRunner(quality, crash_at=6)
+    first = FakeRunner(crash_at=6)
     with pytest.raises(KeyboardInterrupt):
         quality.run_steps(steps, tmp_path, first, clock=clock)
     assert first.calls == [s.label for s in steps[:6]]
     assert [s.done() for s in steps[:7]] == [True] * 6 + [False]
-    log = [json.loads(line) for line in (tmp_path / quality.STEP_LOG).read_text().splitlines()]
+    log = [json.loads(line) for line in (tmp_path / study_steps.STEP_LOG).read_text().splitlines()]
     assert [e["step"] for e in log] == first.calls and all(e["seconds"] == 10 for e in log)
     capsys.readouterr()
 
-    again = FakeRunner(quality)
+    again = FakeRunner()
     quality.run_steps(steps, tmp_path, again, clock=clock)
     assert again.calls == [s.label for s in steps[6:]]  # nothing done twice
     printed = capsys.readouterr().out
     assert f"{len(steps)} steps, 6 done already, {len(steps) - 6} to run" in printed
     assert f"[7/{len(steps)}] {steps[6].label} ... (~3 min 00 s left (estimated))" in printed  # 18 × 10 s
-    third = FakeRunner(quality)
+    third = FakeRunner()
     quality.run_steps(steps, tmp_path, third, clock=clock)
     assert third.calls == []
 
@@ -422,7 +426,7 @@ def test_evaluations_of_a_retrained_student_run_again(quality, tmp_path):
     steps = quality.build_steps(_units(quality, tmp_path))
     train = next(s for s in steps if s.kind == "train")
     evals = [s for s in steps if s.kind != "train" and s.dir == train.dir]
-    runner = FakeRunner(quality)
+    runner = FakeRunner()
     for s in [train, *evals]:
         runner(s)
     student = Path(train.cfg.training.output_dir) / "student" / "config.json"  # rewritten by every save
@@ -440,9 +444,9 @@ def test_estimate_remaining(quality, tmp_path):
     units = _units(quality, tmp_path)
     steps = quality.build_steps(units)
     kinds = [steps[4], steps[5], steps[7]]  # train, tf, rouge
-    assert quality.estimate_remaining(kinds, {}) is None
+    assert study_steps.estimate_remaining(kinds, {}) is None
     # rouge has no history yet: the mean of every finished step (100 and 10 → 55)
-    assert quality.estimate_remaining(kinds, {"train": [100.0], "tf": [10.0]}) == pytest.approx(165.0)
+    assert study_steps.estimate_remaining(kinds, {"train": [100.0], "tf": [10.0]}) == pytest.approx(165.0)
 
 
 def _tiny_data_root(tmp_path) -> Path:
@@ -479,7 +483,7 @@ def test_quality_end_to_end_on_a_tiny_model_resumes(quality, tmp_path, tiny_teac
 def test_geometry_steps_on_a_tiny_model(quality, tmp_path, tiny_teacher_dir, monkeypatch, capsys):
     """The real geometry step: the initial student, and a trained unit's mid-way checkpoint (kept, measured,
     deleted) and final student, with the student's key layers; the report's geometry table."""
-    monkeypatch.setitem(quality.STUDENTS["selected"], "key_layers", [(1, 2), (2, 4)])  # a 2-block student
+    monkeypatch.setitem(study_plan.STUDENTS["selected"], "key_layers", [(1, 2), (2, 4)])  # a 2-block student
     root = _tiny_data_root(tmp_path)
     out = tmp_path / "q"
     argv = ["--budget", "smoke", "--only", "student_init", "skl", "--sets", "dev", "--train-seeds", "1",
@@ -493,7 +497,7 @@ def test_geometry_steps_on_a_tiny_model(quality, tmp_path, tiny_teacher_dir, mon
     assert result["examples"] == 3
     for st in result["students"].values():  # the key layers are marked although SKL ran without MTA
         assert [(k["student"], k["teacher"]) for k in st["key_layers"]] == [(1, 2), (2, 4)]
-    dsa = quality.key_layer_dsa(unit / "geometry" / "trajectory.json", "selected")
+    dsa = study_report.key_layer_dsa(unit / "geometry" / "trajectory.json", "selected")
     assert set(dsa) == {"mid", "end"} and all(len(v) == 2 and all(x >= 0 for x in v) for v in dsa.values())
     init = json.loads((out / "student_init" / "geometry" / "trajectory.json").read_text())
     assert set(init["students"]) == {"initial"}
@@ -504,7 +508,7 @@ def test_geometry_steps_on_a_tiny_model(quality, tmp_path, tiny_teacher_dir, mon
 def test_seeds_table_marks_cells_with_fewer_seeds(quality):
     full = {"sets": {"a": {"nll": 1.0}, "b": {"nll": 3.0}}, "average": {"nll": 2.0}}
     part = {"sets": {"a": {"nll": 2.0}}, "average": {"nll": 2.0}}  # seed 2: set b still running
-    table = quality.seeds_table({"SKL": {1: full, 2: part}}, "nll")
+    table = study_report.seeds_table({"SKL": {1: full, 2: part}}, "nll")
     assert "| SKL | 2 | 1.5000 ± 0.7071 | 3.0000 (1 seeds) | 2.0000 (1 seeds) |" in table
 
 
@@ -514,12 +518,12 @@ def test_empty_generations_table_is_a_share_of_prompts_and_seeds(quality):
                 for s, e in zip("ab", empties)}
         return {"sets": sets, "average": {"mean": 1.0}}
 
-    table = quality.seeds_table({"SKL": {1: run([8, 0]), 2: run([4, 2])}}, "empty")
+    table = study_report.seeds_table({"SKL": {1: run([8, 0]), 2: run([4, 2])}}, "empty")
     assert "| SKL | 2 | 75 ± 35 | 12 ± 18 | 44 ± 9 |" in table  # set b: 0 % and 25 %; averages 50 % and 37.5 %
     assert "1.0" not in table  # the ROUGE-L averages are not the empty share
     running = run([8, 0])
     running["sets"]["b"] = {"n": 4, "nll": 2.0}  # set b: teacher-forced done, generation still running
-    table = quality.seeds_table({"SKL": {1: run([8, 0]), 2: running}}, "empty")
+    table = study_report.seeds_table({"SKL": {1: run([8, 0]), 2: running}}, "empty")
     assert "| SKL | 2 | 100 ± 0 | 0 (1 seeds) | 50 (1 seeds) |" in table
 
 
@@ -590,17 +594,17 @@ def test_sampled_steps_are_the_papers_protocol_on_dolly_and_sni(quality, tmp_pat
 def test_sampled_rouge_is_reported_apart_from_greedy(quality, tmp_path, monkeypatch):
     """Sampled and greedy ROUGE-L of the same sets merge into two runs of a unit; the report has a table and the
     MTA − base comparisons for each."""
-    monkeypatch.setattr(quality, "SAMPLED_SETS", ("dev",))
+    monkeypatch.setattr(study_steps, "SAMPLED_SETS", ("dev",))  # where build_steps reads it
     units = _units(quality, tmp_path)
     steps = quality.build_steps(units, ["nll", "rougeL", "sampled"])
     assert sum(s.kind == "sampled" for s in steps) == 5  # teacher + 2 arms × 2 seeds, dev only
-    quality.run_steps(steps, tmp_path, FakeRunner(quality), clock=iter(range(0, 10_000, 5)).__next__)
+    quality.run_steps(steps, tmp_path, FakeRunner(), clock=iter(range(0, 10_000, 5)).__next__)
     unit = tmp_path / "skl_mta" / "seed1" / "eval"
     greedy, sampled = (json.loads((d / "metrics.json").read_text()) for d in (unit, unit / "sampled"))
     assert set(greedy["sets"]) == {"dev", "sni"} and set(sampled["sets"]) == {"dev"}
     assert "nll" in greedy["sets"]["dev"] and "nll" not in sampled["sets"]["dev"]
     report = quality.write_report("smoke", tmp_path, units, "test")
-    assert f"## {quality.SAMPLED_TITLE}" in report
+    assert f"## {study_report.SAMPLED_TITLE}" in report
     assert "| SKL+MTA − SKL | ROUGE-L (sampled) |" in report
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {"nll", "rougeL", "rougeL (sampled)"} <= set(summary["comparisons"]["SKL+MTA − SKL"])
@@ -610,7 +614,7 @@ def test_sampled_rouge_is_reported_apart_from_greedy(quality, tmp_path, monkeypa
 def test_a_unit_whose_evaluations_are_done_is_not_retrained(quality, tmp_path):
     """Committed results without the weights: nothing to run; a new evaluation step retrains its unit first."""
     steps = quality.build_steps(_units(quality, tmp_path), ["nll"])
-    quality.run_steps(steps, tmp_path, FakeRunner(quality))
+    quality.run_steps(steps, tmp_path, FakeRunner())
     for d in {s.dir for s in steps if s.kind == "train"}:
         shutil.rmtree(d / "train" / "student")  # the weights are gone
     assert quality.pending_steps(steps) == []
