@@ -162,7 +162,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = (args.out or REPO / "runs" / f"quality-{args.budget}").resolve()

@@ -14,6 +14,7 @@ from .plan import (BUDGETS, EVAL_SETS, MTA, PRETRAIN_FILE, PRETRAINED_CONFIG, PR
                    TRAIN_FILE, mta_section)
 from .steps import _fmt_s, _read_json
 
+
 def build_pretrained_student(assets: Path, data_root: Path = SHARED_DATA) -> Path:
     """ASSETS/pretrained-student: a random init of the ``pretrained`` student's shape trained with plain SFT, no
     teacher, on alpaca5k.jsonl (configs/bench-pretrained-student.yaml) in ASSETS/pretrained-run — resumed from

@@ -192,7 +192,6 @@ RELEVANT = {"teacher": ("teacher", "data", "eval"), "initial": ("teacher", "stud
             "train": ("teacher", "student", "data", "objective", "training", "eval")}
 
 
-# ------------------------------------------------------------------------------------------ plan
 def budget_summary(name: str) -> str:
     """One line with the exact hyper-parameters of a budget (also in the module docstring)."""
     b = BUDGETS[name]
@@ -311,7 +310,6 @@ def workload(cfg) -> dict:
     return {"train_records": n_train, "train_steps": steps, "eval_prompts": prompts, "eval_batches": batches}
 
 
-
 def seed_configs(row: Row, cfg, budget: str, out: Path, train_seeds, data_root, sets, overrides, assets=None) -> list:
     """[(seed, RunConfig)] of a row: one per training seed for a trained row, one (seed None) otherwise."""
     from mtakd.config import build_config
@@ -322,7 +320,6 @@ def seed_configs(row: Row, cfg, budget: str, out: Path, train_seeds, data_root, 
             for s in train_seeds]
 
 
-
 def plan_units(args, out: Path, planned) -> list:
     """[(row, training seed, RunConfig)] of the planned rows (one per seed for a trained row): the untrained rows,
     then every arm with the first training seed, then with the second, ... (a partial study pairs its arms)."""
@@ -331,4 +328,3 @@ def plan_units(args, out: Path, planned) -> list:
                                          args.overrides, assets=args.assets)]
     rank = {s: i for i, s in enumerate(args.train_seeds)}
     return sorted(units, key=lambda u: -1 if u[1] is None else rank[u[1]])  # stable: row order within a seed
-

@@ -71,7 +71,6 @@ def keep_mid(train_dir: Path, mid: Path, step: int) -> Path | None:
     return mid
 
 
-
 class StepRunner:
     """Runs steps with the models they need, loaded once: the teacher (also the KL's reference), the initial
     student, the tokenizer, and the trained student of the unit being evaluated."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .plan import GEOMETRY_SET, METRICS, RELEVANT, SAMPLED_SETS, Row, budget_summary, unit_dir, workload
 
+
 def _student_config(train_dir: Path) -> Path:
     """The trained student's config.json: written by every save, with the weights (sharded or not)."""
     return train_dir / "student" / "config.json"
@@ -16,7 +17,6 @@ def _student_config(train_dir: Path) -> Path:
 
 def _trained(train_dir: Path) -> bool:
     return _student_config(train_dir).is_file() and (train_dir / "log_history.json").is_file()
-
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,6 @@ class Step:
         if self.row.kind == "train" and student.is_file() and self.marker.stat().st_mtime < student.stat().st_mtime:
             return False
         return self.kind == "geo" or set(self.metrics) <= set(_read_json(self.marker).get("metrics", []))
-
 
 
 def build_steps(units, metrics=METRICS) -> list[Step]:
@@ -201,7 +200,6 @@ def print_plan(budget: str, out: Path, planned, as_json: bool = False, steps_by_
         print(f"      objective: {what}")
 
 
-
 def _changed_sections(row: Row, cfg, d: Path) -> list[str]:
     """Config sections in which an earlier run of this unit (``d``/row.json) differs from ``cfg``."""
     path = d / "row.json"
@@ -247,7 +245,6 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-
 def merge_unit_metrics(d: Path, sampled: bool = False) -> dict | None:
     """Merge the evaluation steps of one unit (``d``/eval/<kind>-<set>/metrics.json) into ``d``/eval/metrics.json
     (the format of ``mtakd evaluate``, read by ``mtakd report``) — with ``sampled`` the sampled ROUGE-L steps
@@ -263,7 +260,6 @@ def merge_unit_metrics(d: Path, sampled: bool = False) -> dict | None:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(merged, indent=1) + "\n")
     return merged
-
 
 
 def _fmt_s(s) -> str:
