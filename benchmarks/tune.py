@@ -23,7 +23,7 @@ import quality  # noqa: E402
 # The first grid chose points at its edges (pruned lr 3e-4, λ 8 / 0.8 in both regimes): each grid got one more
 # point beyond them (pruned 1e-3, random 3e-4, λ 32 / 3.2) after the study had started with the first choice.
 LR_GRID = {"pruned": [1.0e-4, 3.0e-4, 1.0e-3], "random": [3.0e-4, 1.0e-3, 3.0e-3],
-           "pretrained": [1.0e-4, 3.0e-4, 1.0e-3]}  # regime (c): a student with knowledge of its own
+           "pretrained": [3.0e-5, 1.0e-4, 3.0e-4, 1.0e-3]}  # regime (c); 3e-5 added when 1e-4 led the first three
 LAMBDA_GRID = [(0.5, 0.2), (2.0, 0.2), (8.0, 0.8), (32.0, 3.2)]  # (λ_DSA, λ_Hid); the spec's default is (2, 0.2)
 
 
