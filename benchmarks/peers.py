@@ -59,7 +59,7 @@ LR = 2e-4
 SEED = int(os.environ.get("PEERS_SEED", "42"))  # training seed of both (sampler, init, generation)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory import tiny_data  # noqa: E402  (the memory section's tiny rows, shared)
+from memory import _status_kb, tiny_data  # noqa: E402  (the memory section's measure and tiny rows)
 from mta_overhead import step_timer  # noqa: E402
 
 
@@ -159,14 +159,6 @@ def run_parity(betas=(0.0, 1.0, 0.5, 0.1, 0.9), temperatures=(1.0, 2.0), seed: i
 
 
 # ====================================================================================== measuring
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {key}")
-
-
 def _measured_train(trainer, warmup: int, dev_batches=None) -> dict:
     """``trainer.train()`` with the step timer and the step peak of benchmarks/memory.py; then the dev NLL."""
     import torch
