@@ -9,15 +9,15 @@ import logging
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .errors import DataError  # noqa: F401  (raised here, defined in the leaf mtakd.errors)
 
-if TYPE_CHECKING:
-    from .config import RunConfig
+# `RunConfig` in annotations is mtakd.config's; not imported, not even for type checking: the
+# config validates against this module, which must not depend on it (tests/test_imports.py)
 
 log = logging.getLogger(__name__)
 

@@ -18,15 +18,14 @@ import inspect
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .errors import ModelError  # noqa: F401  (raised here, defined in the leaf mtakd.errors)
 
-if TYPE_CHECKING:
-    from .config import ModelSource
+# `ModelSource` in annotations is mtakd.config's; not imported, not even for type checking: the
+# config validates against this module, which must not depend on it (tests/test_imports.py)
 
 log = logging.getLogger(__name__)
 

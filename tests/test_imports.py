@@ -4,7 +4,7 @@ The graph is read from the source with ``ast``: every import at any depth (funct
 run when the function does), relative imports resolved, ``from X import name`` counting as an import of the
 submodule ``X.name`` when that is a module (else of ``X``), and importing a submodule counting as importing its
 parent packages' ``__init__`` (except the importer's own packages, which are already being imported). Imports
-under ``if TYPE_CHECKING:`` never run and do not count.
+under ``if TYPE_CHECKING:`` count too: a dependency for the type checker is still a dependency of the design.
 """
 
 from __future__ import annotations
@@ -29,21 +29,12 @@ def _modules() -> dict[str, tuple[Path, bool]]:
     return out
 
 
-def _type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-
-
 def _imported(tree: ast.AST, module: str, is_pkg: bool, modules) -> set[str]:
     """The names of the modules ``module``'s code imports (before adding parent packages)."""
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and _type_checking(child.test):
-                for stmt in child.orelse:
-                    visit_one(stmt)
-                continue
             visit_one(child)
 
     def visit_one(node: ast.AST) -> None:
@@ -144,7 +135,7 @@ def test_the_graph_reader_sees_local_relative_and_from_imports():
     assert "mtakd.objectives.fused" in graph["mtakd.config"]  # `from .objectives.fused import config_problem`
     assert "mtakd.mta" in graph["mtakd.config"]  # importing mtakd.mta.layers runs mtakd/mta/__init__.py
     assert "mtakd.mta.loss" in graph["mtakd.mta"]  # `from .loss import ...` in a package __init__
-    assert "mtakd.config" not in graph["mtakd.mta.layers"]  # only under TYPE_CHECKING there
+    assert "mtakd.config" not in graph["mtakd.mta.layers"]  # its annotations name MTAConfig without importing it
     assert not graph["mtakd.errors"]  # a leaf
 
 

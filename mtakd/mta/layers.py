@@ -4,12 +4,11 @@ which granularity. Indices are 1-based block numbers, i.e. ``hidden_states[l]`` 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 
-if TYPE_CHECKING:
-    from ..config import MTAConfig
+# `MTAConfig` in annotations is mtakd.config's; not imported, not even for type checking: the
+# config validates against this module, which must not depend on it (tests/test_imports.py)
 
 
 @dataclass(frozen=True)

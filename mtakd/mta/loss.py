@@ -11,7 +11,6 @@ checkpoints carry them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +19,8 @@ from torch import nn
 from .functional import dsa_per_sequence, hid_per_sequence, importance_weights, pool_spans
 from .layers import KeyLayer, hidden_widths
 
-if TYPE_CHECKING:
-    from ..config import MTAConfig
+# `MTAConfig` in annotations is mtakd.config's; not imported, not even for type checking: the
+# config validates against this module, which must not depend on it (tests/test_imports.py)
 
 PROJECTORS = "mta_projectors"  # attribute of the student holding the ModuleList of W_l
 

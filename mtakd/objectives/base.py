@@ -10,7 +10,7 @@ tokens, temperature, the token mean and the mix with cross-entropy
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from ..models import apply_head, head_parameters  # noqa: F401  (apply_head: re-exported)
 from .rows import CachedLogProbs, HiddenHead, log_rest, response_positions, shared_rows  # noqa: F401  (re-exported)
 
-if TYPE_CHECKING:
-    from ..config import ObjectiveConfig
+# `ObjectiveConfig` in annotations is mtakd.config's; not imported, not even for type checking: the
+# config validates against this module, which must not depend on it (tests/test_imports.py)
 
 OBJECTIVES: dict[str, type["Objective"]] = {}
 

@@ -20,14 +20,13 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from .rows import CachedLogProbs, HiddenHead, response_positions, shared_rows
 
-if TYPE_CHECKING:
-    from ..config import ObjectiveConfig
+# `ObjectiveConfig` in annotations is mtakd.config's; not imported, not even for type checking: the
+# config validates against this module, which must not depend on it (tests/test_imports.py)
 
 logger = logging.getLogger(__name__)
 
