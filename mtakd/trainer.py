@@ -58,6 +58,7 @@ class DistillTrainer(Trainer):
             check_deepspeed_optimizer(self.accelerator.state.deepspeed_plugin.deepspeed_config,
                                       has_projectors=getattr(self.model, PROJECTORS, None) is not None)
         self.teacher = self._prepare_teacher(teacher) if teacher is not None else None
+        self._teacher_spread = teacher is not None and _spread(teacher)  # teacher.device_map over several devices
         self._skip_update = False  # on_nonfinite=skip: the optimiser update of this step is dropped
         self._fuse: bool | None = None  # LM heads fused into the chunked loss (decided at the first batch)
         self._heads_checked = False
@@ -134,7 +135,7 @@ class DistillTrainer(Trainer):
             zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
             self._fuse = bool(obj.accepts_hidden_head and obj.cfg.chunk_size > 0 and not self.is_fsdp_enabled
                               and not zero3 and all(plain_head(m) for m in models)
-                              and not (self.teacher is not None and _spread(self.teacher)))
+                              and not self._teacher_spread)
         return self._fuse
 
     def _forward(self, model, fwd, need_hidden, fuse):
@@ -172,7 +173,7 @@ class DistillTrainer(Trainer):
             return None
         with torch.no_grad():
             out = self._forward(self.teacher, fwd, need_hidden, bool(self._fuse))  # as the student's
-        return _on_device(out, fwd["input_ids"].device) if _spread(self.teacher) else out
+        return _on_device(out, fwd["input_ids"].device) if self._teacher_spread else out
 
     def _is_finite(self, loss, logged) -> bool:
         if torch.isfinite(loss):
@@ -399,11 +400,10 @@ def _spread(model) -> bool:
 def _on_device(out, device):
     """A device-mapped teacher's outputs on the batch's device: its logits come from the last device's head and its
     hidden states from the devices of their layers (the losses and MTA combine them with the student's)."""
-    fields = {k: getattr(out, k, None) for k in ("logits", "hidden_states")}
-    if fields["logits"] is not None:
-        out.logits = fields["logits"].to(device)
-    if fields["hidden_states"] is not None:
-        out.hidden_states = tuple(h.to(device) for h in fields["hidden_states"])
+    if out.logits is not None:
+        out.logits = out.logits.to(device)
+    if out.hidden_states is not None:
+        out.hidden_states = tuple(h.to(device) for h in out.hidden_states)
     return out
 
 
