@@ -182,7 +182,8 @@ def main(argv=None) -> int:
     if args.dry_run:
         print_plan(args.budget, out, planned, as_json=args.json, steps_by_row=by_row)
         return 0
-    missing = [f for _, cfg in planned for f in [*cfg.data.train, *cfg.eval.data] if not Path(f).is_file()]
+    missing = [f for _, cfg in planned for f in [*cfg.data.train, *cfg.eval.data]  # assets: built below
+               if not Path(f).is_file() and not Path(f).resolve().is_relative_to(args.assets)]
     if missing:
         print(f"quality: error: data files not found: {sorted(set(missing))}", file=sys.stderr)
         return 2

@@ -25,6 +25,8 @@ import quality  # noqa: E402
 LR_GRID = {"pruned": [1.0e-4, 3.0e-4, 1.0e-3], "random": [3.0e-4, 1.0e-3, 3.0e-3],
            "pretrained": [3.0e-5, 1.0e-4, 3.0e-4, 1.0e-3]}  # regime (c); 3e-5 added when 1e-4 led the first three
 LAMBDA_GRID = [(0.5, 0.2), (2.0, 0.2), (8.0, 0.8), (32.0, 3.2)]  # (λ_DSA, λ_Hid); the spec's default is (2, 0.2)
+# regime (c): 0.5 / 0.2 led at the grid's low edge, so one point below it
+LAMBDA_EXTRA = {"pretrained": [(0.1, 0.05)]}
 
 
 def run_point(budget: str, out: Path, row: str, overrides: list[str], threads: int | None, assets: Path) -> dict:
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
     lams = {f"skl_mta_dsa{a:g}_hid{b:g}_{rate}": run_point(
         args.budget, out / f"skl_mta_dsa{a:g}_hid{b:g}_{rate}", "skl_mta",
         [lr, f"objective.mta.lambda_dsa={a}", f"objective.mta.lambda_hid={b}"], args.threads, args.assets)
-        for a, b in LAMBDA_GRID}
+        for a, b in LAMBDA_GRID + LAMBDA_EXTRA.get(args.budget, [])}
     lam_key = best(lams)
     result = {"budget": args.budget, "criterion": "lowest dev response NLL (ties: KL), training seed 42",
               "lr": lrs, "lambda": lams, "chosen": {"lr": lr, "mta": lams[lam_key]["overrides"][1:]}}

@@ -62,8 +62,10 @@ def _check_decoding(gen_config) -> None:
                           f"got temperature {gen_config.temperature}, top_p {gen_config.top_p}, top_k {gen_config.top_k}")
 
 
-def _next_tokens(logits: torch.Tensor, gen_config) -> torch.Tensor:
-    logits = logits.float()
+def _next_tokens(logits: torch.Tensor, gen_config, vocab: int | None) -> torch.Tensor:
+    """Greedy or sampled next tokens among the tokenizer's ids: output rows past ``vocab`` are padding (e.g.
+    Qwen's 151,936 rows for 151,665 ids) and never chosen."""
+    logits = logits[:, :vocab].float()
     return torch.multinomial(logits.softmax(-1), 1)[:, 0] if gen_config.do_sample else logits.argmax(-1)
 
 
@@ -81,7 +83,7 @@ def _splice_caches(cache, new, width: int) -> None:
         a.keys, a.values = torch.cat(keys), torch.cat(values)
 
 
-def _decode_stream(model, prompt_ids: list[list[int]], gen_config, rows: int, pad_id: int):
+def _decode_stream(model, prompt_ids: list[list[int]], gen_config, rows: int, pad_id: int, vocab: int | None):
     """Yields ``(i, tokens)``: the new tokens of ``prompt_ids[i]`` up to and including its first EOS, as each
     sequence finishes. At most ``rows`` sequences are decoded at once, in one left-padded batch sharing a
     ``DynamicCache``; a finished sequence leaves the batch at once and, while prompts remain, the free rows are
@@ -89,7 +91,7 @@ def _decode_stream(model, prompt_ids: list[list[int]], gen_config, rows: int, pa
     left-padded batch of their own, then their cache rows are spliced into the running cache, the shorter side
     left-padded so that both end at the same column. Every row keeps its own positions (counted from its first
     real token) and the attention mask hides the padding, so each sequence is computed as if decoded alone;
-    leading columns that are padding in every row are cut."""
+    leading columns that are padding in every row are cut. Tokens are chosen among the first ``vocab`` ids."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
@@ -117,7 +119,7 @@ def _decode_stream(model, prompt_ids: list[list[int]], gen_config, rows: int, pa
             new_pos = _position_ids(new_mask)
             logits = model(input_ids=inputs["input_ids"], attention_mask=new_mask, position_ids=new_pos,
                            cache=new_cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            new_nxt, new_pos = _next_tokens(logits, gen_config), new_pos[:, -1:] + 1
+            new_nxt, new_pos = _next_tokens(logits, gen_config, vocab), new_pos[:, -1:] + 1
             if cache is None:
                 cache, mask, pos, nxt = new_cache, new_mask, new_pos, new_nxt
                 # other layer types (sliding windows, ...) cannot be spliced: no refill, rows only leave
@@ -134,7 +136,7 @@ def _decode_stream(model, prompt_ids: list[list[int]], gen_config, rows: int, pa
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=cache,
                            use_cache=True, logits_to_keep=1).logits[:, -1]
-            nxt, pos, first = _next_tokens(logits, gen_config), pos + 1, 0
+            nxt, pos, first = _next_tokens(logits, gen_config, vocab), pos + 1, 0
         # nxt[first:] are new tokens: record them; finished rows leave
         for i, t in zip(slots[first:], nxt[first:].tolist()):
             out[i].append(t)
@@ -159,8 +161,9 @@ def _decode_stream(model, prompt_ids: list[list[int]], gen_config, rows: int, pa
                     layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
 
 
-def decode_batch(model, inputs: dict[str, torch.Tensor], gen_config) -> list[list[int]]:
-    """New tokens of each row of a left-padded batch, up to and including its first EOS.
+def decode_batch(model, inputs: dict[str, torch.Tensor], gen_config, vocab: int | None = None) -> list[list[int]]:
+    """New tokens of each row of a left-padded batch, up to and including its first EOS; ``vocab``: the tokenizer's
+    ids (:func:`mtakd.models.vocabulary_ids`; output rows past it are never chosen), None: every row.
 
     The decoding of ``transformers``' ``generate`` for the protocol's two configurations (greedy; sampling at
     temperature 1, top-p 1, no top-k, i.e. ``torch.multinomial`` on the softmax), on a ``DynamicCache``, with
@@ -171,7 +174,8 @@ def decode_batch(model, inputs: dict[str, torch.Tensor], gen_config) -> list[lis
     mask = inputs["attention_mask"]
     prompts = [ids[m.bool()].tolist() for ids, m in zip(inputs["input_ids"], mask)]
     out: list[list[int]] = [[] for _ in prompts]
-    for i, tokens in _decode_stream(model, prompts, gen_config, rows=len(prompts), pad_id=gen_config.pad_token_id):
+    for i, tokens in _decode_stream(model, prompts, gen_config, rows=len(prompts), pad_id=gen_config.pad_token_id,
+                                    vocab=vocab):
         out[i] = tokens
     return out
 
@@ -184,9 +188,12 @@ def generate(
     decoded ``batch_size`` at a time by continuous batching (:func:`_decode_stream`): a sequence leaves the
     batch when it has produced EOS and the next prompt takes its row, so every decoding step runs at (nearly)
     the full batch and no step is spent waiting for a batch's longest response. ``stats``, if given, receives
-    ``new_tokens``: the number of generated tokens (up to and including EOS)."""
+    ``new_tokens``: the number of generated tokens (up to and including EOS). Only the tokenizer's ids are
+    generated: padded output rows (:func:`mtakd.models.vocabulary_ids`) never are."""
     from tqdm.auto import tqdm
     from transformers import set_seed
+
+    from .models import vocabulary_ids
 
     eos = set(gen_config.eos_token_id if isinstance(gen_config.eos_token_id, list) else [gen_config.eos_token_id])
     order = length_order([len(p) for p in prompt_ids])  # continuous batching takes them in this order
@@ -196,7 +203,7 @@ def generate(
     with torch.inference_mode(), tqdm(total=len(prompt_ids), desc=desc or f"seed {seed}", unit="prompt",
                                       disable=not progress) as bar:
         for k, tokens in _decode_stream(model, [prompt_ids[i] for i in order], gen_config, rows=batch_size,
-                                        pad_id=gen_config.pad_token_id):
+                                        pad_id=gen_config.pad_token_id, vocab=vocabulary_ids(tokenizer)):
             n_new += len(tokens)
             stop = len(tokens) - 1 if tokens and tokens[-1] in eos else len(tokens)
             out[order[k]] = tokenizer.decode(tokens[:stop], skip_special_tokens=True).strip()

@@ -367,6 +367,11 @@ def vocabulary_ids(tokenizer) -> int:
     return max(tokenizer.get_vocab().values()) + 1
 
 
+def padded_output_ids(model, tokenizer) -> list[int]:
+    """The output rows of ``model`` that no id of ``tokenizer`` reaches (:func:`vocabulary_ids`): never to be generated."""
+    return list(range(vocabulary_ids(tokenizer), model.get_output_embeddings().weight.shape[0]))
+
+
 def shared_vocabulary(t_tok, s_tok, teacher=None, student=None, *, student_name: str = "student") -> int:
     """The check every path that compares the two models' next-token distributions runs (distillation's KD terms, the
     teacher cache, the teacher-forced KL, ``mtakd trajectory``): the tokenizers must map the same strings to the same

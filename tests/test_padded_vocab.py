@@ -220,3 +220,39 @@ def test_evaluate_kl_between_padded_heads(padded_pair, tiny_tokenizer, tmp_path)
                  "--out", str(tmp_path / "eval"), "--metrics", "nll", "kl", "--template", "alpaca"]) == 0
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert m["per_prompt"]["set"]["kl"] == pytest.approx(got["kl"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------ generation
+def _dominant_padding(v: int, hidden: int = 32):
+    """A tiny model whose padded rows (±1000·e_k, past the tokenizer's ``v`` ids) hold the largest logit at every
+    position: a decoder that does not leave them out would choose them at once."""
+    model = tiny_llama(v + 2 * hidden, layers=1, hidden=hidden)
+    with torch.no_grad():
+        eye = torch.eye(hidden) * 1000.0
+        model.lm_head.weight[v:] = torch.cat([eye, -eye])
+    return model
+
+
+def test_generation_never_chooses_a_padded_row(tiny_tokenizer):
+    """`mtakd evaluate` / `generate` (greedy and sampled) and DistiLLM's student outputs only produce the tokenizer's
+    ids; without the cut, the same decoder picks padded rows."""
+    from mtakd.config import DataConfig, ObjectiveConfig
+    from mtakd.decoding import _left_pad, decode_batch, generation_config
+    from mtakd.objectives import build_objective
+
+    v = len(tiny_tokenizer)
+    model = _dominant_padding(v)
+    prompts = [tiny_tokenizer("the cat sat")["input_ids"], tiny_tokenizer("a dog")["input_ids"]]
+    for greedy in (True, False):
+        cfg = generation_config(model, tiny_tokenizer, greedy=greedy, max_new_tokens=5)
+        inputs = _left_pad(prompts, cfg.pad_token_id, "cpu")
+        torch.manual_seed(0)
+        assert all(t >= v for row in decode_batch(model, inputs, cfg) for t in row)  # the failure this test guards
+        torch.manual_seed(0)
+        rows = decode_batch(model, inputs, cfg, vocab=v)
+        assert rows and all(0 <= t < v for row in rows for t in row)
+    distillm = build_objective(ObjectiveConfig(base="distillm", options={"max_new_tokens": 5}))
+    distillm.tokenizer, distillm.data_cfg = tiny_tokenizer, DataConfig(train=["x.jsonl"])
+    torch.manual_seed(0)
+    out = distillm.sample_responses(model, prompts)
+    assert all(0 <= t < v for tokens, _ in out for t in tokens) and any(tokens for tokens, _ in out)

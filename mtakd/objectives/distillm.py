@@ -193,27 +193,22 @@ class DistiLLM(TokenDivergence):
         return {k: v.to(device) for k, v in batch.items()}
 
     # ------------------------------------------------------------------------------ generation
-    def _eos_ids(self, model) -> list[int]:
-        ids = []
-        for value in (self.tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-            for i in value if isinstance(value, (list, tuple)) else [value]:
-                if i is not None and int(i) not in ids:
-                    ids.append(int(i))
-        return ids
-
     @torch.no_grad()
     def sample_responses(self, model, prompts: list[list[int]]) -> list[tuple[list[int], bool]]:
         """The student's sampled continuation of each prompt: (tokens before EOS, stopped with EOS)."""
         from transformers import GenerationConfig
 
+        from ..decoding import eos_token_ids
+        from ..models import padded_output_ids
+
         tok = self.tokenizer
-        eos = self._eos_ids(model)
+        eos = eos_token_ids(model, tok)
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
         max_new = self.opts.max_new_tokens or (self.data_cfg.max_length - self.data_cfg.max_prompt_length)
         gen_cfg = GenerationConfig(
             do_sample=True, temperature=self.opts.temperature, top_p=self.opts.top_p, top_k=self.opts.top_k,
             max_new_tokens=max_new, min_new_tokens=0, num_beams=1, eos_token_id=eos, pad_token_id=pad,
-            repetition_penalty=1.0, no_repeat_ngram_size=0,
+            repetition_penalty=1.0, no_repeat_ngram_size=0, suppress_tokens=padded_output_ids(model, tok) or None,
         )
         device = next(model.parameters()).device
         width = max(len(p) for p in prompts)
