@@ -135,13 +135,15 @@ def parse_args(argv=None):
         epilog="Budgets:\n  " + "\n  ".join(budget_summary(b) for b in BUDGETS),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--budget", required=True, choices=list(BUDGETS))
+    p.add_argument("--budget", choices=list(BUDGETS), help="required unless --regimes")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: runs/quality-<budget>)")
     p.add_argument("--only", nargs="+", metavar="ROW", choices=ROW_IDS, help=f"run only these rows: {', '.join(ROW_IDS)}")
     p.add_argument("--ablations", action="store_true", help="add the ablation rows (SKL+MTA variants)")
     p.add_argument("--dry-run", action="store_true", help="print the planned rows and configs; load no model")
     p.add_argument("--report-only", action="store_true",
                    help="write DIR/report.md and summary.json from the finished steps; run nothing")
+    p.add_argument("--regimes", action="store_true",
+                   help="print the cross-regime table from benchmarks/results/quality-study/*/summary.json; run nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every row (objective.mta.* only for MTA rows); repeatable")
@@ -164,6 +166,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.regimes:
+        from quality_study.regimes import regimes_table
+
+        print(regimes_table())
+        return 0
+    if args.budget is None:
+        print("quality: error: --budget is required", file=sys.stderr)
+        return 2
     out = (args.out or REPO / "runs" / f"quality-{args.budget}").resolve()
     if args.train_seeds is None:
         args.train_seeds = [BUDGETS[args.budget]["training"]["seed"]]

@@ -203,7 +203,9 @@ def test_keep_mid_and_geometry_table(quality, tmp_path):
     fake({"initial": 0.3}, quality.unit_dir(out, units[0][0], None))
     fake({"mid": 0.2, "end": 0.1}, quality.unit_dir(out, units[1][0], 1))
     fake({"mid": 0.2, "end": 0.3}, quality.unit_dir(out, units[2][0], 2))
-    table = study_report.geometry_table(units, out, "random")
+    geo = study_report.geometry_by_arm(units, out, "random")
+    assert geo["SKL"]["initial"] == [0.3] and geo["SKL"]["end"] == pytest.approx([0.1, 0.3])
+    table = study_report.geometry_table(geo, "random")
     assert "| SKL | 2 | 0.3000 | 0.2000 ± 0.0000 | 0.2000 ± 0.1414 | 0.2000 ± 0.1414 |" in table  # sample std
 
 
@@ -622,3 +624,22 @@ def test_a_unit_whose_evaluations_are_done_is_not_retrained(quality, tmp_path):
     pending = quality.pending_steps(more)
     assert [s.kind for s in pending if s.row.id == "skl" and s.seed == 1] == ["train", "rouge", "rouge"]
     assert sum(s.kind == "train" for s in pending) == 4
+
+
+def test_regimes_table(quality, tmp_path):
+    """One row per regime and base/MTA pair found in the summaries: initial and end geometry, and MTA − base with
+    its t-interval over seeds, bold when it excludes 0; a regime without a summary is left out."""
+    from quality_study.regimes import regimes_table
+
+    def pooled(mean, lo, hi):
+        return {"seeds": [1, 2, 3], "pooled": {"mean_diff": mean, "seed_t": [lo, hi]}}
+
+    (tmp_path / "random").mkdir()
+    (tmp_path / "random" / "summary.json").write_text(json.dumps({
+        "geometry": {"SKL": {"initial": [0.1], "end": [0.15, 0.13]}, "SKL+MTA": {"initial": [0.1], "end": [0.02, 0.02]}},
+        "comparisons": {"SKL+MTA − SKL": {"nll": pooled(-0.15, -0.25, -0.05), "rougeL": pooled(1.0, -2.0, 4.0),
+                                         "rougeL (sampled)": pooled(0.9, 0.1, 1.7)}}}))
+    table = regimes_table(tmp_path)
+    assert table.count("\n") == 3 and "(a) pruned" not in table
+    assert ("| (b) random | 0.1000 | SKL / SKL+MTA | 3 | 0.1400 → 0.0200 (-0.1200) | **-0.1500 [-0.2500, -0.0500]** "
+            "| **+0.90 [+0.10, +1.70]** | +1.00 [-2.00, +4.00] |") in table

@@ -93,29 +93,37 @@ def key_layer_dsa(trajectory_json: Path, student: str) -> dict[str, list[float]]
     return out
 
 
-def geometry_table(units, out: Path, student: str) -> str | None:
-    """Arms × (initial, mid-way, end): mean L_DSA over the key layers (dev), mean ± std over training seeds; and
-    each key layer at the end."""
+def geometry_by_arm(units, out: Path, student: str) -> dict[str, dict[str, list[float]]]:
+    """{arm: {initial / mid / end: [mean L_DSA over the key layers, one per training seed]}} (dev, importance
+    weights); the per-layer values of the end students under ``end_layers``."""
     rows: dict[str, dict[str, list]] = {}
     for row, seed, _ in units:
         path = unit_dir(out, row, seed) / "geometry" / "trajectory.json"
         if path.is_file():
             for name, vals in key_layer_dsa(path, student).items():
-                rows.setdefault(row.label, {}).setdefault(name, []).append(vals)
-    if not rows:
+                by = rows.setdefault(row.label, {})
+                by.setdefault(name, []).append(float(np.mean(vals)))
+                if name == "end":
+                    by.setdefault("end_layers", []).append(vals)
+    init = rows.pop("student (initial)", {}).get("initial")
+    for by in rows.values():
+        by["initial"] = init or []
+    return rows
+
+
+def geometry_table(geo: dict, student: str) -> str | None:
+    """Arms × (initial, mid-way, end): mean L_DSA over the key layers (:func:`geometry_by_arm`), mean ± std over
+    training seeds; and each key layer at the end."""
+    if not geo:
         return None
     keys = [s for s, _ in STUDENTS[student]["key_layers"]]
-    init = rows.get("student (initial)", {}).get("initial")
     cell = lambda v: "–" if not v else f"{np.mean(v):.4f}" + (f" ± {np.std(v, ddof=1):.4f}" if len(v) > 1 else "")  # noqa: E731
     lines = ["| arm | seeds | initial | mid-way | end | " + " | ".join(f"end S{k}" for k in keys) + " |",
              "|---|---:|---:|---:|---:|" + "---:|" * len(keys)]
-    for arm, by in rows.items():
-        if arm == "student (initial)":
-            continue
-        ends = by.get("end", [])
-        lines.append(f"| {arm} | {len(ends)} | {cell([np.mean(v) for v in init or []])} | "
-                     f"{cell([np.mean(v) for v in by.get('mid', [])])} | {cell([np.mean(v) for v in ends])} | "
-                     + " | ".join(cell([v[i] for v in ends]) for i in range(len(keys))) + " |")
+    for arm, by in geo.items():
+        ends = by.get("end_layers", [])
+        lines.append(f"| {arm} | {len(ends)} | {cell(by['initial'])} | {cell(by.get('mid', []))} | "
+                     f"{cell(by.get('end', []))} | " + " | ".join(cell([v[i] for v in ends]) for i in range(len(keys))) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -152,7 +160,8 @@ def write_report(budget: str, out: Path, units, command: str, n_resamples: int =
                   "prompts of each set; the same cells as above over training seeds.", "", seeds_table(sampled, "rougeL"),
                   "Empty generations, % of prompts × sampling seeds:", "", seeds_table(sampled, "empty")]
     student = BUDGETS[budget].get("student", "selected")
-    geo = geometry_table(units, out, student)
+    geometry = geometry_by_arm(units, out, student)
+    geo = geometry_table(geometry, student)
     if geo:
         keys = ", ".join(f"S{s}→T{t} {g}" for (s, t), g in zip(STUDENTS[student]["key_layers"], GRANULARITY))
         parts += ["## Geometry: L_DSA at the key layers (dev, importance weights)", "",
@@ -212,6 +221,6 @@ def write_report(budget: str, out: Path, units, command: str, n_resamples: int =
     arms = lambda runs: {arm: {str(s): {"average": r["average"], "sets": r["sets"]} for s, r in by.items()}  # noqa: E731
                          for arm, by in runs.items()}
     summary = {"budget": budget, "summary": budget_summary(budget), "command": command, "machine": m,
-               "comparisons": comparisons, "arms": arms(runs), "arms_sampled": arms(sampled)}
+               "comparisons": comparisons, "arms": arms(runs), "arms_sampled": arms(sampled), "geometry": geometry}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return report

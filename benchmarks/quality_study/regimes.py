@@ -1,0 +1,50 @@
+"""The cross-regime table (issue 26): per regime of the study (its summary.json) and per base/MTA pair, where the
+student's geometry starts, how far MTA moved it, and what MTA gained in NLL and ROUGE-L."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .plan import COMPARISONS, REPO
+
+RESULTS = REPO / "benchmarks" / "results" / "quality-study"
+REGIMES = {"(a) pruned": "pruned", "(b) random": "random", "(c) pretrained": "pretrained"}
+PAIRS = [(a, b) for a, b in COMPARISONS if b == f"{a}+MTA"]
+
+
+def _diff(c: dict | None, fmt: str) -> str:
+    """``mean [t-interval over seeds]``, bold when that interval excludes 0; – when not measured."""
+    if not c:
+        return "–"
+    r = c["pooled"]
+    t = r.get("seed_t")
+    text = f"{r['mean_diff']:+{fmt}}" + ("" if t is None else f" [{t[0]:+{fmt}}, {t[1]:+{fmt}}]")
+    return f"**{text}**" if t is not None and (t[0] > 0 or t[1] < 0) else text
+
+
+def regimes_table(root: Path = RESULTS) -> str:
+    """Markdown: one row per (regime, pair) with both arms measured; regimes without a summary are left out."""
+    lines = ["| regime | initial L_DSA | pair | seeds | end L_DSA, base → MTA | MTA − base: NLL | ROUGE-L, sampled "
+             "| ROUGE-L, greedy |", "|---|---:|---|---:|---|---:|---:|---:|"]
+    for label, name in REGIMES.items():
+        path = root / name / "summary.json"
+        if not path.is_file():
+            continue
+        s = json.loads(path.read_text())
+        geo, comps = s.get("geometry", {}), s.get("comparisons", {})
+        init = next((g["initial"] for g in geo.values() if g.get("initial")), None)
+        for a, b in PAIRS:
+            c = comps.get(f"{b} − {a}")
+            if not c:
+                continue
+            ends = [np.mean(geo.get(arm, {}).get("end") or [np.nan]) for arm in (a, b)]
+            seeds = len(next(iter(c.values()))["seeds"])
+            lines.append(
+                f"| {label} | {'–' if init is None else f'{np.mean(init):.4f}'} | {a} / {b} | {seeds} | "
+                f"{'–' if np.isnan(ends).any() else f'{ends[0]:.4f} → {ends[1]:.4f} ({ends[1] - ends[0]:+.4f})'} | "
+                f"{_diff(c.get('nll'), '.4f')} | {_diff(c.get('rougeL (sampled)'), '.2f')} | "
+                f"{_diff(c.get('rougeL'), '.2f')} |")
+    return "\n".join(lines) + "\n"
