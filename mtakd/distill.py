@@ -123,13 +123,15 @@ def distill(cfg: RunConfig, *, resume: str | bool | None = None, overwrite: bool
                  f"top-{cache.top_k}" if cache.top_k else "full distributions", cache.manifest.get("dtype"),
                  "; the teacher runs only on the sequences the objective generates" if online
                  else "; the teacher does not run")
+    teacher_config = teacher.config if teacher is not None else _teacher_config(cfg, n_teacher)
     if mta is not None and cfg.objective.mta.lambda_hid > 0:  # only L_Hid uses (and trains) the projectors
         # widths of the states the models return (OPT's project_out narrows the top one), identity init
         # only for a student built from the teacher, here or earlier by `mtakd student` (projector_init: auto)
         widths = cache.widths([k.teacher for k in keys]) if teacher is None else None
         built = cfg.student.from_teacher is not None or hasattr(student.config, "mtakd_selected_layers")
-        student.add_module(PROJECTORS, mta.projectors_for(student, teacher, teacher_widths=widths, from_teacher=built))
-    teacher_config = teacher.config if teacher is not None else _teacher_config(cfg, n_teacher)
+        student.add_module(PROJECTORS, mta.projectors_for(
+            student, teacher, teacher_widths=widths, from_teacher=built,
+            teacher_config=teacher_config))
     if not online:
         teacher = None  # loaded only to build the student from it: every teacher signal comes from the cache
     if not cfg.objective.cross_tokenizer:  # the KD terms compare the tokenizer's ids, not padded rows

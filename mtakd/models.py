@@ -468,6 +468,19 @@ def selection_matrix(channels: list[int], d_teacher: int) -> torch.Tensor:
     return w
 
 
+def output_projection(model, config=None):
+    """The map ``[d_top, d_hidden]`` from a model's residual basis to the top hidden state it returns, where it
+    projects that state: OPT with ``word_embed_proj_dim ≠ hidden_size`` (OPT-350m), ``project_out``'s weight.
+    ``False`` when the state is projected but ``model`` is None (only its ``config`` known); None otherwise."""
+    config = model.config if model is not None else config
+    if config is None or getattr(config, "word_embed_proj_dim", None) in (None, config.hidden_size):
+        return None
+    if model is None:
+        return False
+    proj = getattr(model.get_decoder(), "project_out", None)
+    return None if proj is None else proj.weight
+
+
 def hidden_channels(model: nn.Module) -> list[int] | None:
     """The teacher channel of each hidden channel of a student pruned from the teacher (None if not pruned)."""
     return getattr(getattr(model, "config", None), HIDDEN_CHANNELS, None)

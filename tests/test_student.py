@@ -303,6 +303,39 @@ def test_pruning_opt_to_its_embedding_width_folds_the_projections(tmp_path, tied
         assert torch.equal(again(x).logits, student(x).logits)
 
 
+@pytest.mark.parametrize("init", ["selection", "auto"])
+def test_projector_of_a_folded_opt_student_goes_through_the_teachers_project_out(init, caplog):
+    """OPT-350m-like teacher, student pruned to its embedding width (projections folded): the student's top state is
+    in the pruned residual basis, the teacher's top state is ``project_out`` of its residual stream, so W starts at
+    ``P_out[:, channels]`` (before: identity or the selection matrix, both mapping to unrelated channels). The
+    lower key layer keeps the selection matrix; with only the teacher's config (a cache) the top one starts random."""
+    from mtakd.config import MTAConfig
+    from mtakd.models import HIDDEN_CHANNELS, selection_matrix
+    from mtakd.mta import MTALoss, resolve_key_layers
+
+    torch.manual_seed(0)
+    teacher = OPTForCausalLM(OPTConfig(vocab_size=V, hidden_size=32, ffn_dim=48, num_attention_heads=4,
+                                       max_position_embeddings=64, word_embed_proj_dim=16, num_hidden_layers=2,
+                                       do_layer_norm_before=False)).eval()
+    sel = select_units(magnitude_importance(teacher), Geometry.of(teacher.config),
+                       target_geometry(teacher, FromTeacher(hidden_size=16)), [1, 2])
+    student = prune_width(teacher, sel)
+    setattr(student.config, HIDDEN_CHANNELS, sel.hidden.tolist())
+    channels = sel.hidden.tolist()
+    assert max(channels) >= 16  # the old width test would have called the top layer "not pruned": identity
+    cfg = MTAConfig(projector_init=init, key_layers=[{"student": 1, "teacher": 1, "granularity": "word"},
+                                                     {"student": 2, "teacher": 2, "granularity": "phrase"}])
+    mta = MTALoss(cfg, resolve_key_layers(cfg, 2, 2))
+    low, top = mta.projectors_for(student, teacher, from_teacher=False)
+    assert torch.equal(low.weight, selection_matrix(channels, 32))
+    assert torch.equal(top.weight, teacher.model.decoder.project_out.weight[:, channels])
+    with caplog.at_level("WARNING"):
+        _, top = mta.projectors_for(student, None, from_teacher=False, teacher_widths=[32, 16],
+                                    teacher_config=teacher.config)
+    assert not torch.equal(top.weight, teacher.model.decoder.project_out.weight[:, channels])
+    assert "starts random" in caplog.text
+
+
 def test_magnitude_importance_ranks_weight_norms():
     teacher = tiny("llama")
     with torch.no_grad():

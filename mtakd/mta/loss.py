@@ -10,6 +10,7 @@ checkpoints carry them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +22,8 @@ from .layers import KeyLayer, hidden_widths
 
 # `MTAConfig` in annotations is mtakd.config's; not imported, not even for type checking: the
 # config validates against this module, which must not depend on it (tests/test_imports.py)
+
+logger = logging.getLogger(__name__)
 
 PROJECTORS = "mta_projectors"  # attribute of the student holding the ModuleList of W_l
 
@@ -58,7 +61,7 @@ class MTALoss:
 
     def build_projectors(
         self, d_student: int | Sequence[int], d_teacher: int | Sequence[int], *, from_teacher: bool,
-        channels: Sequence[int] | None = None,
+        channels: Sequence[int] | None = None, teacher_maps: Sequence | None = None,
     ) -> nn.ModuleList:
         """The projectors W_l (MTA_SPEC §7): one ``Linear(d_S, d_T, bias=False)`` per key layer.
 
@@ -76,17 +79,35 @@ class MTALoss:
         teacher's. ``selection`` (and ``auto`` for a student pruned from the teacher's hidden channels): the
         channel-selection map, W[channels[j], j] = 1 and 0 elsewhere, so W_l maps each student channel back to
         the teacher channel it came from (:func:`mtakd.models.selection_matrix`).
+
+        ``teacher_maps``: per key layer, None where the teacher's state is in its residual basis, else the linear
+        map ``[d_T, d_residual]`` from that basis to the state (OPT-350m's ``project_out`` at the top layer), or
+        ``False`` where the state is projected but the map is unknown (the teacher is not loaded). A pruned
+        student whose own state at that layer is in the pruned basis gets the map's kept columns,
+        ``P[:, channels]``, under ``selection`` / ``auto``, or a random init when the map is unknown.
         """
         n = len(self.key_layers)
         ds = [d_student] * n if isinstance(d_student, int) else list(d_student)
         dt = [d_teacher] * n if isinstance(d_teacher, int) else list(d_teacher)
         if len(ds) != n or len(dt) != n:
             raise ValueError(f"build_projectors needs one width per key layer ({n}), got {ds} and {dt}")
+        maps = list(teacher_maps) if teacher_maps is not None else [None] * n
         projs = nn.ModuleList()
-        for key, a, b in zip(self.key_layers, ds, dt):
+        for key, a, b, m in zip(self.key_layers, ds, dt, maps):
             p = nn.Linear(a, b, bias=False)
-            init = self._projector_init(key, a, b, from_teacher=from_teacher, channels=channels)
-            if init == "identity":
+            # a state in the student's pruned basis against a projected teacher state: through the projection
+            through = m is not None and channels is not None and len(channels) == a
+            if through and self.cfg.projector_init in ("selection", "auto"):
+                init = "random" if m is False else "projected"
+                if m is False:
+                    logger.warning("MTA key layer %d→%d: the teacher's state is projected (e.g. OPT's project_out) "
+                                   "and the teacher is not loaded: its projector starts random", key.student, key.teacher)
+            else:
+                init = self._projector_init(key, a, b, from_teacher=from_teacher, channels=channels)
+            if init == "projected":
+                with torch.no_grad():
+                    p.weight.copy_(m.detach().float()[:, list(channels)])
+            elif init == "identity":
                 nn.init.eye_(p.weight)
             elif init == "selection":
                 from ..models import selection_matrix
@@ -124,16 +145,22 @@ class MTALoss:
         return mode
 
     def projectors_for(self, student, teacher, *, from_teacher: bool,
-                       teacher_widths: Sequence[int] | None = None) -> nn.ModuleList:
+                       teacher_widths: Sequence[int] | None = None, teacher_config=None) -> nn.ModuleList:
         """:meth:`build_projectors` sized from the hidden states the two models return (not their configs);
         the kept channels of a pruned student are read from its config (``mtakd_hidden_channels``).
-        ``teacher_widths``: the teacher's widths per key layer when the teacher is not loaded (a teacher cache)."""
-        from ..models import hidden_channels
+        ``teacher_widths`` and ``teacher_config``: the teacher's widths per key layer and its config when the
+        teacher is not loaded (a teacher cache)."""
+        teacher_config = teacher.config if teacher is not None else teacher_config
+        from ..models import hidden_channels, output_projection
 
         d_s = hidden_widths(student, [k.student for k in self.key_layers])
         d_t = list(teacher_widths) if teacher_widths is not None else hidden_widths(
             teacher, [k.teacher for k in self.key_layers])
-        return self.build_projectors(d_s, d_t, from_teacher=from_teacher, channels=hidden_channels(student))
+        top = output_projection(teacher, teacher_config)  # the map to the teacher's top state, if projected
+        maps = [top if k.teacher == teacher_config.num_hidden_layers else None for k in self.key_layers] \
+            if top is not None else None
+        return self.build_projectors(d_s, d_t, from_teacher=from_teacher, channels=hidden_channels(student),
+                                     teacher_maps=maps)
 
     def _layer_spans(self, spans: dict[str, torch.Tensor]) -> torch.Tensor:
         """Membership ``[L, B, K, T]`` for each key layer, from the batch's word/phrase spans."""
