@@ -334,6 +334,8 @@ def test_distillm_generated_batches_run_the_loaded_teacher_and_dataset_batches_r
                  f"training.output_dir={root / 'sgo'}"]) == 0
     sgo = [h["loss_sgo"] for h in _logs(root / "sgo") if "loss" in h]
     assert 0.0 in sgo and 1.0 in sgo  # both kinds of step happened
+    gen_s = [h["loss_generation_s"] for h in _logs(root / "sgo") if "loss" in h]  # the sampling time is logged
+    assert all(g == 0 for s, g in zip(sgo, gen_s) if s == 0) and any(g > 0 for g in gen_s)
     assert online == [True] * int(sum(sgo))  # generated batches: the loaded teacher
     assert len(sources) >= sgo.count(0.0)  # dataset batches (and evaluations): the cache
 

@@ -46,6 +46,7 @@ import json
 import logging
 import os
 import random
+import time
 from collections import deque
 from typing import Literal
 
@@ -122,6 +123,7 @@ class DistiLLM(TokenDivergence):
         self._nlp = None
         self._last_mode = "data"
         self._training = False
+        self._generation_s = 0.0
 
     def divergence(self, s_logp, t_logp):
         a = self.cfg.skew_alpha
@@ -149,6 +151,7 @@ class DistiLLM(TokenDivergence):
         if self.opts.student_generation and self._training:
             parts["sgo"] = float(self._last_mode != "data")
             parts["sgo_threshold"] = float(self.threshold)
+            parts["generation_s"] = self._generation_s  # logged as loss_generation_s: the step's sampling time
         return parts
 
     # ---------------------------------------------------------------------- adaptive schedule
@@ -165,6 +168,7 @@ class DistiLLM(TokenDivergence):
 
     def prepare_inputs(self, trainer, model, inputs):
         self._last_mode = "data"
+        self._generation_s = 0.0
         self._training = model.training
         if not (model.training and self.opts.student_generation):
             return inputs
@@ -180,7 +184,9 @@ class DistiLLM(TokenDivergence):
             return inputs
         self._last_mode = mode
         if mode == "generate":
+            start = time.perf_counter()
             examples = self.generate_examples(trainer.accelerator.unwrap_model(model), inputs)
+            self._generation_s = time.perf_counter() - start
             self.buffer.extend(examples)
         else:
             examples = self.rng.sample(list(self.buffer), n)
