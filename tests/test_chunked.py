@@ -245,3 +245,65 @@ def test_a_head_that_does_not_reproduce_the_logits_is_not_fused(tmp_path, monkey
 
 
 # Liger-Kernel (objective.fused_kernel) against this chunked loss: tests/test_fused_kernel.py
+
+
+# ----------------------------------------------------------------------------- no needless [N, V] or [B, T, d]
+class _Ops(TorchDispatchMode):
+    """The names of the ops that produce a tensor of ``numel``."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(isinstance(t, torch.Tensor) and t.numel() == self.numel
+               for t in (out if isinstance(out, (tuple, list)) else [out])):
+            self.ops.append(func.overloadpacket.__name__)
+        return out
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_temperature_1_and_skew_0_add_no_chunk_copies(temperature):
+    """At τ = 1 the logits are not divided (a [C, V] copy per side, and its gradient, for the same values), and a
+    mixture of weight 0 or 1 is one side itself (no three [C, V] tensors of log-sum-exp); values and gradients are
+    those of the general formulas (test_chunked_equals_unchunked_in_value_and_gradients covers the rest)."""
+    from mtakd.objectives.gjsd import log_mixture
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(5, 7, generator=g).log_softmax(-1).requires_grad_()
+    b = torch.randn(5, 7, generator=g).log_softmax(-1).requires_grad_()
+    assert log_mixture(a, b, 0.0) is b and log_mixture(a, b, 1.0) is a
+    assert torch.equal(torch.logaddexp(a + float("-inf"), b), b)  # what the general formula gives at w = 0
+
+    vocab, chunk = 5000, 2
+    hidden = torch.randn(B, T, D, requires_grad=True)
+    head, t_head = torch.nn.Linear(D, vocab), torch.nn.Linear(D, vocab).requires_grad_(False)
+    obj = OBJECTIVES["skl"](ObjectiveConfig(base="skl", chunk_size=chunk, skew_alpha=0.0, temperature=temperature))
+    with _Ops(chunk * vocab) as seen:
+        out = obj(SimpleNamespace(logits=HiddenHead(hidden, head)),
+                  SimpleNamespace(logits=HiddenHead(torch.randn(B, T, D), t_head)), {"labels": make_labels()})
+        out["loss"].backward()
+    assert ("div" in seen.ops) == (temperature != 1)
+    assert "logaddexp" not in seen.ops
+
+
+@pytest.mark.parametrize("base, mta", [("fkl", False), ("distillm", False), ("skl", True)])
+def test_fused_forwards_keep_only_the_hidden_states_that_are_read(tmp_path, base, mta):
+    """Fused heads without MTA (or an objective reading the layers): each model's outputs carry only its last
+    hidden state — the teacher runs under no_grad, so every other layer's [B, T, d] would be kept for nothing —
+    and it is the one output_hidden_states=True gives last; with MTA, every layer's."""
+    trainer = _trainer(tmp_path, 3, base, mta)
+    batch = trainer.data_collator(trainer.train_dataset[:2])
+    outs = []
+    real = trainer._forward
+    trainer._forward = lambda *a, **k: outs.append(real(*a, **k)) or outs[-1]
+    trainer.compute_loss(trainer.model, dict(batch))
+    assert trainer._fuse and len(outs) == 2  # student, teacher
+    fwd = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    for model, out in zip((trainer.model, trainer.teacher), outs):
+        with torch.no_grad():
+            full = model(**fwd, output_hidden_states=True)
+        assert len(out.hidden_states) == (len(full.hidden_states) if mta else 1)
+        assert torch.equal(out.hidden_states[-1].detach(), full.hidden_states[-1])
+        assert out.logits.shape[1] == 1

@@ -355,11 +355,13 @@ class TokenDivergence(Objective):
         :class:`CachedLogProbs` of a teacher cache — top-k (temperature 1, checked when the cache is opened): the
         (k+1)-bucket distributions; full vocabulary (``ids`` None): log-probabilities are logits up to a constant.
         Padded embedding rows (e.g. Qwen's) are cut off: both sides are compared on :func:`shared_rows`."""
-        s = z / self.cfg.temperature
+        tau = self.cfg.temperature  # τ = 1: no division, which would copy each [N, V] side for the same values
+        s = z if tau == 1 else z / tau
         if isinstance(tc, CachedLogProbs) and tc.ids is not None:  # the cache's ids are the tokenizer's (< vocab)
             s = s[:, :shared_rows(s.shape[-1], vocab=self.vocab)]
             return self.bucket_divergence(*topk_buckets(F.log_softmax(s, -1), tc.logp, tc.ids, tc.rest)).sum()
-        t = _upcast(tc.logp if isinstance(tc, CachedLogProbs) else tc) / self.cfg.temperature
+        t = _upcast(tc.logp if isinstance(tc, CachedLogProbs) else tc)
+        t = t if tau == 1 else t / tau
         v = shared_rows(s.shape[-1], t.shape[-1], vocab=self.vocab)
         return self.divergence(F.log_softmax(s[:, :v], -1), F.log_softmax(t[:, :v], -1)).sum()
 

@@ -20,7 +20,12 @@ def kl(a_logp: torch.Tensor, b_logp: torch.Tensor) -> torch.Tensor:
 
 
 def log_mixture(a_logp: torch.Tensor, b_logp: torch.Tensor, w: float) -> torch.Tensor:
-    """log(w·a + (1−w)·b) by log-sum-exp; w ∈ [0, 1] (a zero weight is log 0 = −inf, which is exact)."""
+    """log(w·a + (1−w)·b) by log-sum-exp; w ∈ [0, 1] (a zero weight is log 0 = −inf, which is exact). At w = 0 or 1
+    the mixture is one side itself, returned as is: the same values and gradients without three ``[N, V]`` tensors."""
+    if w == 0:
+        return b_logp
+    if w == 1:
+        return a_logp
     log_w = math.log(w) if w > 0 else -math.inf
     log_1mw = math.log1p(-w) if w < 1 else -math.inf
     return torch.logaddexp(a_logp + log_w, b_logp + log_1mw)
