@@ -45,15 +45,14 @@ def _response_rows(model, batch: dict, first: int, resp: torch.Tensor):
     ``[N, V]`` logits are built one chunk at a time, as in training (:class:`mtakd.objectives.base.HiddenHead`);
     otherwise (a head the model post-processes, e.g. Granite's ``logits_scaling``) ``rows`` are the ``[N, V]``
     logits the model returns and ``plain`` False."""
-    from .models import unwrap
-    from .models import head_reproduces, plain_head
+    from .models import forward_last_hidden, head_reproduces, plain_head, unwrap
 
     ids = batch["input_ids"]
     device = next(model.parameters()).device
     kw = dict(input_ids=ids.to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
     resp = resp.to(device)
     if plain_head(model) and _HEAD_OK.get(model, True):
-        out = model(**kw, output_hidden_states=True, logits_to_keep=1)
+        out = forward_last_hidden(model, **kw)
         hidden = out.hidden_states[-1]
         if model not in _HEAD_OK:
             _HEAD_OK[model] = head_reproduces(model, hidden[:, -1], out.logits[:, -1])

@@ -454,6 +454,30 @@ def apply_head(head, x: torch.Tensor) -> torch.Tensor:
     return head(x if x.dtype == dtype else x.to(dtype))
 
 
+def forward_last_hidden(model, **kwargs):
+    """``model(**kwargs, logits_to_keep=1)`` with ``hidden_states`` a 1-tuple: the last hidden state, the one the LM
+    head reads (``hidden_states[-1]`` of ``output_hidden_states=True``), taken by a hook on the backbone. The other
+    layers' ``[B, T, d]`` are not kept — without gradients (a teacher, an evaluation) nothing else holds them.
+    A model whose backbone is not found, or runs more than once, falls back to ``output_hidden_states=True``."""
+    inner = unwrap(model)
+    backbone = getattr(inner, "base_model", None)
+    if isinstance(backbone, nn.Module) and backbone is not inner:
+        last = []
+
+        def keep(module, args, out):
+            last.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
+
+        handle = backbone.register_forward_hook(keep)
+        try:
+            out = model(**kwargs, logits_to_keep=1)
+        finally:
+            handle.remove()
+        if len(last) == 1:
+            out.hidden_states = (last[0],)
+            return out
+    return model(**kwargs, output_hidden_states=True, logits_to_keep=1)
+
+
 def head_parameters(head) -> list[torch.Tensor]:
     """The parameters an LM head uses (a module's, or a bound method's module's)."""
     module = head if isinstance(head, torch.nn.Module) else getattr(head, "__self__", None)

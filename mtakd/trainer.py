@@ -21,7 +21,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from .errors import NonFiniteLossError  # noqa: F401  (raised here; the CLI reports it as a user-facing error)
 from .mta.loss import PROJECTORS, MTALoss
 from .objectives import Objective
-from .models import head_reproduces, no_progress_bars, plain_head, unwrap
+from .models import forward_last_hidden, head_reproduces, no_progress_bars, plain_head, unwrap
 from .objectives.base import CachedLogProbs, HiddenHead
 
 logger = logging.getLogger(__name__)
@@ -140,29 +140,13 @@ class DistillTrainer(Trainer):
 
     def _forward(self, model, fwd, need_hidden, fuse):
         """The model's outputs; fused: only the last position's logits, and every layer's hidden state when
-        ``need_hidden`` (MTA, an objective that reads them), else only the last one (``hidden_states`` a 1-tuple):
-        the teacher runs under ``no_grad``, so every other layer's ``[B, T, d]`` would be kept only for this tuple."""
+        ``need_hidden`` (MTA, an objective that reads them), else only the last one (``hidden_states`` a 1-tuple:
+        :func:`mtakd.models.forward_last_hidden`)."""
         if not fuse:
             return model(**fwd, output_hidden_states=need_hidden)
-        inner = unwrap(model)
-        backbone = getattr(inner, "base_model", None)
-        if need_hidden or not isinstance(backbone, torch.nn.Module) or backbone is inner:
+        if need_hidden:
             return model(**fwd, output_hidden_states=True, logits_to_keep=1)
-        last = []
-
-        def keep(module, args, out):  # the backbone's output: the last hidden state the LM head reads (the
-            # hidden_states[-1] of output_hidden_states=True; _heads_agree checks it reproduces the logits)
-            last.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
-
-        handle = backbone.register_forward_hook(keep)
-        try:
-            out = model(**fwd, logits_to_keep=1)
-        finally:
-            handle.remove()
-        if len(last) != 1:  # a backbone run more than once: every layer's, as before
-            return model(**fwd, output_hidden_states=True, logits_to_keep=1)
-        out.hidden_states = (last[0],)
-        return out
+        return forward_last_hidden(model, **fwd)
 
     def _heads_agree(self, model, s_out, t_out) -> bool:
         """At the first fused batch: the LM head applied to the last hidden state reproduces the logits the model
