@@ -497,7 +497,7 @@ def output_projection(model, config=None):
     projects that state: OPT with ``word_embed_proj_dim ≠ hidden_size`` (OPT-350m), ``project_out``'s weight.
     ``False`` when the state is projected but ``model`` is None (only its ``config`` known); None otherwise."""
     config = model.config if model is not None else config
-    if config is None or getattr(config, "word_embed_proj_dim", None) in (None, config.hidden_size):
+    if config is None or getattr(config, "word_embed_proj_dim", None) in (None, getattr(config, "hidden_size", None)):
         return None
     if model is None:
         return False
