@@ -334,6 +334,10 @@ def test_projector_of_a_folded_opt_student_goes_through_the_teachers_project_out
                                     teacher_config=teacher.config)
     assert not torch.equal(top.weight, teacher.model.decoder.project_out.weight[:, channels])
     assert "starts random" in caplog.text
+    import types
+
+    from mtakd.models import output_projection
+    assert output_projection(None, types.SimpleNamespace(num_hidden_layers=2)) is None  # only a layer count known
 
 
 def test_magnitude_importance_ranks_weight_norms():
