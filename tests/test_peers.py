@@ -85,3 +85,22 @@ def test_run_parity_rows_within_tolerance():
     for r in rows:
         for key in ("abs_diff_gkd", "abs_diff_chunked", "grad_max_diff_gkd", "grad_max_diff_chunked"):
             assert r[key] < TOL, (r["mtakd"], key, r[key])
+
+
+@pytest.mark.skipif(not peers.TRAIN_TEXT.is_file(), reason="needs the shared data (../shared/data/train/train.jsonl)")
+def test_tiny_tokenizer_and_rows():
+    """The tiny pair's synthetic tokenizer has exactly Qwen's 151,936 ids and round-trips the data's words; every row
+    of the tiny setting is 256 prompt + 256 response tokens (EOS last), the same rows for all its configurations."""
+    tok = peers.tiny_tokenizer()
+    assert len(tok) == tok.vocab_size == peers.VOCAB_152K == 151_936
+    words = peers._text_words()
+    text = " ".join(words)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(words) and tok.unk_token_id not in ids
+    assert tok.decode(ids) == text
+    assert max(ids) < len(tok) and tok.convert_ids_to_tokens(len(tok) - 1).startswith("<filler_")
+    rows = peers.tiny_examples(4)
+    for row in rows:
+        assert row["input_ids"].shape == (512,) and row["input_ids"][-1] == tok.eos_token_id
+        assert (row["labels"][:256] == -100).all() and (row["labels"][256:] == row["input_ids"][256:]).all()
+    assert all((a["input_ids"] == b["input_ids"]).all() for a, b in zip(rows, peers.tiny_examples(4)))
