@@ -123,7 +123,7 @@ from quality_study.assets import prepare_assets  # noqa: E402
 from quality_study.plan import (BUDGETS, DEFAULT_ASSETS, DEFAULT_SETS, EVAL_SETS, METRICS, REPO,  # noqa: E402
                                 ROW_IDS, SAMPLED_SETS, SHARED_DATA, budget_summary, plan, plan_units, report_rows,
                                 unit_dir)
-from quality_study.report import write_report  # noqa: E402
+from quality_study.report import export_results, write_report  # noqa: E402
 from quality_study.runner import StepRunner  # noqa: E402
 from quality_study.steps import (_check_row_file, _fmt_s, build_steps, pending_steps, print_plan,  # noqa: E402
                                  run_steps)
@@ -142,6 +142,10 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="print the planned rows and configs; load no model")
     p.add_argument("--report-only", action="store_true",
                    help="write DIR/report.md and summary.json from the finished steps; run nothing")
+    p.add_argument("--export", type=Path, default=None, metavar="ROOT",
+                   help="after the report, copy the results for committing (no weights, generations or data): units "
+                        "into ROOT/units/<budget>/, report.md and summary.json into ROOT/<budget>/ (ROOT: e.g. "
+                        "benchmarks/results/quality-study)")
     p.add_argument("--regimes", action="store_true",
                    help="print the cross-regime table from benchmarks/results/quality-study/*/summary.json; run nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
@@ -220,6 +224,9 @@ def main(argv=None) -> int:
     print(f"total wall time (this invocation): {_fmt_s(wall)}")
     if report:
         print(f"\n{report}\nreport: {out / 'report.md'}")
+    if args.export:
+        n = export_results(args.budget, out, shown, args.export)
+        print(f"exported {n} result files to {args.export}")
     return 0
 
 

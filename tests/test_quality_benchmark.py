@@ -643,3 +643,25 @@ def test_regimes_table(quality, tmp_path):
     assert table.count("\n") == 3 and "(a) pruned" not in table
     assert ("| (b) random | 0.1000 | SKL / SKL+MTA | 3 | 0.1400 → 0.0200 (-0.1200) | **-0.1500 [-0.2500, -0.0500]** "
             "| **+0.90 [+0.10, +1.70]** | +1.00 [-2.00, +4.00] |") in table
+
+
+def test_export_copies_results_only(quality, tmp_path):
+    """--export: a unit's results (row, timing, training log, metrics of every step, geometry) and the study's
+    steps.jsonl, report and summary; never weights, generations or checkpoints."""
+    out, root = tmp_path / "q", tmp_path / "results"
+    planned = dict((r.id, (r, c)) for r, c in quality.plan("pretrained", out, assets=tmp_path))
+    units = [(planned["student_init"][0], None, planned["student_init"][1]), (planned["skl"][0], 1, planned["skl"][1])]
+    d = quality.unit_dir(out, units[1][0], 1)
+    kept = ["row.json", "timing.json", "train/log_history.json", "train/mtakd_run.json", "geometry/trajectory.json",
+            "eval/metrics.json", "eval/tf-dolly/metrics.json", "eval/sampled-sni/metrics.json"]
+    dropped = ["train/student/model.safetensors", "train/student/mtakd_run.json", "eval/rouge-dolly/generations/x.jsonl",
+               "train/checkpoint-120/model.safetensors", "losses.png", "mid/model.safetensors"]
+    for f in kept + dropped:
+        (d / f).parent.mkdir(parents=True, exist_ok=True)
+        (d / f).write_text("x")
+    for f in ("steps.jsonl", "report.md", "summary.json"):
+        (out / f).write_text("x")
+    assert study_report.export_results("pretrained", out, units, root) == len(kept) + 3
+    got = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert got == sorted(["pretrained/report.md", "pretrained/summary.json", "units/pretrained/steps.jsonl"]
+                         + [f"units/pretrained/skl/seed1/{f}" for f in kept])

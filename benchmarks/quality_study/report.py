@@ -224,3 +224,30 @@ def write_report(budget: str, out: Path, units, command: str, n_resamples: int =
                "comparisons": comparisons, "arms": arms(runs), "arms_sampled": arms(sampled), "geometry": geometry}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return report
+
+
+# a unit's files that are results (small, no weights, generations or dataset text), relative to the unit
+EXPORTED = ("row.json", "timing.json", "train/log_history.json", "train/mtakd_run.json", "geometry/trajectory.json",
+            "eval/**/metrics.json")
+
+
+def export_results(budget: str, out: Path, units, root: Path) -> int:
+    """Copy a study's results for committing: every unit's :data:`EXPORTED` files and ``steps.jsonl`` into
+    ``root/units/<budget>/`` (the study's layout), ``report.md`` and ``summary.json`` into ``root/<budget>/``.
+    Returns the number of files copied."""
+    import shutil
+
+    pairs = [(out / f, root / budget / f) for f in ("report.md", "summary.json")]
+    pairs.append((out / "steps.jsonl", root / "units" / budget / "steps.jsonl"))
+    for row, seed, _ in units:
+        d = unit_dir(out, row, seed)
+        for pattern in EXPORTED:
+            pairs += [(f, root / "units" / budget / f.relative_to(out)) for f in d.glob(pattern)]
+    copied = 0
+    for src, dst in pairs:
+        if src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+            copied += 1
+    return copied
+
