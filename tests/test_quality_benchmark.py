@@ -650,7 +650,12 @@ def test_export_copies_results_only(quality, tmp_path):
     steps.jsonl, report and summary; never weights, generations or checkpoints."""
     out, root = tmp_path / "q", tmp_path / "results"
     planned = dict((r.id, (r, c)) for r, c in quality.plan("pretrained", out, assets=tmp_path))
-    units = [(planned["student_init"][0], None, planned["student_init"][1]), (planned["skl"][0], 1, planned["skl"][1])]
+    units = [(planned["student_init"][0], None, planned["student_init"][1]), (planned["skl"][0], 1, planned["skl"][1]),
+             (planned["fkl"][0], 1, planned["fkl"][1])]
+    training = quality.unit_dir(out, units[2][0], 1)  # a unit still training: not exported
+    (training / "train").mkdir(parents=True)
+    (training / "row.json").write_text("x")
+    (training / "train" / "mtakd_run.json").write_text("x")
     d = quality.unit_dir(out, units[1][0], 1)
     kept = ["row.json", "timing.json", "train/log_history.json", "train/mtakd_run.json", "geometry/trajectory.json",
             "eval/metrics.json", "eval/tf-dolly/metrics.json", "eval/sampled-sni/metrics.json"]

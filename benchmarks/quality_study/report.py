@@ -232,15 +232,17 @@ EXPORTED = ("row.json", "timing.json", "train/log_history.json", "train/mtakd_ru
 
 
 def export_results(budget: str, out: Path, units, root: Path) -> int:
-    """Copy a study's results for committing: every unit's :data:`EXPORTED` files and ``steps.jsonl`` into
-    ``root/units/<budget>/`` (the study's layout), ``report.md`` and ``summary.json`` into ``root/<budget>/``.
-    Returns the number of files copied."""
+    """Copy a study's results for committing: the :data:`EXPORTED` files of every unit that is not still training,
+    and ``steps.jsonl``, into ``root/units/<budget>/`` (the study's layout); ``report.md`` and ``summary.json`` into
+    ``root/<budget>/``. Returns the number of files copied."""
     import shutil
 
     pairs = [(out / f, root / budget / f) for f in ("report.md", "summary.json")]
     pairs.append((out / "steps.jsonl", root / "units" / budget / "steps.jsonl"))
     for row, seed, _ in units:
         d = unit_dir(out, row, seed)
+        if row.kind == "train" and not (d / "timing.json").is_file():
+            continue  # still training (timing.json is written when training ends)
         for pattern in EXPORTED:
             pairs += [(f, root / "units" / budget / f.relative_to(out)) for f in d.glob(pattern)]
     copied = 0
