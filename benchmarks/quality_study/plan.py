@@ -253,7 +253,9 @@ def row_config(row: Row, budget: str, out: Path, data_root: Path = SHARED_DATA, 
     base = cfg["objective"]["base"]
     if b.get("teacher_cache") and row.kind == "train" and base not in NO_CACHE and "cache" not in cfg["teacher"]:
         cfg["teacher"]["cache"] = str(teacher_cache_dir(assets, {"teacher": cfg["teacher"], "data": cfg["data"]}))
-    if base == "distillm2":  # trains on the pre-generated pairs (prepare_assets writes them)
+    if base == "distillm2":  # trains on the pre-generated pairs (prepare_assets writes them); no validation set:
+        # DistiLLM-2 reads no validation loss, and dev.jsonl has no student responses to pair
+        cfg["data"].pop("validation", None)
         cfg["data"]["train"] = [str(pairs_file(assets, cfg))]
     return cfg
 
