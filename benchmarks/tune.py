@@ -1,6 +1,7 @@
 """Tune the quality study's learning rate and MTA weights on dev.jsonl only (issue 14), per budget:
 
-    python benchmarks/tune.py --budget {pruned,random} [--out DIR] [--threads N] [--assets DIR]
+    python benchmarks/tune.py --budget {pruned,random,pretrained} [--row skl|distillm|distillm2] [--out DIR]
+                              [--threads N] [--assets DIR]
 
 Stage 1: SKL at each learning rate of ``LR_GRID`` → the rate with the lowest dev response NLL (ties: KL).
 Stage 2: SKL+MTA at that rate for each (λ_DSA, λ_Hid) of ``LAMBDA_GRID`` → the lowest dev NLL (points named
@@ -50,12 +51,23 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="default: runs/tune-<budget>")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--assets", type=Path, default=quality.DEFAULT_ASSETS, help=f"default: {quality.DEFAULT_ASSETS}")
+    p.add_argument("--row", default="skl", choices=["skl", "distillm", "distillm2"],
+                   help="the row whose learning rate is tuned (default skl, then λ on SKL+MTA); distillm / distillm2: "
+                        "the learning rate of the kd_ratio-1 bases only (points <row>_lr<rate>, OUT/tune-<row>.json)")
     args = p.parse_args(argv)
     out = (args.out or quality.REPO / "runs" / f"tune-{args.budget}").resolve()
-    lrs = {f"skl_lr{lr:g}": run_point(args.budget, out / f"skl_lr{lr:g}", "skl",
-                                      [f"training.learning_rate={lr}"], args.threads, args.assets) for lr in LR_GRID[args.budget]}
+    lrs = {f"{args.row}_lr{lr:g}": run_point(args.budget, out / f"{args.row}_lr{lr:g}", args.row,
+                                             [f"training.learning_rate={lr}"], args.threads, args.assets)
+           for lr in LR_GRID[args.budget]}
     lr_key = best(lrs)
     lr = lrs[lr_key]["overrides"][0]
+    if args.row != "skl":
+        result = {"budget": args.budget, "row": args.row, "criterion": "lowest dev response NLL (ties: KL), training "
+                  "seed 42", "lr": lrs, "chosen": {"lr": lr}}
+        (out / f"tune-{args.row}.json").write_text(json.dumps(result, indent=1) + "\n")
+        print("\n".join(f"{k}{' (chosen)' if k == lr_key else ''}: dev NLL {v['nll']:.4f}, KL {v['kl']:.4f}"
+                        for k, v in lrs.items()))
+        return 0
     rate = lr_key.removeprefix("skl_")  # λ points are named by their learning rate too: each rate has its own
     lams = {f"skl_mta_dsa{a:g}_hid{b:g}_{rate}": run_point(
         args.budget, out / f"skl_mta_dsa{a:g}_hid{b:g}_{rate}", "skl_mta",

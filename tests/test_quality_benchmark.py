@@ -671,3 +671,24 @@ def test_export_copies_results_only(quality, tmp_path):
     got = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
     assert got == sorted(["pretrained/report.md", "pretrained/summary.json", "units/pretrained/steps.jsonl"]
                          + [f"units/pretrained/skl/seed1/{f}" for f in kept])
+
+
+def test_tune_stages(tmp_path, monkeypatch):
+    """tune.py: learning rate on SKL, then λ on SKL+MTA at the chosen rate; --row distillm tunes only that row's
+    rate (points distillm_lr<rate>, no λ stage)."""
+    tune = _module("tune")
+    calls = []
+
+    def point(budget, out, row, overrides, threads, assets):
+        calls.append((out.name, row))
+        lr = float(overrides[0].split("=")[1])
+        return {"nll": abs(lr - 1e-4) + 0.01 * len(overrides), "kl": 1.0, "overrides": overrides}
+
+    monkeypatch.setattr(tune, "run_point", point)
+    assert tune.main(["--budget", "pretrained", "--row", "distillm", "--out", str(tmp_path)]) == 0
+    assert calls == [(f"distillm_lr{lr:g}", "distillm") for lr in tune.LR_GRID["pretrained"]]
+    assert json.loads((tmp_path / "tune-distillm.json").read_text())["chosen"] == {"lr": "training.learning_rate=0.0001"}
+    calls.clear()
+    assert tune.main(["--budget", "pretrained", "--out", str(tmp_path)]) == 0
+    lams = tune.LAMBDA_GRID + tune.LAMBDA_EXTRA["pretrained"]
+    assert calls[len(tune.LR_GRID["pretrained"]):] == [(f"skl_mta_dsa{a:g}_hid{b:g}_lr0.0001", "skl_mta") for a, b in lams]
