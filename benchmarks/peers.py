@@ -242,25 +242,34 @@ def run_mtakd_demo(base: str, mta: bool, cache: str | None, steps: int, warmup: 
     """The real ``mtakd.distill.distill`` (models, data, teacher cache, trainer), measured around ``train()``."""
     import torch
 
-    from mtakd import trainer as trainer_mod
-    from mtakd.distill import distill
     from mtakd.models import load_tokenizer
 
     torch.manual_seed(0)
     extra = ([f"objective.options={json.dumps(options)}"] if options else []) + list(overrides or [])
-    res: dict = {}
     with tempfile.TemporaryDirectory() as out:
         cfg = _demo_cfg(out, base, mta, steps, batch, cache, extra)
-        dev = _dev_batches(cfg, load_tokenizer(cfg.teacher))
-        original = trainer_mod.DistillTrainer.train
+        return _measured_distill(cfg, warmup, _dev_batches(cfg, load_tokenizer(cfg.teacher)))
 
-        def train(self, *a, **k):
-            trainer_mod.DistillTrainer.train = original
-            res.update(_measured_train(self, warmup, dev))
-            res["fused_heads"] = bool(self._fuse)
 
-        trainer_mod.DistillTrainer.train = train
+def _measured_distill(cfg, warmup: int, dev=None) -> dict:
+    """The real ``mtakd.distill.distill`` of ``cfg`` (models, data, teacher cache, trainer), its ``train()``
+    measured by :func:`_measured_train`."""
+    from mtakd import trainer as trainer_mod
+    from mtakd.distill import distill
+
+    res: dict = {}
+    original = trainer_mod.DistillTrainer.train
+
+    def train(self, *a, **k):
+        trainer_mod.DistillTrainer.train = original
+        res.update(_measured_train(self, warmup, dev))
+        res["fused_heads"] = bool(self._fuse)
+
+    trainer_mod.DistillTrainer.train = train
+    try:
         distill(cfg, overwrite=True)
+    finally:
+        trainer_mod.DistillTrainer.train = original
     return res
 
 
@@ -436,24 +445,10 @@ def run_tiny_cache(work: str, steps: int, warmup: int, batch: int, length: int =
     ``mtakd.distill.distill`` (the teacher is not loaded), measured around ``train()``."""
     import torch
 
-    from mtakd import trainer as trainer_mod
-    from mtakd.distill import distill
-
     torch.manual_seed(0)
     work = Path(work)
-    res: dict = {}
     with tempfile.TemporaryDirectory() as out:
-        cfg = _tiny_run_cfg(work, steps, batch, length, cache=str(work / "cache"), out=out)
-        original = trainer_mod.DistillTrainer.train
-
-        def train(self, *a, **k):
-            trainer_mod.DistillTrainer.train = original
-            res.update(_measured_train(self, warmup))
-            res["fused_heads"] = bool(self._fuse)
-
-        trainer_mod.DistillTrainer.train = train
-        distill(cfg, overwrite=True)
-    return res
+        return _measured_distill(_tiny_run_cfg(work, steps, batch, length, cache=str(work / "cache"), out=out), warmup)
 
 
 def _tiny_models(length: int):

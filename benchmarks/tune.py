@@ -3,7 +3,8 @@
     python benchmarks/tune.py --budget {pruned,random,pretrained} [--row skl|distillm|distillm2] [--out DIR]
                               [--threads N] [--assets DIR]
 
-Stage 1: SKL at each learning rate of ``LR_GRID`` → the rate with the lowest dev response NLL (ties: KL).
+Stage 1: SKL at each learning rate of ``LR_GRID`` → the rate with the lowest dev response NLL (ties: KL); with
+``--row distillm`` / ``distillm2`` that row's rate only (the kd_ratio-1 bases), in OUT/tune-<row>.json / .md.
 Stage 2: SKL+MTA at that rate for each (λ_DSA, λ_Hid) of ``LAMBDA_GRID`` → the lowest dev NLL (points named
 ``skl_mta_dsa<λ_DSA>_hid<λ_Hid>_lr<rate>``; runs before the first extension of the grid lacked the ``_lr`` part).
 Every point is one ``benchmarks/quality.py`` run (training seed 42, ``--sets dev --metrics nll kl``) in
@@ -61,29 +62,30 @@ def main(argv=None) -> int:
            for lr in LR_GRID[args.budget]}
     lr_key = best(lrs)
     lr = lrs[lr_key]["overrides"][0]
-    if args.row != "skl":
-        result = {"budget": args.budget, "row": args.row, "criterion": "lowest dev response NLL (ties: KL), training "
-                  "seed 42", "lr": lrs, "chosen": {"lr": lr}}
-        (out / f"tune-{args.row}.json").write_text(json.dumps(result, indent=1) + "\n")
-        print("\n".join(f"{k}{' (chosen)' if k == lr_key else ''}: dev NLL {v['nll']:.4f}, KL {v['kl']:.4f}"
-                        for k, v in lrs.items()))
-        return 0
+    criterion = "lowest dev response NLL (ties: KL), training seed 42"
+    if args.row != "skl":  # a kd_ratio-1 base: its learning rate only
+        return _write(out, f"tune-{args.row}", {"budget": args.budget, "row": args.row, "criterion": criterion,
+                                                "lr": lrs, "chosen": {"lr": lr}}, lrs, [lr_key])
     rate = lr_key.removeprefix("skl_")  # λ points are named by their learning rate too: each rate has its own
     lams = {f"skl_mta_dsa{a:g}_hid{b:g}_{rate}": run_point(
         args.budget, out / f"skl_mta_dsa{a:g}_hid{b:g}_{rate}", "skl_mta",
         [lr, f"objective.mta.lambda_dsa={a}", f"objective.mta.lambda_hid={b}"], args.threads, args.assets)
         for a, b in LAMBDA_GRID + LAMBDA_EXTRA.get(args.budget, [])}
     lam_key = best(lams)
-    result = {"budget": args.budget, "criterion": "lowest dev response NLL (ties: KL), training seed 42",
-              "lr": lrs, "lambda": lams, "chosen": {"lr": lr, "mta": lams[lam_key]["overrides"][1:]}}
-    (out / "tune.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [f"# Tuning on dev ({args.budget})", "", "| point | dev NLL | dev KL |", "|---|---:|---:|"]
-    lines += [f"| {k}{' (chosen)' if k in (lr_key, lam_key) else ''} | {v['nll']:.4f} | {v['kl']:.4f} |"
-              for k, v in {**lrs, **lams}.items()]
-    (out / "tune.md").write_text("\n".join(lines) + "\n")
+    result = {"budget": args.budget, "criterion": criterion, "lr": lrs, "lambda": lams,
+              "chosen": {"lr": lr, "mta": lams[lam_key]["overrides"][1:]}}
+    return _write(out, "tune", result, {**lrs, **lams}, [lr_key, lam_key])
+
+
+def _write(out: Path, name: str, result: dict, points: dict, chosen: list[str]) -> int:
+    """OUT/<name>.json (``result``) and OUT/<name>.md (every point's dev NLL and KL, the chosen ones marked)."""
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = [f"# Tuning on dev ({result['budget']}{', ' + result['row'] if 'row' in result else ''})", "",
+             "| point | dev NLL | dev KL |", "|---|---:|---:|"]
+    lines += [f"| {k}{' (chosen)' if k in chosen else ''} | {v['nll']:.4f} | {v['kl']:.4f} |" for k, v in points.items()]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

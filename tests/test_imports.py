@@ -33,11 +33,7 @@ def _imported(tree: ast.AST, module: str, is_pkg: bool, modules) -> set[str]:
     """The names of the modules ``module``'s code imports (before adding parent packages)."""
     found: set[str] = set()
 
-    def visit(node: ast.AST) -> None:
-        for child in ast.iter_child_nodes(node):
-            visit_one(child)
-
-    def visit_one(node: ast.AST) -> None:
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -50,9 +46,6 @@ def _imported(tree: ast.AST, module: str, is_pkg: bool, modules) -> set[str]:
             for alias in node.names:
                 sub = f"{target}.{alias.name}"
                 found.add(sub if sub in modules else target)
-        visit(node)
-
-    visit(tree)
     return found
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mtakd.report import excludes_zero
+
 from .plan import COMPARISONS, REPO
 
 RESULTS = REPO / "benchmarks" / "results" / "quality-study"
@@ -22,7 +24,7 @@ def _diff(c: dict | None, fmt: str) -> str:
     r = c["pooled"]
     t = r.get("seed_t")
     text = f"{r['mean_diff']:+{fmt}}" + ("" if t is None else f" [{t[0]:+{fmt}}, {t[1]:+{fmt}}]")
-    return f"**{text}**" if t is not None and (t[0] > 0 or t[1] < 0) else text
+    return f"**{text}**" if t is not None and excludes_zero(t) else text
 
 
 def regimes_table(root: Path = RESULTS) -> str:

@@ -252,4 +252,3 @@ def export_results(budget: str, out: Path, units, root: Path) -> int:
             shutil.copyfile(src, dst)
             copied += 1
     return copied
-

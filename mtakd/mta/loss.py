@@ -95,15 +95,7 @@ class MTALoss:
         projs = nn.ModuleList()
         for key, a, b, m in zip(self.key_layers, ds, dt, maps):
             p = nn.Linear(a, b, bias=False)
-            # a state in the student's pruned basis against a projected teacher state: through the projection
-            through = m is not None and channels is not None and len(channels) == a
-            if through and self.cfg.projector_init in ("selection", "auto"):
-                init = "random" if m is False else "projected"
-                if m is False:
-                    logger.warning("MTA key layer %d→%d: the teacher's state is projected (e.g. OPT's project_out) "
-                                   "and the teacher is not loaded: its projector starts random", key.student, key.teacher)
-            else:
-                init = self._projector_init(key, a, b, from_teacher=from_teacher, channels=channels)
+            init = self._projector_init(key, a, b, from_teacher=from_teacher, channels=channels, teacher_map=m)
             if init == "projected":
                 with torch.no_grad():
                     p.weight.copy_(m.detach().float()[:, list(channels)])
@@ -118,10 +110,18 @@ class MTALoss:
         return projs
 
     def _projector_init(self, key: KeyLayer, d_student: int, d_teacher: int, *, from_teacher: bool,
-                        channels: Sequence[int] | None = None) -> str:
-        """``identity``, ``selection`` or ``random`` for one key layer's W_l, from ``projector_init`` (see
-        build_projectors)."""
+                        channels: Sequence[int] | None = None, teacher_map=None) -> str:
+        """``identity``, ``selection``, ``projected`` (the teacher map's kept columns) or ``random`` for one key
+        layer's W_l, from ``projector_init`` and the layer's ``teacher_maps`` entry (see build_projectors)."""
         mode = self.cfg.projector_init
+        # a state in the student's pruned basis against a projected teacher state: through the projection
+        if (teacher_map is not None and channels is not None and len(channels) == d_student
+                and mode in ("selection", "auto")):
+            if teacher_map is not False:
+                return "projected"
+            logger.warning("MTA key layer %d→%d: the teacher's state is projected (e.g. OPT's project_out) and the "
+                           "teacher is not loaded: its projector starts random", key.student, key.teacher)
+            return "random"
         # the selection map applies to the states in the pruned residual basis (not, e.g., OPT's projected top state)
         pruned = channels is not None and len(channels) == d_student and max(channels) < d_teacher
         if mode == "selection" or (mode == "auto" and pruned):
@@ -150,15 +150,16 @@ class MTALoss:
         the kept channels of a pruned student are read from its config (``mtakd_hidden_channels``).
         ``teacher_widths`` and ``teacher_config``: the teacher's widths per key layer and its config when the
         teacher is not loaded (a teacher cache)."""
-        teacher_config = teacher.config if teacher is not None else teacher_config
         from ..models import hidden_channels, output_projection
 
         d_s = hidden_widths(student, [k.student for k in self.key_layers])
         d_t = list(teacher_widths) if teacher_widths is not None else hidden_widths(
             teacher, [k.teacher for k in self.key_layers])
         top = output_projection(teacher, teacher_config)  # the map to the teacher's top state, if projected
-        maps = [top if k.teacher == teacher_config.num_hidden_layers else None for k in self.key_layers] \
-            if top is not None else None
+        maps = None
+        if top is not None:
+            n_teacher = (teacher.config if teacher is not None else teacher_config).num_hidden_layers
+            maps = [top if k.teacher == n_teacher else None for k in self.key_layers]
         return self.build_projectors(d_s, d_t, from_teacher=from_teacher, channels=hidden_channels(student),
                                      teacher_maps=maps)
 
