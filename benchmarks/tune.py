@@ -4,7 +4,9 @@
                               [--threads N] [--assets DIR]
 
 Stage 1: SKL at each learning rate of ``LR_GRID`` → the rate with the lowest dev response NLL (ties: KL); with
-``--row distillm`` / ``distillm2`` that row's rate only (the kd_ratio-1 bases), in OUT/tune-<row>.json / .md.
+``--row distillm`` / ``distillm2`` that row's rate only (the kd_ratio-1 bases), in OUT/tune-<row>.json / .md, by the
+paper's metric: the highest dev sampled ROUGE-L (DistiLLM's skew KL without a CE term trades teacher-forced NLL for
+sharper samples: in regime (c) every rate raised dev NLL above the untrained student's, so NLL cannot choose).
 Stage 2: SKL+MTA at that rate for each (λ_DSA, λ_Hid) of ``LAMBDA_GRID`` → the lowest dev NLL (points named
 ``skl_mta_dsa<λ_DSA>_hid<λ_Hid>_lr<rate>``; runs before the first extension of the grid lacked the ``_lr`` part).
 Every point is one ``benchmarks/quality.py`` run (training seed 42, ``--sets dev --metrics nll kl``) in
@@ -31,18 +33,28 @@ LAMBDA_GRID = [(0.5, 0.2), (2.0, 0.2), (8.0, 0.8), (32.0, 3.2)]  # (λ_DSA, λ_H
 LAMBDA_EXTRA = {"pretrained": [(0.1, 0.05)]}
 
 
-def run_point(budget: str, out: Path, row: str, overrides: list[str], threads: int | None, assets: Path) -> dict:
-    argv = ["--budget", budget, "--only", row, "--sets", "dev", "--metrics", "nll", "kl", "--train-seeds", "42",
+def run_point(budget: str, out: Path, row: str, overrides: list[str], threads: int | None, assets: Path,
+              sampled: bool = False) -> dict:
+    """One point's dev NLL and KL (with ``sampled`` also its sampled ROUGE-L, ``rougeL_sampled``)."""
+    metrics = ["nll", "kl"] + (["sampled"] if sampled else [])
+    argv = ["--budget", budget, "--only", row, "--sets", "dev", "--metrics", *metrics, "--train-seeds", "42",
             "--out", str(out), "--assets", str(assets), *[a for o in overrides for a in ("--set", o)]]
     if threads:
         argv += ["--threads", str(threads)]
     if quality.main(argv) != 0:
         raise SystemExit(f"tune: quality.py {' '.join(argv)} failed")
-    m = json.loads((out / row / "seed42" / "eval" / "metrics.json").read_text())["sets"]["dev"]
-    return {"nll": m["nll"], "kl": m["kl"], "overrides": overrides}
+    evaluated = out / row / "seed42" / "eval"
+    m = json.loads((evaluated / "metrics.json").read_text())["sets"]["dev"]
+    point = {"nll": m["nll"], "kl": m["kl"], "overrides": overrides}
+    if sampled:
+        point["rougeL_sampled"] = json.loads((evaluated / "sampled" / "metrics.json").read_text())["sets"]["dev"]["mean"]
+    return point
 
 
 def best(points: dict) -> str:
+    """The lowest dev NLL (ties: KL), or where points have it the highest dev sampled ROUGE-L (ties: NLL)."""
+    if all("rougeL_sampled" in v for v in points.values()):
+        return min(points, key=lambda k: (-round(points[k]["rougeL_sampled"], 2), points[k]["nll"]))
     return min(points, key=lambda k: (round(points[k]["nll"], 4), points[k]["kl"]))
 
 
@@ -57,13 +69,15 @@ def main(argv=None) -> int:
                         "the learning rate of the kd_ratio-1 bases only (points <row>_lr<rate>, OUT/tune-<row>.json)")
     args = p.parse_args(argv)
     out = (args.out or quality.REPO / "runs" / f"tune-{args.budget}").resolve()
+    kd1 = args.row != "skl"  # a kd_ratio-1 base: its learning rate only, by dev sampled ROUGE-L
     lrs = {f"{args.row}_lr{lr:g}": run_point(args.budget, out / f"{args.row}_lr{lr:g}", args.row,
-                                             [f"training.learning_rate={lr}"], args.threads, args.assets)
+                                             [f"training.learning_rate={lr}"], args.threads, args.assets, sampled=kd1)
            for lr in LR_GRID[args.budget]}
     lr_key = best(lrs)
     lr = lrs[lr_key]["overrides"][0]
-    criterion = "lowest dev response NLL (ties: KL), training seed 42"
-    if args.row != "skl":  # a kd_ratio-1 base: its learning rate only
+    criterion = ("highest dev sampled ROUGE-L (temperature 1, seeds 10-50; ties: NLL)" if kd1
+                 else "lowest dev response NLL (ties: KL)") + ", training seed 42"
+    if kd1:
         return _write(out, f"tune-{args.row}", {"budget": args.budget, "row": args.row, "criterion": criterion,
                                                 "lr": lrs, "chosen": {"lr": lr}}, lrs, [lr_key])
     rate = lr_key.removeprefix("skl_")  # λ points are named by their learning rate too: each rate has its own
@@ -80,9 +94,13 @@ def main(argv=None) -> int:
 def _write(out: Path, name: str, result: dict, points: dict, chosen: list[str]) -> int:
     """OUT/<name>.json (``result``) and OUT/<name>.md (every point's dev NLL and KL, the chosen ones marked)."""
     (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    rouge = all("rougeL_sampled" in v for v in points.values())
     lines = [f"# Tuning on dev ({result['budget']}{', ' + result['row'] if 'row' in result else ''})", "",
-             "| point | dev NLL | dev KL |", "|---|---:|---:|"]
-    lines += [f"| {k}{' (chosen)' if k in chosen else ''} | {v['nll']:.4f} | {v['kl']:.4f} |" for k, v in points.items()]
+             f"Criterion: {result['criterion']}.", "",
+             "| point | dev NLL | dev KL |" + (" dev sampled ROUGE-L |" if rouge else ""),
+             "|---|---:|---:|" + ("---:|" if rouge else "")]
+    lines += [f"| {k}{' (chosen)' if k in chosen else ''} | {v['nll']:.4f} | {v['kl']:.4f} |"
+              + (f" {v['rougeL_sampled']:.2f} |" if rouge else "") for k, v in points.items()]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -674,21 +674,24 @@ def test_export_copies_results_only(quality, tmp_path):
 
 
 def test_tune_stages(tmp_path, monkeypatch):
-    """tune.py: learning rate on SKL, then λ on SKL+MTA at the chosen rate; --row distillm tunes only that row's
-    rate (points distillm_lr<rate>, no λ stage)."""
+    """tune.py: learning rate on SKL (lowest dev NLL), then λ on SKL+MTA at the chosen rate; --row distillm tunes
+    only that row's rate (points distillm_lr<rate>, no λ stage) by the highest dev sampled ROUGE-L, not NLL."""
     tune = _module("tune")
     calls = []
 
-    def point(budget, out, row, overrides, threads, assets):
-        calls.append((out.name, row))
+    def point(budget, out, row, overrides, threads, assets, sampled=False):
+        calls.append((out.name, row, sampled))
         lr = float(overrides[0].split("=")[1])
-        return {"nll": abs(lr - 1e-4) + 0.01 * len(overrides), "kl": 1.0, "overrides": overrides}
+        p = {"nll": abs(lr - 1e-4) + 0.01 * len(overrides), "kl": 1.0, "overrides": overrides}
+        return {**p, "rougeL_sampled": 10.0 - abs(lr - 3e-4) * 1e3} if sampled else p  # best ROUGE-L at 3e-4
 
     monkeypatch.setattr(tune, "run_point", point)
     assert tune.main(["--budget", "pretrained", "--row", "distillm", "--out", str(tmp_path)]) == 0
-    assert calls == [(f"distillm_lr{lr:g}", "distillm") for lr in tune.LR_GRID["pretrained"]]
-    assert json.loads((tmp_path / "tune-distillm.json").read_text())["chosen"] == {"lr": "training.learning_rate=0.0001"}
+    assert calls == [(f"distillm_lr{lr:g}", "distillm", True) for lr in tune.LR_GRID["pretrained"]]
+    assert json.loads((tmp_path / "tune-distillm.json").read_text())["chosen"] == {"lr": "training.learning_rate=0.0003"}
+    assert "| distillm_lr0.0003 (chosen) |" in (tmp_path / "tune-distillm.md").read_text()
     calls.clear()
     assert tune.main(["--budget", "pretrained", "--out", str(tmp_path)]) == 0
     lams = tune.LAMBDA_GRID + tune.LAMBDA_EXTRA["pretrained"]
-    assert calls[len(tune.LR_GRID["pretrained"]):] == [(f"skl_mta_dsa{a:g}_hid{b:g}_lr0.0001", "skl_mta") for a, b in lams]
+    assert calls[len(tune.LR_GRID["pretrained"]):] == [(f"skl_mta_dsa{a:g}_hid{b:g}_lr0.0001", "skl_mta", False)
+                                                       for a, b in lams]

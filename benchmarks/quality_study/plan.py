@@ -39,7 +39,7 @@ PRETRAINED_CONFIG = REPO / "configs" / "bench-pretrained-student.yaml"  # ... an
 PRETRAIN_FILE = "train/alpaca5k.jsonl"  # its SFT data: disjoint from every training, dev and evaluation file
 # The paper's protocol (MTA_SPEC §8) as the "sampled" metric: ROUGE-L of responses sampled at temperature 1,
 # top-p 1, sampling seeds 10-50, on the sets below (dolly + sni: 200 prompts) — its cost is 5 generations a prompt
-SAMPLED_SETS = ("dolly", "sni")
+SAMPLED_SETS = ("dolly", "sni", "dev")  # dev: only in tuning runs (--sets dev), e.g. the kd_ratio-1 bases' rate
 
 _TRAIN_COMMON = {"learning_rate": 1.0e-4, "lr_scheduler_type": "cosine", "warmup_steps": 0.05, "seed": 42,
                  "weight_decay": 0.0, "max_grad_norm": 1.0, "logging_steps": 1, "report_to": ["none"]}
