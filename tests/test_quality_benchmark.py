@@ -687,7 +687,8 @@ def test_tune_stages(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tune, "run_point", point)
     assert tune.main(["--budget", "pretrained", "--row", "distillm", "--out", str(tmp_path)]) == 0
-    assert calls == [(f"distillm_lr{lr:g}", "distillm", True) for lr in tune.LR_GRID["pretrained"]]
+    grid = sorted(tune.LR_GRID["pretrained"] + tune.LR_EXTRA["pretrained"]["distillm"])
+    assert calls == [(f"distillm_lr{lr:g}", "distillm", True) for lr in grid]
     assert json.loads((tmp_path / "tune-distillm.json").read_text())["chosen"] == {"lr": "training.learning_rate=0.0003"}
     assert "| distillm_lr0.0003 (chosen) |" in (tmp_path / "tune-distillm.md").read_text()
     calls.clear()
