@@ -569,6 +569,10 @@ def test_pretrained_budget_plan(quality, tmp_path):
         assert [Path(f).name for f in c.data.validation] == ([] if "distillm2" in rid else ["dev.jsonl"]), rid
     assert cfgs["distillm"].objective.kd_ratio == 1.0 and cfgs["distillm2_mta"].objective.kd_ratio == 1.0
     assert cfgs["distillm"].training.eval_steps == 24 and cfgs["skl"].training.eval_steps is None
+    # the kd_ratio-1 base's own tuned rate (base_lr), for its MTA arm too; the others keep the budget's
+    lr = quality.BUDGETS["pretrained"]["base_lr"]["distillm"]
+    assert cfgs["distillm"].training.learning_rate == cfgs["distillm_mta"].training.learning_rate == lr
+    assert lr != cfgs["skl"].training.learning_rate == cfgs["sft"].training.learning_rate == 3.0e-4
     pairs = {c.data.train[0] for rid, c in cfgs.items() if rid.startswith("distillm2")}
     assert len(pairs) == 1 and Path(pairs.pop()).parent == assets
     assert cfgs["distillm2"].teacher.cache is None and cfgs["distillm2_mta"].teacher.cache is None

@@ -83,8 +83,11 @@ BUDGETS: dict[str, dict] = {
     # regime (c), issue 26: the paper's regime — a student trained on its own data before distillation, the
     # paper's bases DistiLLM and DistiLLM-2 beside the study's arms, and the paper's sampled ROUGE-L
     # λ: the dev optimum is the grid's lowest point, every λ worse than SKL alone (tune-pretrained)
+    # base_lr: the kd_ratio-1 bases' own rate, tuned on dev sampled ROUGE-L (tune.py --row): their NLL rises at
+    # every rate while their samples improve, so the NLL-tuned study rate does not apply to them
     "pretrained": _study_budget("pretrained", max_steps=240, learning_rate=3.0e-4, mta=(0.1, 0.05),
-                                metrics=METRICS + ["geometry", "sampled"], rows="paper", validation=True),
+                                metrics=METRICS + ["geometry", "sampled"], rows="paper", validation=True,
+                                base_lr={"distillm": 3.0e-5}),
 }
 GEOMETRY_SET, GEOMETRY_SAMPLES = "dev", 60  # the geometry steps' data: every dev.jsonl record
 KD_RATIO = 0.5
@@ -193,6 +196,12 @@ RELEVANT = {"teacher": ("teacher", "data", "eval"), "initial": ("teacher", "stud
             "train": ("teacher", "student", "data", "objective", "training", "eval")}
 
 
+def _base_lr(budget: dict, objective: dict) -> dict:
+    """The learning rate a budget gives a row's base objective (``base_lr``), as a training override."""
+    lr = budget.get("base_lr", {}).get(objective.get("base"))
+    return {} if lr is None else {"learning_rate": lr}
+
+
 def budget_summary(name: str) -> str:
     """One line with the exact hyper-parameters of a budget (also in the module docstring)."""
     b = BUDGETS[name]
@@ -201,7 +210,8 @@ def budget_summary(name: str) -> str:
     extra = (f" | student={b['student']} teacher_cache={'yes' if b.get('teacher_cache') else 'no'} "
              f"greedy={e.get('greedy', False)} nll/kl response≤{e.get('max_response_length') or 'all'} "
              f"metrics={' '.join(b.get('metrics', METRICS))} "
-             f"λ_DSA/λ_Hid={b.get('mta', MTA)['lambda_dsa']}/{b.get('mta', MTA)['lambda_hid']}") if "student" in b else ""
+             f"λ_DSA/λ_Hid={b.get('mta', MTA)['lambda_dsa']}/{b.get('mta', MTA)['lambda_hid']}"
+             + "".join(f" lr[{k}]={v:g}" for k, v in b.get("base_lr", {}).items())) if "student" in b else ""
     return (
         f"{name}: train {length} batch={t['per_device_train_batch_size']} lr={t['learning_rate']} "
         f"{t['lr_scheduler_type']} warmup={t['warmup_steps']} seed={t['seed']} kd_ratio={KD_RATIO} "
@@ -239,7 +249,7 @@ def row_config(row: Row, budget: str, out: Path, data_root: Path = SHARED_DATA, 
         "student": student_section(student, assets),
         "data": data,
         "objective": objective,
-        "training": {**copy.deepcopy(b["training"]), **copy.deepcopy(row.training), "seed": seed,
+        "training": {**copy.deepcopy(b["training"]), **_base_lr(b, objective), **copy.deepcopy(row.training), "seed": seed,
                      "output_dir": str(unit_dir(out, row, seed) / "train")},
         "eval": {"data": [str(data_root / EVAL_SETS[s]) for s in sets],
                  **{k: copy.deepcopy(v) for k, v in b["eval"].items() if v is not None}},
