@@ -147,7 +147,8 @@ def parse_args(argv=None):
                         "into ROOT/units/<budget>/, report.md and summary.json into ROOT/<budget>/ (ROOT: e.g. "
                         "benchmarks/results/quality-study)")
     p.add_argument("--regimes", action="store_true",
-                   help="print the cross-regime table from benchmarks/results/quality-study/*/summary.json; run nothing")
+                   help="print the cross-regime table from benchmarks/results/quality-study/*/summary.json and each "
+                        "regime's cost; run nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every row (objective.mta.* only for MTA rows); repeatable")
@@ -171,9 +172,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.regimes:
-        from quality_study.regimes import regimes_table
+        from quality_study.regimes import cost_table, regimes_table
 
         print(regimes_table())
+        print(cost_table())
         return 0
     if args.budget is None:
         print("quality: error: --budget is required", file=sys.stderr)

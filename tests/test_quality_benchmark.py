@@ -650,6 +650,25 @@ def test_regimes_table(quality, tmp_path):
             "| **+0.90 [+0.10, +1.70]** | +1.00 [-2.00, +4.00] |") in table
 
 
+def test_cost_table(quality, tmp_path):
+    """Per regime: hours of training and evaluation steps, of its tuning points, and DistiLLM's sampling share."""
+    from quality_study.regimes import cost_table
+
+    units = tmp_path / "units" / "pretrained"
+    unit = units / "distillm" / "seed1"
+    (unit / "train").mkdir(parents=True)
+    (units / "steps.jsonl").write_text("".join(json.dumps({"kind": k, "seconds": s}) + "\n" for k, s in
+                                               [("train", 3600), ("train", 1800), ("tf", 900), ("sampled", 900)]))
+    (unit / "timing.json").write_text(json.dumps({"train_s": 1800}))
+    (unit / "train" / "log_history.json").write_text(json.dumps(
+        [{"loss": 1.0, "loss_generation_s": 270.0}, {"loss": 1.0, "loss_generation_s": 0.0}, {"train_runtime": 1.0}]))
+    (tmp_path / "tune-pretrained" / "skl_lr0.0003").mkdir(parents=True)
+    (tmp_path / "tune-pretrained" / "skl_lr0.0003" / "steps.jsonl").write_text('{"kind": "train", "seconds": 7200}\n')
+    table = cost_table(tmp_path)
+    assert table.count("\n") == 3 and "(a) pruned" not in table
+    assert "| (c) pretrained | 1.5 | 0.5 | 2.0 | 0.07 h of 0.50 h (15%) |" in table
+
+
 def test_export_copies_results_only(quality, tmp_path):
     """--export: a unit's results (row, timing, training log, metrics of every step, geometry) and the study's
     steps.jsonl, report and summary; never weights, generations or checkpoints."""
