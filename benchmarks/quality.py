@@ -31,7 +31,7 @@ Rows (ids for ``--only``; the label is the report's row name)
                                         24 steps and before training decides their share)
     distillm_mta     DistiLLM+MTA       DistiLLM + the MTA terms
     distillm2        DistiLLM-2         SKL on the teacher's + SRKL on the initial student's pre-generated responses
-                                        (ASSETS/distillm2-pairs-<hash>.jsonl, sampled once; kd_ratio 1; no cache)
+                                        (ASSETS/distillm2-pairs-<hash>.jsonl, sampled once; kd_ratio 1; its own cache)
     distillm2_mta    DistiLLM-2+MTA     DistiLLM-2 + the MTA terms (on the teacher-response sequences)
     fdd              FDD                0.5·CE + 0.5·FKL + FDD's layer and feature-delta terms (no cache)
     fdd_mta          FDD+MTA            FDD + the MTA terms

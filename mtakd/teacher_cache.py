@@ -17,7 +17,9 @@ template, data files' hashes, max lengths, layer map, top-k, dtype, mtakd versio
 temporary file and renamed when complete, so an interrupted build keeps its finished shards and resumes after
 them. Examples are addressed by their index in the run's dataset: :class:`IndexedDataset` and
 :class:`IndexedCollator` pass ``cache_index`` / ``cache_split`` through each batch and
-:meth:`TeacherCache.fetch` reads those entries (under DDP each process reads its own batches' entries).
+:meth:`TeacherCache.fetch` reads those entries (under DDP each process reads its own batches' entries). A base whose
+dataset items hold several sequences (DistiLLM-2's pairs: ``Objective.sequences_per_example``) stores item i's
+sequences as entries ``n·i … n·i + n − 1``, in its collator's row order (teacher response, then student response).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -161,6 +164,12 @@ class Indexed:
     item: object
 
 
+def _sequences(item) -> tuple:
+    """The token sequences of one dataset item, in its collator's row order: a DistiLLM-2 pair's two
+    (:attr:`~mtakd.objectives.distillm2.PairExample.sequences`), else the item itself."""
+    return getattr(item, "sequences", (item,))
+
+
 class IndexedDataset(torch.utils.data.Dataset):
     """A dataset whose items carry their index, so the collator can tell the trainer which entries to read."""
 
@@ -175,14 +184,19 @@ class IndexedDataset(torch.utils.data.Dataset):
 
 
 class IndexedCollator:
-    """The objective's collator plus ``cache_index`` (a ``[B]`` long tensor) and ``cache_split``."""
+    """The objective's collator plus ``cache_index`` (a long tensor, one cache entry per row of the batch) and
+    ``cache_split``. Items of ``n`` sequences (:func:`_sequences`) are collated as ``n`` blocks of rows (DistiLLM-2's
+    :class:`~mtakd.objectives.distillm2.PairCollator`: ``[2B, T]``, teacher responses first): row ``j·B + b`` is
+    sequence j of item b, cache entry ``n·index + j``."""
 
     def __init__(self, collator):
         self.collator = collator
 
     def __call__(self, items: list[Indexed]) -> dict:
         batch = self.collator([x.item for x in items])
-        batch["cache_index"] = torch.tensor([x.index for x in items], dtype=torch.long)
+        n = len(_sequences(items[0].item))
+        index = torch.tensor([x.index for x in items], dtype=torch.long)
+        batch["cache_index"] = (n * index[None] + torch.arange(n)[:, None]).flatten()
         batch["cache_split"] = items[0].split
         return batch
 
@@ -265,10 +279,37 @@ class TeacherCache:
         self.key_layers = list(key_layers)
 
     def check_examples(self, split: str, dataset) -> None:
-        n = 0 if dataset is None else len(dataset)
-        cached = int(self.manifest["examples"].get(split, 0))
-        if n and n != cached:
-            raise CacheMismatch(f"teacher cache {self.dir} holds {cached} {split} examples, the run has {n}")
+        """Stop with a :class:`CacheMismatch` unless the cache's ``split`` entries are the dataset's sequences: one
+        entry per sequence (a DistiLLM-2 pair's two), each with the cached number of tokens and response positions."""
+        if dataset is None or not len(dataset):
+            return
+        per = int(self.manifest.get("sequences_per_example", 1))
+        seqs = [x for i in range(len(dataset)) for x in _sequences(dataset[i])]
+        if len(seqs) != per * len(dataset):
+            raise CacheMismatch(
+                f"teacher cache {self.dir} holds {per} sequence(s) per example, this run's {split} examples hold "
+                f"{len(seqs) // len(dataset)} (DistiLLM-2's pairs hold 2); build the cache with this run's config")
+        cached = int(self.manifest["examples"].get(split, 0)) // per
+        if len(dataset) != cached:
+            raise CacheMismatch(f"teacher cache {self.dir} holds {cached} {split} examples, the run has {len(dataset)}")
+        lengths, n_resp = self._lengths(split)
+        run_len = torch.tensor([len(x.input_ids) for x in seqs])
+        run_resp = torch.tensor([int(np.count_nonzero(np.asarray(x.labels[1:]) != -100)) for x in seqs])
+        bad = ((lengths != run_len) | (n_resp != run_resp)).nonzero().flatten()
+        if bad.numel():
+            i = int(bad[0])
+            which = f" ({('teacher', 'student')[i % per]}-response sequence)" if per == 2 else ""
+            raise CacheMismatch(
+                f"teacher cache {self.dir}: {split} example {i // per}{which} has {int(lengths[i])} tokens "
+                f"({int(n_resp[i])} response positions) in the cache but {int(run_len[i])} ({int(run_resp[i])}) in "
+                f"this run, and {bad.numel() - 1} more sequence(s) differ; the cache was built from other data or "
+                "another tokenisation")
+
+    def _lengths(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, response positions) of every cached ``split`` entry, from the shards' offsets."""
+        n = {split: int(self.manifest["examples"].get(split, 0))}
+        offsets = [self._shard(split, j)[1:] for _, j, _, _ in _shards(n, int(self.manifest["shard_size"]))]
+        return tuple(torch.cat([o[i].diff() for o in offsets]) for i in (0, 1))
 
     # ---------------------------------------------------------------------------------- reading
     def _shard(self, split: str, j: int):
@@ -395,6 +436,8 @@ def build_cache(cfg: RunConfig, out: str | os.PathLike, *, top_k: int = 64, dtyp
         "importance": _importance_switches(cfg.objective.mta) if cfg.objective.mta is not None else {},
         "top_k": k, "dtype": dtype, "logprob_dtype": "float32" if k else dtype, "shard_size": shard_size,
     }
+    if objective.sequences_per_example > 1:  # (absent otherwise: the manifests of one-sequence caches are unchanged)
+        identity["sequences_per_example"] = objective.sequences_per_example
     manifest_path = out / MANIFEST
     state = _process_state()
     # every process checks the directory (read only: all see the same files and decide alike), then the main one
@@ -420,7 +463,9 @@ def build_cache(cfg: RunConfig, out: str | os.PathLike, *, top_k: int = 64, dtyp
     if token_cfg.objective.mta is not None:
         token_cfg.objective.mta.enabled = False
     train, val, _ = build_datasets(token_cfg, tok, progress=progress and state.is_main_process, objective=objective)
-    splits = {"train": train, "validation": val}
+    # one entry per sequence: a DistiLLM-2 pair i is entries 2i (teacher response) and 2i + 1 (student response)
+    splits = {s: None if d is None else [x for i in range(len(d)) for x in _sequences(d[i])]
+              for s, d in (("train", train), ("validation", val))}
     identity["examples"] = {s: (0 if d is None else len(d)) for s, d in splits.items()}
     manifest = {**identity, "mtakd_version": __version__, "complete": False}
     if state.is_main_process:
@@ -498,7 +543,8 @@ def _process_state():
 
 
 def _same_build(old: dict, new: dict) -> bool:
-    keys = ("format", "teacher", "tokenizer", "data", "importance", "top_k", "dtype", "shard_size")
+    keys = ("format", "teacher", "tokenizer", "data", "importance", "top_k", "dtype", "shard_size",
+            "sequences_per_example")
     return all(old.get(k) == new.get(k) for k in keys) and (
         old["layers"]["key_layers"] == new["layers"]["key_layers"])
 

@@ -4,6 +4,7 @@ other data or another layer map is refused with the mismatch named; an interrupt
 read their own batches' entries; the top-k buckets of the divergences."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -210,11 +211,62 @@ def test_bases_that_need_more_of_the_teacher_refuse_a_cache():
     from mtakd.objectives import OBJECTIVES, build_objective
 
     use = {name: build_objective(ObjectiveConfig(base=name)).teacher_cache_use() for name in OBJECTIVES}
-    assert use["fdd"] == use["distillm2"] == "none"
+    assert use["fdd"] == "none"
+    assert use["distillm2"] == "full"  # fixed pairs: the teacher's signals on both sequences are cached
     assert use["distillm"] == "partial"  # student-generated outputs: the teacher scores those batches
     assert build_objective(ObjectiveConfig(base="distillm", options={"student_generation": False})
                            ).teacher_cache_use() == "full"
     assert all(use[n] == "full" for n in ("fkl", "rkl", "skl", "srkl", "js", "gjsd", "tvd", "akl", "sft"))
+
+
+def _distillm2_parts(s, t, labels, chunk_size=0):
+    """DistiLLM-2's logged parts (``loss``, ``skl``, ``srkl``) and the gradient in the student's side ``s`` (logits, or a
+    HiddenHead of a leaf hidden state) against the teacher's side ``t`` (logits or CachedLogProbs)."""
+    from types import SimpleNamespace
+
+    from mtakd.config import ObjectiveConfig
+    from mtakd.objectives import build_objective
+    from mtakd.objectives.base import HiddenHead
+
+    obj = build_objective(ObjectiveConfig(base="distillm2", kd_ratio=0.5, chunk_size=chunk_size))
+    leaf = (s.hidden if isinstance(s, HiddenHead) else s).detach().requires_grad_()
+    s = HiddenHead(leaf, s.head) if isinstance(s, HiddenHead) else leaf
+    parts = obj(SimpleNamespace(logits=s), SimpleNamespace(logits=t), {"labels": labels})
+    parts["loss"].backward()
+    return {k: float(parts[k]) for k in ("loss", "skl", "srkl")}, leaf.grad
+
+
+@pytest.mark.parametrize("chunk_size", [0, 3])
+@pytest.mark.parametrize("hidden_head", [False, True])
+def test_distillm2_from_a_cache_is_the_online_loss_and_runs_on_topk_buckets(chunk_size, hidden_head):
+    """Rows 0–1: teacher responses (SKL), rows 2–3: student responses (SRKL). A full-vocabulary cache of the response
+    positions gives the online loss and gradients (unchunked, chunked, with the student's LM head fused); a top-k cache
+    gives both divergences on the same k+1 buckets: finite, the full ones at k = V, and gradients outside the top-k."""
+    from mtakd.objectives.base import HiddenHead
+
+    if hidden_head and chunk_size == 0:
+        pytest.skip("a HiddenHead student is always chunked")
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([[-100, 5, 6, 7, -100], [-100, -100, 3, 4, 9], [-100, 8, 2, -100, -100],
+                           [-100, -100, 1, 1, 3]])
+    mask = labels[:, 1:].ne(-100)
+    head = torch.nn.Linear(16, 40, bias=False, dtype=torch.float64)
+    hidden = torch.randn(4, 5, 16, generator=g, dtype=torch.float64)
+    s = HiddenHead(hidden, head) if hidden_head else head(hidden).detach()
+    t_logits = torch.randn(4, 5, 40, generator=g, dtype=torch.float64) * 2
+    t_logp = torch.log_softmax(t_logits[:, :-1][mask], -1)
+    online, grad = _distillm2_parts(s, t_logits, labels, chunk_size)
+    full, full_grad = _distillm2_parts(s, CachedLogProbs(t_logp, None), labels, chunk_size)
+    assert full == pytest.approx(online, rel=1e-10)
+    torch.testing.assert_close(full_grad, grad)
+    every, _ = _distillm2_parts(s, CachedLogProbs.top_k(t_logp, 40), labels, chunk_size)
+    assert every == pytest.approx(online, rel=1e-8)
+    top, top_grad = _distillm2_parts(s, CachedLogProbs.top_k(t_logp, 6), labels, chunk_size)
+    assert all(math.isfinite(v) and v > 0 for v in top.values())
+    assert top_grad.abs().sum() > 0
+    if not hidden_head:  # the bucket's gradient reaches the logits outside the teacher's top-k
+        outside = torch.ones_like(t_logp, dtype=torch.bool).scatter(-1, t_logp.topk(6, -1).indices, False)
+        assert top_grad[:, :-1][mask][outside].abs().sum() > 0
 
 
 # ------------------------------------------------------------------------------------- end to end
@@ -338,6 +390,74 @@ def test_distillm_generated_batches_run_the_loaded_teacher_and_dataset_batches_r
     assert all(g == 0 for s, g in zip(sgo, gen_s) if s == 0) and any(g > 0 for g in gen_s)
     assert online == [True] * int(sum(sgo))  # generated batches: the loaded teacher
     assert len(sources) >= sgo.count(0.0)  # dataset batches (and evaluations): the cache
+
+
+def _pairs(root, name="pairs.jsonl", n=12, short=False):
+    """demo.jsonl's first ``n`` records with a student response (``short``: a one-word one)."""
+    rows = [json.loads(l) for l in (EXAMPLES / "demo.jsonl").read_text().splitlines()[:n]]
+    path = root / name
+    path.write_text("".join(json.dumps({**r, "student_output": "Yes." if short else " ".join(r["output"].split()[::-1])})
+                            + "\n" for r in rows))
+    return path
+
+
+@needs_spacy
+def test_distillm2_with_mta_trains_from_a_cache_of_both_sequences_of_each_pair(tiny, monkeypatch,
+                                                                             tiny_narrow_student_dir):
+    """A pair's teacher-response and student-response sequences are cache entries 2i and 2i + 1; the cached run (the
+    teacher never loaded; also with the LM heads fused into the chunked loss, and without MTA) logs what the online run
+    logs, MTA on the teacher-response rows included; a top-k cache trains with finite losses; a pair dataset whose
+    student responses changed is refused by check_examples."""
+    import mtakd.models
+    from mtakd.config import load_config
+    from mtakd.models import load_tokenizer
+    from mtakd.run import build_datasets
+    from mtakd.teacher_cache import CacheMismatch, TeacherCache
+
+    root, config = tiny
+    cfg = config("d2", train=_pairs(root), data={"max_samples": 12},
+                 objective={"base": "distillm2", "kd_ratio": 0.5},
+                 training={"per_device_train_batch_size": 2})
+    cache = root / "d2-cache"
+    assert main(["cache-teacher", "--config", str(cfg), "--out", str(cache), "--top-k", "0", "--dtype", "float32",
+                 "--shard-size", "5"]) == 0
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["examples"] == {"train": 16, "validation": 8} and manifest["sequences_per_example"] == 2
+    no_mta = ["objective.mta.enabled=false"]
+    for name, extra in (("d2", []), ("d2-no-mta", no_mta)):  # online
+        assert main(["distill", "--config", str(cfg), *extra, f"training.output_dir={root / name}"]) == 0
+    loaded = []
+    real_load = mtakd.models.load_model
+    monkeypatch.setattr(mtakd.models, "load_model", lambda src: loaded.append(src.describe()) or real_load(src))
+    for online, name, extra in (("d2", "d2-cached", []), ("d2", "d2-fused", ["objective.chunk_size=8"]),
+                                ("d2-no-mta", "d2-no-mta-cached", no_mta)):
+        assert main(["distill", "--config", str(cfg), f"teacher.cache={cache}", *extra,
+                     f"training.output_dir={root / name}"]) == 0
+        a, b = _logs(root / online), _logs(root / name)
+        assert [h["step"] for h in a if "loss" in h] == [h["step"] for h in b if "loss" in h] == [1, 2, 3]
+        assert len([h for h in a if "eval_loss" in h]) >= 1  # the validation pairs are read from the cache too
+        assert [sorted(h) for h in a] == [sorted(h) for h in b]
+        for x, y in zip(a, b):
+            for k in (k for k in x if k.startswith(("loss", "eval_loss")) or k == "grad_norm"):
+                assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-5), (name, k, x["step"], x[k], y[k])
+    assert loaded == [str(tiny_narrow_student_dir)] * 3  # the students only: the teacher's weights stay on disk
+    # a top-k cache: both divergences on the k+1 buckets, finite; MTA's first step as online
+    assert main(["cache-teacher", "--config", str(cfg), "--out", str(root / "d2-top8"), "--top-k", "8",
+                 "--dtype", "float32"]) == 0
+    assert main(["distill", "--config", str(cfg), f"teacher.cache={root / 'd2-top8'}",
+                 f"training.output_dir={root / 'd2-top8-run'}"]) == 0
+    first, top = _logs(root / "d2")[0], [h for h in _logs(root / "d2-top8-run") if "loss" in h]
+    assert all(math.isfinite(h[k]) and h[k] > 0 for h in top for k in ("loss_skl", "loss_srkl", "grad_norm"))
+    for k in ("loss_dsa", "loss_hid"):
+        assert top[0][k] == pytest.approx(first[k], rel=1e-5)
+
+    run = load_config(str(cfg), [f"data.train=[{_pairs(root, 'changed.jsonl', short=True)}]"])
+    train, _, _ = build_datasets(run, load_tokenizer(run.teacher), progress=False)
+    with pytest.raises(CacheMismatch, match="train example 0 \\(student-response sequence\\) has 48 tokens"):
+        TeacherCache(cache).check_examples("train", train)
+    with pytest.raises(CacheMismatch, match="holds 2 sequence\\(s\\) per example, this run's train examples hold 1"):
+        TeacherCache(cache).check_examples("train", build_datasets(
+            load_config(str(cfg), ["objective.base=skl"]), load_tokenizer(run.teacher), progress=False)[0])
 
 
 def test_an_interrupted_build_keeps_its_shards_and_resumes(tiny, monkeypatch):

@@ -78,8 +78,9 @@ def build_pairs(cfg, path: Path, data_root: Path = SHARED_DATA) -> None:
 def prepare_assets(args, out: Path, units) -> None:
     """Build what the units share and do not have yet: the pruned student (``mtakd student`` with
     configs/bench-student.yaml) or the pretrained one (:func:`build_pretrained_student`), DistiLLM-2's pairs of
-    responses (:func:`build_pairs`) and the teacher cache of the distillation rows (``mtakd cache-teacher`` with
-    the key layers of the budget's student; rows without MTA read a subset of it)."""
+    responses (:func:`build_pairs`) and the teacher caches of the distillation rows (``mtakd cache-teacher`` with
+    the key layers of the budget's student; rows without MTA read a subset of it): one for the rows on the training
+    data, one for DistiLLM-2's pairs (with base distillm2: both sequences of each pair)."""
     from mtakd.config import build_config, load_config
 
     if BUDGETS[args.budget].get("student") == "pretrained":
@@ -116,10 +117,12 @@ def prepare_assets(args, out: Path, units) -> None:
 
         lock.parent.mkdir(parents=True, exist_ok=True)
         lock.write_text(str(os.getpid()))
-        # the cache holds the teacher layers of the student's key layers: built from the SKL+MTA row's config
+        # the cache holds the teacher layers of the student's key layers: built from the SKL+MTA row's config (a
+        # DistiLLM-2 row's: its pairs, each pair's two sequences cached)
         ref = next(c for _, _, c in units if c.teacher.cache == cache)
         d = ref.model_dump(mode="json")
-        d["objective"] = {"base": "skl", "mta": mta_section(MTA, BUDGETS[args.budget].get("student", "selected"))}
+        base = "distillm2" if ref.objective.base == "distillm2" else "skl"
+        d["objective"] = {"base": base, "mta": mta_section(MTA, BUDGETS[args.budget].get("student", "selected"))}
         d["teacher"].pop("cache")
         print(f"building the teacher cache {cache} ...", flush=True)
         start = time.perf_counter()

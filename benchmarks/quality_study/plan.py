@@ -151,8 +151,8 @@ DISTILLM2 = {"base": "distillm2", "kd_ratio": 1.0, "skew_alpha": 0.1,
              "options": {"beta": 1.0, "beta_schedule": "constant", "detach_mixture": True}}
 FDD = {"base": "fdd", "kd_ratio": KD_RATIO, "skew_alpha": 0.1,
        "options": {"divergence": "fkl", "layers": "all", "layer_weight": 1.0, "delta_weight": 1.0}}
-NO_CACHE = ("sft", "distillm2", "fdd")  # bases that train without the teacher cache (DistiLLM-2 reads pairs of
-# responses, FDD every teacher block; SFT needs no teacher)
+NO_CACHE = ("sft", "fdd")  # bases that train without the teacher cache (FDD reads every teacher block; SFT needs
+# no teacher); DistiLLM-2's cache is its pairs file's (both sequences of each pair), not the other rows'
 
 ROWS = [
     Row("teacher", "teacher", "teacher"),
@@ -261,12 +261,13 @@ def row_config(row: Row, budget: str, out: Path, data_root: Path = SHARED_DATA, 
     mine = [o for o, k in zip(overrides or [], keys) if row.has_mta or not k.startswith("objective.mta.")]
     cfg = apply_overrides(cfg, mine)
     base = cfg["objective"]["base"]
-    if b.get("teacher_cache") and row.kind == "train" and base not in NO_CACHE and "cache" not in cfg["teacher"]:
-        cfg["teacher"]["cache"] = str(teacher_cache_dir(assets, {"teacher": cfg["teacher"], "data": cfg["data"]}))
     if base == "distillm2":  # trains on the pre-generated pairs (prepare_assets writes them); no validation set:
         # DistiLLM-2 reads no validation loss, and dev.jsonl has no student responses to pair
         cfg["data"].pop("validation", None)
         cfg["data"]["train"] = [str(pairs_file(assets, cfg))]
+    if b.get("teacher_cache") and row.kind == "train" and base not in NO_CACHE and "cache" not in cfg["teacher"]:
+        # keyed by the data section as trained: DistiLLM-2's (its pairs file) has its own cache
+        cfg["teacher"]["cache"] = str(teacher_cache_dir(assets, {"teacher": cfg["teacher"], "data": cfg["data"]}))
     return cfg
 
 

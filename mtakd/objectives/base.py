@@ -64,6 +64,9 @@ class Objective:
     # __call__ takes a HiddenHead in place of either model's logits: with objective.chunk_size > 0 the trainer then
     # runs the models with logits_to_keep=1 and the LM heads are fused into the chunked loss (docs/scaling.md)
     accepts_hidden_head: ClassVar[bool] = False
+    # token sequences per dataset item, collated as consecutive blocks of rows (DistiLLM-2's pairs: 2); a teacher
+    # cache stores item i's as entries n·i … n·i + n − 1 (docs/teacher_cache.md)
+    sequences_per_example: ClassVar[int] = 1
     Options: ClassVar[type | None] = None
 
     def __init__(self, cfg: "ObjectiveConfig"):
@@ -149,6 +152,23 @@ def topk_buckets(s_logp: torch.Tensor, t_logp_k: torch.Tensor, ids: torch.Tensor
     s_rest = log_rest(s_logp, ids).clamp_min(floor)
     t_rest = _upcast(t_rest).unsqueeze(-1).clamp_min(floor)
     return torch.cat([s_logp.gather(-1, ids), s_rest], -1), torch.cat([_upcast(t_logp_k), t_rest], -1)
+
+
+def compared_logp(z: torch.Tensor, t, temperature: float = 1.0,
+                  vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student, teacher) log-probabilities on the outcomes a divergence compares, from the student's (upcast) logit
+    rows ``z [N, V]`` and the teacher's: logit rows, or a teacher cache's :class:`CachedLogProbs` — top-k
+    (temperature 1, checked when the cache is opened): the ``[N, k+1]`` buckets of :func:`topk_buckets`; full
+    vocabulary (``ids`` None): log-probabilities are logits up to a constant. Padded embedding rows (e.g. Qwen's) are
+    cut off: both sides are compared on :func:`shared_rows`."""
+    s = z if temperature == 1 else z / temperature  # τ = 1: no division, which would copy each [N, V] side
+    if isinstance(t, CachedLogProbs) and t.ids is not None:  # the cache's ids are the tokenizer's (< vocab)
+        s = s[:, :shared_rows(s.shape[-1], vocab=vocab)]
+        return topk_buckets(F.log_softmax(s, -1), t.logp, t.ids, t.rest)
+    t = _upcast(t.logp if isinstance(t, CachedLogProbs) else t)
+    t = t if temperature == 1 else t / temperature
+    v = shared_rows(s.shape[-1], t.shape[-1], vocab=vocab)
+    return F.log_softmax(s[:, :v], -1), F.log_softmax(t[:, :v], -1)
 
 
 class _Rows:
@@ -352,18 +372,11 @@ class TokenDivergence(Objective):
 
     def _kd_rows(self, z: torch.Tensor, tc) -> torch.Tensor:
         """Summed divergence of the student's logit rows ``z`` ``[N, V]`` from the teacher's: logit rows, or a
-        :class:`CachedLogProbs` of a teacher cache — top-k (temperature 1, checked when the cache is opened): the
-        (k+1)-bucket distributions; full vocabulary (``ids`` None): log-probabilities are logits up to a constant.
-        Padded embedding rows (e.g. Qwen's) are cut off: both sides are compared on :func:`shared_rows`."""
-        tau = self.cfg.temperature  # τ = 1: no division, which would copy each [N, V] side for the same values
-        s = z if tau == 1 else z / tau
-        if isinstance(tc, CachedLogProbs) and tc.ids is not None:  # the cache's ids are the tokenizer's (< vocab)
-            s = s[:, :shared_rows(s.shape[-1], vocab=self.vocab)]
-            return self.bucket_divergence(*topk_buckets(F.log_softmax(s, -1), tc.logp, tc.ids, tc.rest)).sum()
-        t = _upcast(tc.logp if isinstance(tc, CachedLogProbs) else tc)
-        t = t if tau == 1 else t / tau
-        v = shared_rows(s.shape[-1], t.shape[-1], vocab=self.vocab)
-        return self.divergence(F.log_softmax(s[:, :v], -1), F.log_softmax(t[:, :v], -1)).sum()
+        :class:`CachedLogProbs` of a teacher cache (a top-k cache's (k+1)-bucket distributions, scored by
+        :meth:`bucket_divergence`), compared as :func:`compared_logp` says."""
+        topk = isinstance(tc, CachedLogProbs) and tc.ids is not None
+        divergence = self.bucket_divergence if topk else self.divergence
+        return divergence(*compared_logp(z, tc, self.cfg.temperature, self.vocab)).sum()
 
     def __call__(self, student_out, teacher_out, batch):
         loss, ce, kd = self.base_loss(student_out.logits, teacher_out.logits, batch["labels"])

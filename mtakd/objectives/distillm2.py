@@ -28,6 +28,8 @@ Documented choices (see docs/objectives.md):
   **MTA applies to the teacher-response sequences only** (the batch's ``mta_rows = B``); spans are
   built for them only.
 - A response with no token left after truncation is left out of the mean.
+- A teacher cache (``teacher.cache``, built with this base's config) holds the teacher's signals on both
+  sequences of every pair; a top-k cache gives SKL and SRKL on the same k+1 buckets (docs/teacher_cache.md).
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import (HiddenHead, Objective, _upcast, chunked_row_loss, cross_entropy, register, response_positions,
-                   shared_rows)
+from .base import (CachedLogProbs, HiddenHead, Objective, _upcast, chunked_row_loss, compared_logp, cross_entropy,
+                   register, response_positions)
 from .gjsd import kl, log_mixture
 
 log = logging.getLogger(__name__)
@@ -72,13 +74,13 @@ def distillm2_divergences(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(SKL on the teacher responses, SRKL on the student responses), each a mean over sequences of the
     per-sequence token mean. Rows ``[0, n_pairs)`` of the ``[2·n_pairs, T, V]`` logits are teacher-response
-    sequences, rows ``[n_pairs, 2·n_pairs)`` student-response ones; ``labels`` are −100 off the responses."""
+    sequences, rows ``[n_pairs, 2·n_pairs)`` student-response ones; ``labels`` are −100 off the responses.
+    ``t_logits``: the teacher's logits, or a teacher cache's :class:`CachedLogProbs` of the batch's response
+    positions (a top-k cache: both divergences on the k+1 buckets, :func:`~mtakd.objectives.base.compared_logp`)."""
     mask, _ = response_positions(labels)
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[mask]
-    s = _upcast(s_logits[:, :-1][mask]) / temperature
-    t = _upcast(t_logits[:, :-1][mask]).detach() / temperature
-    v = shared_rows(s.shape[-1], t.shape[-1], vocab=vocab)  # padded embedding rows (e.g. Qwen) left out
-    s_logp, t_logp = F.log_softmax(s[:, :v], -1), F.log_softmax(t[:, :v], -1)
+    t = t_logits if isinstance(t_logits, CachedLogProbs) else t_logits[:, :-1][mask].detach()
+    s_logp, t_logp = compared_logp(_upcast(s_logits[:, :-1][mask]), t, temperature, vocab)
     on_teacher = rows < n_pairs
     zero = s_logits.sum() * 0.0
     out = []
@@ -106,7 +108,7 @@ def distillm2_chunked(
     response positions at a time (:func:`~mtakd.objectives.base.chunked_row_loss`): each position's per-sequence
     mean is a fixed weight ``1 / (tokens of its response · responses of its side)``, so the loss is a weighted sum
     over positions with the unchunked gradients. ``student``/``teacher``: logits or
-    :class:`~mtakd.objectives.base.HiddenHead`."""
+    :class:`~mtakd.objectives.base.HiddenHead`; ``teacher`` also a teacher cache's :class:`CachedLogProbs`."""
     mask, targets = response_positions(labels)
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[mask]
     counts = mask.sum(1).to(torch.float64)
@@ -119,10 +121,8 @@ def distillm2_chunked(
 
     def score(z, t, lo, hi):
         z = _upcast(z)
-        s, t = z / temperature, _upcast(t) / temperature
-        v = shared_rows(s.shape[-1], t.shape[-1], vocab=vocab)
-        s_logp, t_logp = F.log_softmax(s[:, :v], -1), F.log_softmax(t[:, :v], -1)
-        pick, w = on_teacher[lo:hi], weight[lo:hi].to(s.dtype)
+        s_logp, t_logp = compared_logp(z, t, temperature, vocab)
+        pick, w = on_teacher[lo:hi], weight[lo:hi].to(z.dtype)
         skl = (w[pick] * kl(t_logp[pick], log_mixture(t_logp[pick], s_logp[pick], teacher_alpha))).sum()
         sl = s_logp[~pick]
         mix_q = sl.detach() if detach_mixture else sl
@@ -139,6 +139,11 @@ class PairExample:
 
     teacher: object  # mtakd.data.Example
     student: object
+
+    @property
+    def sequences(self) -> tuple:
+        """Both sequences in :class:`PairCollator`'s row order (a teacher cache's entries 2i and 2i + 1)."""
+        return self.teacher, self.student
 
 
 class PairCollator:
@@ -174,6 +179,12 @@ class DistiLLM2(Objective):
 
     Options = DistiLLM2Options
     accepts_hidden_head = True
+    sequences_per_example = 2
+
+    def teacher_cache_use(self) -> str:
+        # the pairs are fixed before training: the teacher's log-probabilities on both sequences, and MTA's key
+        # layers on the teacher-response ones, are all cached (docs/teacher_cache.md)
+        return "full"
 
     def __init__(self, cfg):
         super().__init__(cfg)
