@@ -298,12 +298,20 @@ class TeacherCache:
         bad = ((lengths != run_len) | (n_resp != run_resp)).nonzero().flatten()
         if bad.numel():
             i = int(bad[0])
-            which = f" ({('teacher', 'student')[i % per]}-response sequence)" if per == 2 else ""
             raise CacheMismatch(
-                f"teacher cache {self.dir}: {split} example {i // per}{which} has {int(lengths[i])} tokens "
+                f"teacher cache {self.dir}: {self._entry_name(split, i)} has {int(lengths[i])} tokens "
                 f"({int(n_resp[i])} response positions) in the cache but {int(run_len[i])} ({int(run_resp[i])}) in "
                 f"this run, and {bad.numel() - 1} more sequence(s) differ; the cache was built from other data or "
                 "another tokenisation")
+
+    def _entry_name(self, split: str, i: int) -> str:
+        """Entry ``i`` as the run's data calls it: an example, or one sequence of an example of several (a
+        DistiLLM-2 pair: entries 2i and 2i + 1 are its teacher- and student-response sequences)."""
+        per = int(self.manifest.get("sequences_per_example", 1))
+        if per == 1:
+            return f"{split} example {i}"
+        which = ("teacher-response", "student-response")[i % per] if per == 2 else f"#{i % per + 1}"
+        return f"the {which} sequence of {split} example {i // per}"
 
     def _lengths(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens, response positions) of every cached ``split`` entry, from the shards' offsets."""
@@ -357,9 +365,9 @@ class TeacherCache:
         for row, (e, n, r, i) in enumerate(zip(entries, lengths, n_resp, indices.tolist())):
             if e["length"] != n or e["n_response"] != r:
                 raise CacheMismatch(
-                    f"teacher cache {self.dir}: {split} example {i} has {e['length']} tokens ({e['n_response']} "
-                    f"response positions) in the cache but {n} ({r}) in this batch; the cache was built from other "
-                    "data or another tokenisation")
+                    f"teacher cache {self.dir}: {self._entry_name(split, i)} has {e['length']} tokens "
+                    f"({e['n_response']} response positions) in the cache but {n} ({r}) in this batch; the cache was "
+                    "built from other data or another tokenisation")
 
         def padded(name, dtype=None):
             x = torch.nn.utils.rnn.pad_sequence([e[name] for e in entries], batch_first=True)

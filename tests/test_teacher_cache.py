@@ -453,7 +453,7 @@ def test_distillm2_with_mta_trains_from_a_cache_of_both_sequences_of_each_pair(t
 
     run = load_config(str(cfg), [f"data.train=[{_pairs(root, 'changed.jsonl', short=True)}]"])
     train, _, _ = build_datasets(run, load_tokenizer(run.teacher), progress=False)
-    with pytest.raises(CacheMismatch, match="train example 0 \\(student-response sequence\\) has 48 tokens"):
+    with pytest.raises(CacheMismatch, match="the student-response sequence of train example 0 has 48 tokens"):
         TeacherCache(cache).check_examples("train", train)
     with pytest.raises(CacheMismatch, match="holds 2 sequence\\(s\\) per example, this run's train examples hold 1"):
         TeacherCache(cache).check_examples("train", build_datasets(
