@@ -170,6 +170,12 @@ def _sequences(item) -> tuple:
     return getattr(item, "sequences", (item,))
 
 
+def _entries(dataset) -> list:
+    """The cache entries of a dataset: every item's sequences (:func:`_sequences`) in order — item i of n sequences
+    is entries n·i … n·i + n − 1."""
+    return [x for i in range(len(dataset)) for x in _sequences(dataset[i])]
+
+
 class IndexedDataset(torch.utils.data.Dataset):
     """A dataset whose items carry their index, so the collator can tell the trainer which entries to read."""
 
@@ -284,7 +290,7 @@ class TeacherCache:
         if dataset is None or not len(dataset):
             return
         per = int(self.manifest.get("sequences_per_example", 1))
-        seqs = [x for i in range(len(dataset)) for x in _sequences(dataset[i])]
+        seqs = _entries(dataset)
         if len(seqs) != per * len(dataset):
             raise CacheMismatch(
                 f"teacher cache {self.dir} holds {per} sequence(s) per example, this run's {split} examples hold "
@@ -472,8 +478,7 @@ def build_cache(cfg: RunConfig, out: str | os.PathLike, *, top_k: int = 64, dtyp
         token_cfg.objective.mta.enabled = False
     train, val, _ = build_datasets(token_cfg, tok, progress=progress and state.is_main_process, objective=objective)
     # one entry per sequence: a DistiLLM-2 pair i is entries 2i (teacher response) and 2i + 1 (student response)
-    splits = {s: None if d is None else [x for i in range(len(d)) for x in _sequences(d[i])]
-              for s, d in (("train", train), ("validation", val))}
+    splits = {s: None if d is None else _entries(d) for s, d in (("train", train), ("validation", val))}
     identity["examples"] = {s: (0 if d is None else len(d)) for s, d in splits.items()}
     manifest = {**identity, "mtakd_version": __version__, "complete": False}
     if state.is_main_process:

@@ -681,6 +681,9 @@ def test_cost_table(quality, tmp_path):
     (unit / "timing.json").write_text(json.dumps({"train_s": 1800}))
     (unit / "train" / "log_history.json").write_text(json.dumps(
         [{"loss": 1.0, "loss_generation_s": 270.0}, {"loss": 1.0, "loss_generation_s": 0.0}, {"train_runtime": 1.0}]))
+    other = units / "distillm2" / "seed1"  # DistiLLM-2 samples nothing: not in DistiLLM's share
+    other.mkdir(parents=True)
+    (other / "timing.json").write_text(json.dumps({"train_s": 3600}))
     (tmp_path / "tune-pretrained" / "skl_lr0.0003").mkdir(parents=True)
     (tmp_path / "tune-pretrained" / "skl_lr0.0003" / "steps.jsonl").write_text('{"kind": "train", "seconds": 7200}\n')
     table = cost_table(tmp_path)

@@ -11,6 +11,7 @@ import numpy as np
 from mtakd.report import excludes_zero
 
 from .plan import COMPARISONS, REPO
+from .steps import STEP_LOG, _history
 
 RESULTS = REPO / "benchmarks" / "results" / "quality-study"
 REGIMES = {"(a) pruned": "pruned", "(b) random": "random", "(c) pretrained": "pretrained"}
@@ -55,24 +56,22 @@ def regimes_table(root: Path = RESULTS) -> str:
 def cost_table(root: Path = RESULTS) -> str:
     """Markdown: per regime, the hours its steps took (``units/<regime>/steps.jsonl``: every step ever finished,
     withdrawn units included, a resumed step only its last part; each process ran one thread, so hours ≈
-    core-hours), split into training and
-    evaluation; its dev tuning (``tune-<regime>/*/steps.jsonl`` where committed); and DistiLLM's sampling time
-    (``loss_generation_s`` of its units' training logs) as a share of their training time."""
+    core-hours), split into training and evaluation; its dev tuning (``tune-<regime>/*/steps.jsonl`` where
+    committed); and DistiLLM's sampling time (``loss_generation_s`` of the DistiLLM ± MTA units' training logs) as a
+    share of their training time."""
     lines = ["| regime | study: training h | study: evaluation h | tuning h | DistiLLM sampling, share of its training |",
              "|---|---:|---:|---:|---:|"]
     for label, name in REGIMES.items():
         units = root / "units" / name
-        if not (units / "steps.jsonl").is_file():
+        if not (units / STEP_LOG).is_file():
             continue
-        train = evaluate = 0.0
-        for e in _jsonl(units / "steps.jsonl"):
-            if e["kind"] == "train":
-                train += e["seconds"]
-            else:
-                evaluate += e["seconds"]
-        tuning = sum(e["seconds"] for f in (root / f"tune-{name}").glob("*/steps.jsonl") for e in _jsonl(f))
+        hist = _history(units)
+        train = sum(hist.pop("train", []))
+        evaluate = sum(s for v in hist.values() for s in v)
+        tuning = sum(s for d in (root / f"tune-{name}").glob(f"*/{STEP_LOG}") for v in _history(d.parent).values()
+                     for s in v)
         gen = total = 0.0
-        for timing in units.glob("distillm*/seed*/timing.json"):
+        for timing in [*units.glob("distillm/seed*/timing.json"), *units.glob("distillm_mta/seed*/timing.json")]:
             history = json.loads((timing.parent / "train" / "log_history.json").read_text())
             gen += sum(e.get("loss_generation_s", 0.0) for e in history)
             total += json.loads(timing.read_text())["train_s"]
@@ -80,7 +79,3 @@ def cost_table(root: Path = RESULTS) -> str:
                      f"{f'{tuning / 3600:.1f}' if tuning else '–'} | "
                      f"{f'{gen / 3600:.2f} h of {total / 3600:.2f} h ({gen / total:.0%})' if total else '–'} |")
     return "\n".join(lines) + "\n"
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
