@@ -29,7 +29,8 @@ import quality  # noqa: E402
 LR_GRID = {"pruned": [1.0e-4, 3.0e-4, 1.0e-3], "random": [3.0e-4, 1.0e-3, 3.0e-3],
            "pretrained": [3.0e-5, 1.0e-4, 3.0e-4, 1.0e-3]}  # regime (c); 3e-5 added when 1e-4 led the first three
 # a row's extra rates where its optimum sat at the grid's edge: DistiLLM's dev sampled ROUGE-L fell with the rate
-# (3e-5 8.62 > 1e-4 8.44 > 3e-4 8.21); DistiLLM-2's led at the same edge (3e-5 7.49 > 1e-4 7.42)
+# (3e-5 8.62 > 1e-4 8.44 > 3e-4 8.21); DistiLLM-2's 1e-5 was started when 3e-5 led the first two finished points
+# (7.49 > 7.42 at 1e-4); 3e-4 (7.81) then led, inside the grid
 LR_EXTRA = {"pretrained": {"distillm": [1.0e-5], "distillm2": [1.0e-5]}}
 LAMBDA_GRID = [(0.5, 0.2), (2.0, 0.2), (8.0, 0.8), (32.0, 3.2)]  # (λ_DSA, λ_Hid); the spec's default is (2, 0.2)
 # regime (c): 0.5 / 0.2 led at the grid's low edge, so one point below it

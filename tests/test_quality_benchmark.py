@@ -574,6 +574,8 @@ def test_pretrained_budget_plan(quality, tmp_path, monkeypatch):
     lr = quality.BUDGETS["pretrained"]["base_lr"]["distillm"]
     assert cfgs["distillm"].training.learning_rate == cfgs["distillm_mta"].training.learning_rate == lr
     assert lr != cfgs["skl"].training.learning_rate == cfgs["sft"].training.learning_rate == 3.0e-4
+    assert cfgs["distillm2"].training.learning_rate == cfgs["distillm2_mta"].training.learning_rate \
+        == quality.BUDGETS["pretrained"]["base_lr"]["distillm2"]
     pairs = {c.data.train[0] for rid, c in cfgs.items() if rid.startswith("distillm2")}
     assert len(pairs) == 1 and Path(pairs.pop()).parent == assets
     cache = {cfgs[r].teacher.cache for r in ("fkl", "skl", "skl_mta", "fkl_mta", "distillm", "distillm_mta")}
