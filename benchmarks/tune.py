@@ -55,9 +55,9 @@ def run_point(budget: str, out: Path, row: str, overrides: list[str], threads: i
     return point
 
 
-def best(points: dict) -> str:
-    """The lowest dev NLL (ties: KL), or where points have it the highest dev sampled ROUGE-L (ties: NLL)."""
-    if all("rougeL_sampled" in v for v in points.values()):
+def best(points: dict, sampled: bool = False) -> str:
+    """The lowest dev NLL (ties: KL), or with ``sampled`` the highest dev sampled ROUGE-L (ties: NLL)."""
+    if sampled:
         return min(points, key=lambda k: (-round(points[k]["rougeL_sampled"], 2), points[k]["nll"]))
     return min(points, key=lambda k: (round(points[k]["nll"], 4), points[k]["kl"]))
 
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     lrs = {f"{args.row}_lr{lr:g}": run_point(args.budget, out / f"{args.row}_lr{lr:g}", args.row,
                                              [f"training.learning_rate={lr}"], args.threads, args.assets, sampled=kd1)
            for lr in sorted(LR_GRID[args.budget] + LR_EXTRA.get(args.budget, {}).get(args.row, []))}
-    lr_key = best(lrs)
+    lr_key = best(lrs, sampled=kd1)
     lr = lrs[lr_key]["overrides"][0]
     criterion = ("highest dev sampled ROUGE-L (temperature 1, seeds 10-50; ties: NLL)" if kd1
                  else "lowest dev response NLL (ties: KL)") + ", training seed 42"
