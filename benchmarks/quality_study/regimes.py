@@ -11,7 +11,7 @@ import numpy as np
 from mtakd.report import excludes_zero
 
 from .plan import COMPARISONS, REPO
-from .steps import STEP_LOG, _history
+from .steps import STEP_LOG, step_history
 
 RESULTS = REPO / "benchmarks" / "results" / "quality-study"
 REGIMES = {"(a) pruned": "pruned", "(b) random": "random", "(c) pretrained": "pretrained"}
@@ -65,13 +65,12 @@ def cost_table(root: Path = RESULTS) -> str:
         units = root / "units" / name
         if not (units / STEP_LOG).is_file():
             continue
-        hist = _history(units)
+        hist = step_history(units)
         train = sum(hist.pop("train", []))
         evaluate = sum(s for v in hist.values() for s in v)
-        tuning = sum(s for d in (root / f"tune-{name}").glob(f"*/{STEP_LOG}") for v in _history(d.parent).values()
-                     for s in v)
+        tuning = sum(sum(s for v in step_history(d).values() for s in v) for d in (root / f"tune-{name}").glob("*"))
         gen = total = 0.0
-        for timing in [*units.glob("distillm/seed*/timing.json"), *units.glob("distillm_mta/seed*/timing.json")]:
+        for timing in (t for row in ("distillm", "distillm_mta") for t in units.glob(f"{row}/seed*/timing.json")):
             history = json.loads((timing.parent / "train" / "log_history.json").read_text())
             gen += sum(e.get("loss_generation_s", 0.0) for e in history)
             total += json.loads(timing.read_text())["train_s"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .plan import BUDGETS, COMPARISONS, GEOMETRY_SAMPLES, GRANULARITY, STUDENTS, budget_summary, unit_dir
-from .steps import _fmt_s, _history, merge_unit_metrics
+from .steps import _fmt_s, merge_unit_metrics, step_history
 
 SAMPLED_TITLE = "ROUGE-L, sampled (the paper's protocol)"
 
@@ -199,7 +199,7 @@ def write_report(budget: str, out: Path, units, command: str, n_resamples: int =
                   "| comparison | metric | training seeds | prompts | mean difference | per training seed | 95% CI "
                   "| CI excludes 0 | t over seeds, excludes 0 |", "|---|---|---|---:|---:|---|---|---|---|",
                   *headline, "", *details]
-    hist = _history(out)
+    hist = step_history(out)
     lines = ["| step kind | finished steps | mean | total |", "|---|---:|---:|---:|"]
     for kind, v in hist.items():
         lines.append(f"| {kind} | {len(v)} | {_fmt_s(sum(v) / len(v))} | {_fmt_s(sum(v))} |")

@@ -88,7 +88,7 @@ def build_steps(units, metrics=METRICS) -> list[Step]:
 STEP_LOG = "steps.jsonl"  # one line per finished step: kind, label, seconds (the ETA's history)
 
 
-def _history(out: Path) -> dict[str, list[float]]:
+def step_history(out: Path) -> dict[str, list[float]]:
     """Seconds of every finished step by kind, from DIR/steps.jsonl (this and earlier invocations)."""
     hist: dict[str, list[float]] = {}
     path = out / STEP_LOG
@@ -129,7 +129,7 @@ def run_steps(steps: list[Step], out: Path, runner, clock=time.perf_counter) -> 
     out.mkdir(parents=True, exist_ok=True)
     pending = pending_steps(steps)
     print(f"{len(steps)} steps, {len(steps) - len(pending)} done already, {len(pending)} to run", flush=True)
-    hist = _history(out)
+    hist = step_history(out)
     took = {}
     for k, step in enumerate(pending):
         left = estimate_remaining(pending[k:], hist)
