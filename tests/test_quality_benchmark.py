@@ -610,6 +610,28 @@ def test_pretrained_budget_plan(quality, tmp_path, monkeypatch):
     assert [r.id for r, _ in quality.plan("random", tmp_path / "r", assets=assets)] == BASE_ROWS
 
 
+def test_a_step_another_run_finished_meanwhile_is_skipped(quality, tmp_path, capsys):
+    """Two workers on one study: a step the other one finished after this run listed its pending steps is not
+    run again."""
+    steps = quality.build_steps(_units(quality, tmp_path), ["nll"])
+    other = FakeRunner()
+
+    class Racing(FakeRunner):
+        def __call__(self, step):
+            super().__call__(step)
+            if len(self.calls) == 1:  # the other worker trains and evaluates the last unit meanwhile
+                for s in last:
+                    other(s)
+
+    last = [s for s in steps if s.dir == steps[-1].dir]
+    assert last[0].kind == "train" and len(last) > 1
+    run = Racing()
+    quality.run_steps(steps, tmp_path, run)
+    assert run.calls == [s.label for s in steps if s not in last] and other.calls == [s.label for s in last]
+    printed = capsys.readouterr().out
+    assert all(f"{s.label}: done by another run, skipped" in printed for s in last)
+
+
 def test_sampled_steps_are_the_papers_protocol_on_dolly_and_sni(quality, tmp_path):
     planned = quality.plan("pretrained", tmp_path, only=["skl"], assets=tmp_path / "a")
     steps = quality.build_steps([(r, 1, c) for r, c in planned], ["nll", "sampled"])

@@ -124,17 +124,23 @@ def pending_steps(steps: list[Step]) -> list[Step]:
 
 
 def run_steps(steps: list[Step], out: Path, runner, clock=time.perf_counter) -> dict[str, float]:
-    """Run every pending step in order with ``runner(step)``; skip the done ones (:func:`pending_steps`). A progress
-    line per step gives its number, what it is and the estimated remaining time. Returns {step label: seconds}."""
+    """Run every pending step in order with ``runner(step)``; skip the done ones (:func:`pending_steps`), and those
+    another run on the same ``out`` finished meanwhile (two workers can share a study: give the second one the
+    last units with ``--only``/``--train-seeds``). A progress line per step gives its number, what it is and the
+    estimated remaining time. Returns {step label: seconds}."""
     out.mkdir(parents=True, exist_ok=True)
     pending = pending_steps(steps)
     print(f"{len(steps)} steps, {len(steps) - len(pending)} done already, {len(pending)} to run", flush=True)
     hist = step_history(out)
     took = {}
     for k, step in enumerate(pending):
+        number = f"[{len(steps) - len(pending) + k + 1}/{len(steps)}] {step.label}"
+        if step.done():  # finished meanwhile by another run of the study on the same directory
+            print(f"{number}: done by another run, skipped", flush=True)
+            continue
         left = estimate_remaining(pending[k:], hist)
         eta = f"~{_fmt_s(left)} left (estimated)" if left is not None else "remaining time: unknown yet"
-        print(f"[{len(steps) - len(pending) + k + 1}/{len(steps)}] {step.label} ... ({eta})", flush=True)
+        print(f"{number} ... ({eta})", flush=True)
         start = clock()
         runner(step)
         took[step.label] = seconds = round(clock() - start, 1)
