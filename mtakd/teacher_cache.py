@@ -19,7 +19,9 @@ them. Examples are addressed by their index in the run's dataset: :class:`Indexe
 :class:`IndexedCollator` pass ``cache_index`` / ``cache_split`` through each batch and
 :meth:`TeacherCache.fetch` reads those entries (under DDP each process reads its own batches' entries). A base whose
 dataset items hold several sequences (DistiLLM-2's pairs: ``Objective.sequences_per_example``) stores item i's
-sequences as entries ``n·i … n·i + n − 1``, in its collator's row order (teacher response, then student response).
+sequences as entries ``n·i … n·i + n − 1``, in its collator's row order (teacher response, then student response);
+MTA's hidden states and importance weights are stored only for the first ``Objective.mta_sequences`` of them
+(DistiLLM-2: the teacher response, the rows MTA aligns).
 """
 
 from __future__ import annotations
@@ -168,6 +170,12 @@ def _sequences(item) -> tuple:
     """The token sequences of one dataset item, in its collator's row order: a DistiLLM-2 pair's two
     (:attr:`~mtakd.objectives.distillm2.PairExample.sequences`), else the item itself."""
     return getattr(item, "sequences", (item,))
+
+
+def _has_states(index: torch.Tensor, per: int, mta: int) -> torch.Tensor:
+    """Which cache entries (by index in their split) hold MTA's key-layer states: sequence j < ``mta`` of each item
+    of ``per`` sequences."""
+    return index % per < mta
 
 
 def _entries(dataset) -> list:
@@ -322,7 +330,7 @@ class TeacherCache:
     def _lengths(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens, response positions) of every cached ``split`` entry, from the shards' offsets."""
         n = {split: int(self.manifest["examples"].get(split, 0))}
-        offsets = [self._shard(split, j)[1:] for _, j, _, _ in _shards(n, int(self.manifest["shard_size"]))]
+        offsets = [self._shard(split, j)[1:3] for _, j, _, _ in _shards(n, int(self.manifest["shard_size"]))]
         return tuple(torch.cat([o[i].diff() for o in offsets]) for i in (0, 1))
 
     # ---------------------------------------------------------------------------------- reading
@@ -334,24 +342,35 @@ class TeacherCache:
             path = self.dir / f"{split}-{j:05d}.safetensors"
             fh = safe_open(str(path), framework="pt")
             lengths, n_resp = fh.get_tensor("lengths"), fh.get_tensor("n_response")
+            size = int(self.manifest["shard_size"])
+            stored = lengths * _has_states(torch.arange(j * size, j * size + len(lengths)), *self._mta_sequences)
             zero = torch.zeros(1, dtype=torch.long)
-            self._shards[key] = (fh, torch.cat([zero, lengths.cumsum(0)]), torch.cat([zero, n_resp.cumsum(0)]))
+            self._shards[key] = (fh, *(torch.cat([zero, x.cumsum(0)]) for x in (lengths, n_resp, stored)))
         return self._shards[key]
+
+    @property
+    def _mta_sequences(self) -> tuple[int, int]:
+        """(sequences per example, how many of them hold MTA's states)."""
+        per = int(self.manifest.get("sequences_per_example", 1))
+        return per, int(self.manifest.get("mta_sequences_per_example", per))
 
     def _entry(self, split: str, index: int, layers: list[int]) -> dict:
         size = int(self.manifest["shard_size"])
         if not 0 <= index < int(self.manifest["examples"].get(split, 0)):
             raise CacheMismatch(f"teacher cache {self.dir} has no {split} example {index}")
-        fh, tok_off, resp_off = self._shard(split, index // size)
+        fh, tok_off, resp_off, state_off = self._shard(split, index // size)
         i = index % size
         a, b = int(tok_off[i]), int(tok_off[i + 1])
         c, d = int(resp_off[i]), int(resp_off[i + 1])
         out = {"length": b - a, "n_response": d - c, "logp": fh.get_slice("logp")[c:d]}
         if self.top_k:
             out["ids"], out["rest"] = fh.get_slice("ids")[c:d], fh.get_slice("rest")[c:d]
+        e, f = int(state_off[i]), int(state_off[i + 1])
         for l in layers:
-            out[f"hidden.{l}"] = fh.get_slice(f"hidden.{l}")[a:b]
-            out[f"importance.{l}"] = fh.get_slice(f"importance.{l}")[a:b]
+            for name in (f"hidden.{l}", f"importance.{l}"):
+                x = fh.get_slice(name)[e:f]
+                # an entry MTA does not align (f == e) reads as zeros: its rows are cut before the MTA loss
+                out[name] = x if f > e else x.new_zeros((b - a, *x.shape[1:]))
         return out
 
     def fetch(self, split: str, indices: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
@@ -450,8 +469,12 @@ def build_cache(cfg: RunConfig, out: str | os.PathLike, *, top_k: int = 64, dtyp
         "importance": _importance_switches(cfg.objective.mta) if cfg.objective.mta is not None else {},
         "top_k": k, "dtype": dtype, "logprob_dtype": "float32" if k else dtype, "shard_size": shard_size,
     }
-    if objective.sequences_per_example > 1:  # (absent otherwise: the manifests of one-sequence caches are unchanged)
-        identity["sequences_per_example"] = objective.sequences_per_example
+    per = objective.sequences_per_example
+    mta_per = min(per, objective.mta_sequences or per)
+    if per > 1:  # (absent otherwise: the manifests of one-sequence caches are unchanged)
+        identity["sequences_per_example"] = per
+    if mta_per < per:  # (absent: every entry holds MTA's states)
+        identity["mta_sequences_per_example"] = mta_per
     manifest_path = out / MANIFEST
     state = _process_state()
     # every process checks the directory (read only: all see the same files and decide alike), then the main one
@@ -513,8 +536,9 @@ def build_cache(cfg: RunConfig, out: str | os.PathLike, *, top_k: int = 64, dtyp
             parts: dict[str, list] = {}
             for a in range(lo, hi, bs):
                 batch = collate([data[i] for i in range(a, min(hi, a + bs))])
+                keep = _has_states(torch.arange(a, min(hi, a + bs)), per, mta_per)
                 for name, x in _teacher_entries(teacher, batch, layers, mta, k, store, device, _upcast,
-                                                vocab).items():
+                                                vocab, keep).items():
                     parts.setdefault(name, []).append(x)
                 bar.update(min(hi, a + bs) - a)
             _save_atomic({name: torch.cat(x).contiguous() for name, x in parts.items()}, path)
@@ -557,14 +581,16 @@ def _process_state():
 
 def _same_build(old: dict, new: dict) -> bool:
     keys = ("format", "teacher", "tokenizer", "data", "importance", "top_k", "dtype", "shard_size",
-            "sequences_per_example")
+            "sequences_per_example", "mta_sequences_per_example")
     return all(old.get(k) == new.get(k) for k in keys) and (
         old["layers"]["key_layers"] == new["layers"]["key_layers"])
 
 
 @torch.no_grad()
-def _teacher_entries(teacher, batch, layers, mta, k, store, device, upcast, vocab=None) -> dict[str, torch.Tensor]:
-    """One batch's cache tensors, concatenated over its examples: per token (``hidden.{l}``, ``importance.{l}``),
+def _teacher_entries(teacher, batch, layers, mta, k, store, device, upcast, vocab=None,
+                     keep=None) -> dict[str, torch.Tensor]:
+    """One batch's cache tensors, concatenated over its examples: per token (``hidden.{l}``, ``importance.{l}``, of
+    the rows ``keep`` selects, all by default),
     per response position (``logp``, and for a top-k cache ``ids`` and ``rest``, the teacher's leftover log-mass
     from its full float32 log-softmax: :meth:`CachedLogProbs.top_k`) and per example (``lengths``,
     ``n_response``). The log-probabilities are over the first ``vocab`` rows, the tokenizer's ids (padded output
@@ -582,11 +608,12 @@ def _teacher_entries(teacher, batch, layers, mta, k, store, device, upcast, voca
         entries.update(logp=top.logp.float().cpu(), ids=top.ids.to(torch.int32).cpu(), rest=top.rest.float().cpu())
     else:
         entries["logp"] = logp.to(store).cpu()
+    stored = real if keep is None else real & keep.to(device)[:, None]
     for l in layers:
         h = out.hidden_states[l]
         w = mta.teacher_importance(upcast(h), mask)  # [B, T], the MTA loss's own path (switches honoured)
-        entries[f"hidden.{l}"] = h[real].to(store).cpu()
-        entries[f"importance.{l}"] = w[real].float().cpu()
+        entries[f"hidden.{l}"] = h[stored].to(store).cpu()
+        entries[f"importance.{l}"] = w[stored].float().cpu()
     return entries
 
 

@@ -411,6 +411,7 @@ def test_distillm2_with_mta_trains_from_a_cache_of_both_sequences_of_each_pair(t
     import mtakd.models
     from mtakd.config import load_config
     from mtakd.models import load_tokenizer
+    from mtakd.objectives.distillm2 import DistiLLM2
     from mtakd.run import build_datasets
     from mtakd.teacher_cache import CacheMismatch, TeacherCache
 
@@ -423,6 +424,17 @@ def test_distillm2_with_mta_trains_from_a_cache_of_both_sequences_of_each_pair(t
                  "--shard-size", "5"]) == 0
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["examples"] == {"train": 16, "validation": 8} and manifest["sequences_per_example"] == 2
+    # MTA's states are stored for the teacher-response entries only (shards of 5 split pairs: entry 5 is a
+    # pair's teacher response, the first of shard 1)
+    assert manifest["mta_sequences_per_example"] == 1
+    from safetensors import safe_open
+    for shard in sorted(cache.glob("train-*.safetensors")):
+        first = 5 * int(shard.stem.split("-")[1])
+        with safe_open(str(shard), framework="pt") as fh:
+            lengths = fh.get_tensor("lengths")
+            teacher_rows = lengths[(torch.arange(first, first + len(lengths)) % 2) == 0].sum()
+            layers = [n for n in fh.keys() if n.startswith(("hidden.", "importance."))]
+            assert layers and all(fh.get_slice(n).get_shape()[0] == teacher_rows for n in layers)
     no_mta = ["objective.mta.enabled=false"]
     for name, extra in (("d2", []), ("d2-no-mta", no_mta)):  # online
         assert main(["distill", "--config", str(cfg), *extra, f"training.output_dir={root / name}"]) == 0
@@ -441,6 +453,19 @@ def test_distillm2_with_mta_trains_from_a_cache_of_both_sequences_of_each_pair(t
             for k in (k for k in x if k.startswith(("loss", "eval_loss")) or k == "grad_norm"):
                 assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-5), (name, k, x["step"], x[k], y[k])
     assert loaded == [str(tiny_narrow_student_dir)] * 3  # the students only: the teacher's weights stay on disk
+    # a cache holding the states of every entry (as built before mta_sequences) is read alike, and is larger
+    monkeypatch.setattr(DistiLLM2, "mta_sequences", None)
+    assert main(["cache-teacher", "--config", str(cfg), "--out", str(root / "d2-all"), "--top-k", "0", "--dtype",
+                 "float32", "--shard-size", "5"]) == 0
+    assert "mta_sequences_per_example" not in json.loads((root / "d2-all" / "manifest.json").read_text())
+    assert main(["distill", "--config", str(cfg), f"teacher.cache={root / 'd2-all'}",
+                 f"training.output_dir={root / 'd2-all-run'}"]) == 0
+    strip = lambda run: [{k: v for k, v in h.items() if "runtime" not in k and "per_second" not in k}  # noqa: E731
+                         for h in _logs(run)]
+    assert strip(root / "d2-all-run") == strip(root / "d2-cached")
+    size = lambda d: sum(p.stat().st_size for p in d.glob("*.safetensors"))  # noqa: E731
+    assert size(root / "d2-all") > size(cache)
+    monkeypatch.undo()
     # a top-k cache: both divergences on the k+1 buckets, finite; MTA's first step as online
     assert main(["cache-teacher", "--config", str(cfg), "--out", str(root / "d2-top8"), "--top-k", "8",
                  "--dtype", "float32"]) == 0

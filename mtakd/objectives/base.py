@@ -67,6 +67,9 @@ class Objective:
     # token sequences per dataset item, collated as consecutive blocks of rows (DistiLLM-2's pairs: 2); a teacher
     # cache stores item i's as entries n·i … n·i + n − 1 (docs/teacher_cache.md)
     sequences_per_example: ClassVar[int] = 1
+    # how many of them (the first) MTA aligns (the collator's ``mta_rows``); None: all. A teacher cache stores MTA's
+    # key-layer states for those only
+    mta_sequences: ClassVar[int | None] = None
     Options: ClassVar[type | None] = None
 
     def __init__(self, cfg: "ObjectiveConfig"):

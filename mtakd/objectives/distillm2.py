@@ -180,10 +180,11 @@ class DistiLLM2(Objective):
     Options = DistiLLM2Options
     accepts_hidden_head = True
     sequences_per_example = 2
+    mta_sequences = 1  # the teacher responses (PairCollator's mta_rows)
 
     def teacher_cache_use(self) -> str:
         # the pairs are fixed before training: the teacher's log-probabilities on both sequences, and MTA's key
-        # layers on the teacher-response ones, are all cached (docs/teacher_cache.md)
+        # layers on the teacher-response ones (mta_sequences), are all cached (docs/teacher_cache.md)
         return "full"
 
     def __init__(self, cfg):
