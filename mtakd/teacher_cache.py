@@ -235,6 +235,9 @@ class TeacherCache:
                               "`mtakd cache-teacher` command again to finish it")
         self.top_k = int(self.manifest["top_k"])
         self.teacher_layers = [int(t) for t in self.manifest["layers"]["teacher_layers"]]
+        # sequences per dataset item, and how many of them (the first) hold MTA's states (absent: all)
+        self.per = int(self.manifest.get("sequences_per_example", 1))
+        self.mta_per = int(self.manifest.get("mta_sequences_per_example", self.per))
         self.key_layers: list = []  # the run's key layers (set by check)
         self._shards: dict[tuple[str, int], tuple] = {}
 
@@ -297,7 +300,7 @@ class TeacherCache:
         entry per sequence (a DistiLLM-2 pair's two), each with the cached number of tokens and response positions."""
         if dataset is None or not len(dataset):
             return
-        per = int(self.manifest.get("sequences_per_example", 1))
+        per = self.per
         seqs = _entries(dataset)
         if len(seqs) != per * len(dataset):
             raise CacheMismatch(
@@ -321,7 +324,7 @@ class TeacherCache:
     def _entry_name(self, split: str, i: int) -> str:
         """Entry ``i`` as the run's data calls it: an example, or one sequence of an example of several (a
         DistiLLM-2 pair: entries 2i and 2i + 1 are its teacher- and student-response sequences)."""
-        per = int(self.manifest.get("sequences_per_example", 1))
+        per = self.per
         if per == 1:
             return f"{split} example {i}"
         which = ("teacher-response", "student-response")[i % per] if per == 2 else f"#{i % per + 1}"
@@ -343,16 +346,10 @@ class TeacherCache:
             fh = safe_open(str(path), framework="pt")
             lengths, n_resp = fh.get_tensor("lengths"), fh.get_tensor("n_response")
             size = int(self.manifest["shard_size"])
-            stored = lengths * _has_states(torch.arange(j * size, j * size + len(lengths)), *self._mta_sequences)
+            stored = lengths * _has_states(torch.arange(j * size, j * size + len(lengths)), self.per, self.mta_per)
             zero = torch.zeros(1, dtype=torch.long)
             self._shards[key] = (fh, *(torch.cat([zero, x.cumsum(0)]) for x in (lengths, n_resp, stored)))
         return self._shards[key]
-
-    @property
-    def _mta_sequences(self) -> tuple[int, int]:
-        """(sequences per example, how many of them hold MTA's states)."""
-        per = int(self.manifest.get("sequences_per_example", 1))
-        return per, int(self.manifest.get("mta_sequences_per_example", per))
 
     def _entry(self, split: str, index: int, layers: list[int]) -> dict:
         size = int(self.manifest["shard_size"])

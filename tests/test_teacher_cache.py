@@ -424,8 +424,8 @@ def test_distillm2_with_mta_trains_from_a_cache_of_both_sequences_of_each_pair(t
                  "--shard-size", "5"]) == 0
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["examples"] == {"train": 16, "validation": 8} and manifest["sequences_per_example"] == 2
-    # MTA's states are stored for the teacher-response entries only (shards of 5 split pairs: entry 5 is a
-    # pair's teacher response, the first of shard 1)
+    # MTA's states are stored for the teacher-response (even) entries only (shards of 5 split pairs: shard 1
+    # starts with entry 5, the student response of pair 2)
     assert manifest["mta_sequences_per_example"] == 1
     from safetensors import safe_open
     for shard in sorted(cache.glob("train-*.safetensors")):
@@ -454,9 +454,10 @@ def test_distillm2_with_mta_trains_from_a_cache_of_both_sequences_of_each_pair(t
                 assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-5), (name, k, x["step"], x[k], y[k])
     assert loaded == [str(tiny_narrow_student_dir)] * 3  # the students only: the teacher's weights stay on disk
     # a cache holding the states of every entry (as built before mta_sequences) is read alike, and is larger
-    monkeypatch.setattr(DistiLLM2, "mta_sequences", None)
-    assert main(["cache-teacher", "--config", str(cfg), "--out", str(root / "d2-all"), "--top-k", "0", "--dtype",
-                 "float32", "--shard-size", "5"]) == 0
+    with monkeypatch.context() as m:
+        m.setattr(DistiLLM2, "mta_sequences", None)
+        assert main(["cache-teacher", "--config", str(cfg), "--out", str(root / "d2-all"), "--top-k", "0", "--dtype",
+                     "float32", "--shard-size", "5"]) == 0
     assert "mta_sequences_per_example" not in json.loads((root / "d2-all" / "manifest.json").read_text())
     assert main(["distill", "--config", str(cfg), f"teacher.cache={root / 'd2-all'}",
                  f"training.output_dir={root / 'd2-all-run'}"]) == 0
@@ -465,7 +466,6 @@ def test_distillm2_with_mta_trains_from_a_cache_of_both_sequences_of_each_pair(t
     assert strip(root / "d2-all-run") == strip(root / "d2-cached")
     size = lambda d: sum(p.stat().st_size for p in d.glob("*.safetensors"))  # noqa: E731
     assert size(root / "d2-all") > size(cache)
-    monkeypatch.undo()
     # a top-k cache: both divergences on the k+1 buckets, finite; MTA's first step as online
     assert main(["cache-teacher", "--config", str(cfg), "--out", str(root / "d2-top8"), "--top-k", "8",
                  "--dtype", "float32"]) == 0
